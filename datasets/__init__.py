@@ -1,0 +1,1 @@
+"""Rollout store, sequence windows, two-view image datasets and rollout collection."""

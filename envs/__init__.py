@@ -1,0 +1,1 @@
+"""Gymnasium environments with pixel observations and the true state in ``info["state"]``."""
