@@ -1,0 +1,577 @@
+"""Exact, differentiable, batched Kalman filtering and Rauch-Tung-Striebel smoothing.
+
+Model (textbook names; DESIGN section 1 calls C = D, Q = Sigma_A, R = Sigma_D)::
+
+    h_t = A h_{t-1} + B u_t + w_t,   w_t ~ N(0, Q),      h_0 ~ N(m0, P0)
+    z_t = C h_t + v_t,               v_t ~ N(0, R),      t = 1..T
+
+Conventions (shared with the rest of the project):
+
+* ``z`` is ``(B, T, m)``; the state dimension is ``n``.  ``(m0, P0)`` is the belief of ``h_0`` *before*
+  the first observation, so there are ``T`` predict steps:
+  ``predicted[:, t] = predict(filtered[:, t-1], u[:, t])`` with ``filtered[:, -1] := N(m0, P0)``.
+* ``u`` is ``(B, T, k)``; ``u[:, t]`` drives the transition *into* step ``t``.
+* ``mask`` is ``(B, T)`` bool, True = observed.  A NaN anywhere in ``z[b, t]`` also marks the step as
+  missing.  Missing steps skip the update (filtered = predicted) and add nothing to the likelihood;
+  their NaNs never reach the outputs or the gradients.
+* Parameters are shared (``A: (n, n)``) or batched (``A: (B, n, n)``); ``R`` may also be per step,
+  ``(B, T, m, m)`` (heteroscedastic observation noise).
+* Computation runs in float32 or float64 (the promoted dtype of the inputs).  Half-precision inputs
+  (float16/bfloat16) are upcast to float32 and autocast is disabled inside the filter.
+
+Numerics: one Cholesky factorisation ``S = L L^T`` of the innovation covariance per step gives the
+gain (triangular solves), the Mahalanobis term and ``log|S| = 2 sum log diag L``; the covariance update
+uses the Joseph form ``(I - K C) P (I - K C)^T + K R K^T`` and every covariance is symmetrised.  No
+explicit inverse is formed.  Should a Cholesky factorisation fail (float32 round-off on an
+ill-conditioned system), the computation is repeated with a small relative diagonal jitter.
+
+The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
+"Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# relative diagonal jitters tried, in order, when a Cholesky factorisation fails
+_JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
+
+
+class Gaussian(NamedTuple):
+    """A Gaussian belief N(mean, cov): ``mean (..., n)``, ``cov (..., n, n)``."""
+
+    mean: Tensor
+    cov: Tensor
+
+
+class FilterResult(NamedTuple):
+    """Output of :func:`kalman_filter`.
+
+    ``filtered``: N(m_{t|t}, P_{t|t}) ``(B, T, n)``; ``predicted``: N(m_{t|t-1}, P_{t|t-1}) ``(B, T, n)``;
+    ``log_likelihood``: ``(B,)`` = sum_t log N(z_t; C m_{t|t-1}, C P_{t|t-1} C^T + R);
+    ``step_log_likelihood``: the per-step terms ``(B, T)`` (0 at missing steps).
+    """
+
+    filtered: Gaussian
+    predicted: Gaussian
+    log_likelihood: Tensor
+    step_log_likelihood: Tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# small numerical helpers (no validation; broadcasting over leading dimensions)
+
+
+def _sym(P: Tensor) -> Tensor:
+    return 0.5 * (P + P.mT)
+
+
+def _mv(M: Tensor, x: Tensor) -> Tensor:
+    """Matrix-vector product ``M x`` broadcasting over leading dimensions."""
+    if M.dim() == 2:
+        return x @ M.mT
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
+    """``S + jitter * diag(diag(S))``: a scale-invariant (relative) diagonal jitter."""
+    return S + torch.diag_embed(jitter * S.diagonal(dim1=-2, dim2=-1))
+
+
+def _cholesky(S: Tensor, name: str = "covariance") -> Tensor:
+    """Batched Cholesky factor with jitter retry, only for the matrices that fail (outside recursions)."""
+    L, info = torch.linalg.cholesky_ex(S)
+    for jitter in _JITTERS[1:]:
+        failed = info > 0
+        if not bool(failed.any()):
+            return L
+        L, info = torch.linalg.cholesky_ex(_add_jitter(S, failed[..., None] * jitter))
+    if bool((info > 0).any()):
+        raise FloatingPointError(f"{name} is not positive definite even after jitter")
+    return L
+
+
+def _gauss_log_prob(v: Tensor, L: Tensor) -> Tensor:
+    """log N(x; mu, L L^T) given the whitened residual ``v = L^{-1} (x - mu)``."""
+    log_det = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -0.5 * (v.square().sum(-1) + log_det + v.shape[-1] * _LOG_2PI)
+
+
+def _predict(mean: Tensor, cov: Tensor, A: Tensor, Q: Tensor, bu: Tensor | None) -> tuple[Tensor, Tensor]:
+    """m' = A m + B u,  P' = A P A^T + Q (symmetrised)."""
+    mean = _mv(A, mean)
+    if bu is not None:
+        mean = mean + bu
+    return mean, _sym(A @ cov @ A.mT + Q)
+
+
+def _update(
+    mean: Tensor,
+    cov: Tensor,
+    z: Tensor,
+    C: Tensor,
+    R: Tensor,
+    observed: Tensor | None,
+    target: Tensor | None,
+    jitter: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One measurement update with a single Cholesky factorisation of S = C P C^T + R.
+
+    With ``S = L L^T``, ``W = L^{-1} C P`` and ``v = L^{-1} e`` (e = z - C m): ``K = W^T L^{-1}``,
+    ``m+ = m + W^T v``, ``P+ = (I - K C) P (I - K C)^T + K R K^T`` (Joseph form),
+    ``log N(z) = -1/2 (|v|^2 + 2 sum log diag L + m log 2 pi)``.  Unobserved entries (``observed``
+    False) keep the prior and get log-likelihood 0.  ``target`` replaces ``z`` in the likelihood only.
+    Returns ``(mean, cov, log_lik, cholesky_info)``.
+    """
+    CP = C @ cov
+    S = _sym(CP @ C.mT + R)
+    if jitter:
+        S = _add_jitter(S, jitter)
+    L, info = torch.linalg.cholesky_ex(S)
+    W = torch.linalg.solve_triangular(L, CP, upper=False)
+    v = torch.linalg.solve_triangular(L, (z - _mv(C, mean)).unsqueeze(-1), upper=False).squeeze(-1)
+    v_ll = v
+    if target is not None:
+        v_ll = torch.linalg.solve_triangular(L, (target - _mv(C, mean)).unsqueeze(-1), upper=False).squeeze(-1)
+    log_lik = _gauss_log_prob(v_ll, L)
+    if observed is not None:
+        obs = observed.to(W.dtype)
+        W = W * obs[..., None, None]
+        v = v * obs[..., None]
+        log_lik = log_lik * obs
+    K = torch.linalg.solve_triangular(L.mT, W, upper=True).mT  # (.., n, m) = P C^T S^{-1}
+    mean = mean + (W.mT @ v.unsqueeze(-1)).squeeze(-1)
+    M = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device) - K @ C
+    cov = _sym(M @ cov @ M.mT + K @ R @ K.mT)
+    return mean, cov, log_lik, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# input validation (once, at entry)
+
+
+def _dtype(*xs: Tensor | None) -> torch.dtype:
+    dtype = torch.float32
+    for x in xs:
+        if x is not None and x.is_floating_point():
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _as_tensor(name: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _check_covariance(name: str, X: Tensor) -> None:
+    """Finite, symmetric and positive semi-definite (up to round-off); raises ValueError naming ``name``."""
+    _check_finite(name, X)
+    eps = torch.finfo(X.dtype).eps
+    scale = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    if bool(((X - X.mT).abs() > 1e3 * eps * scale).any()):
+        raise ValueError(f"{name} must be a symmetric covariance matrix")
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    _, info = torch.linalg.cholesky_ex(X + 1e3 * eps * scale * eye)
+    if bool((info > 0).any()):
+        raise ValueError(f"{name} must be positive (semi-)definite")
+
+
+def _param(name: str, x, shape: tuple[int, ...], batch: int, steps: int | None = None) -> Tensor:
+    """Check that ``x`` has ``shape`` (shared), ``(batch, *shape)`` (batched) or, if ``steps`` is given,
+    ``(batch, steps, *shape)`` (per step); a leading batch dimension of 1 is accepted and dropped."""
+    x = _as_tensor(name, x)
+    allowed = [shape, (batch, *shape), (1, *shape)]
+    if steps is not None:
+        allowed += [(batch, steps, *shape), (1, steps, *shape)]
+    if tuple(x.shape) not in allowed:
+        opts = " or ".join(str(s) for s in allowed[:2] + allowed[3:4])
+        raise ValueError(f"{name} must have shape {opts}, got {tuple(x.shape)}")
+    if x.dim() > len(shape) and x.shape[0] == 1 and batch != 1:
+        x = x.expand(batch, *x.shape[1:])
+    return x
+
+
+def _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target):
+    """Validate all inputs once and return them cast to the compute dtype, plus ``(bu, observed)``."""
+    z = _as_tensor("z", z)
+    if z.dim() != 3 or z.shape[1] == 0:
+        raise ValueError(f"z must have shape (B, T, m) with T >= 1, got {tuple(z.shape)}")
+    batch, steps, m = z.shape
+    A = _as_tensor("A", A)
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must have shape (n, n) or (B, n, n), got {tuple(A.shape)}")
+    n = A.shape[-1]
+    A = _param("A", A, (n, n), batch)
+    Q = _param("Q", Q, (n, n), batch)
+    C = _param("C", C, (m, n), batch)
+    R = _param("R", R, (m, m), batch, steps)
+    m0 = _param("m0", m0, (n,), batch)
+    P0 = _param("P0", P0, (n, n), batch)
+    if (B is None) != (u is None):
+        raise ValueError("B and u must be given together (got only " + ("B)" if u is None else "u)"))
+    if u is not None:
+        u = _as_tensor("u", u)
+        if u.dim() != 3 or u.shape[:2] != (batch, steps):
+            raise ValueError(f"u must have shape (B, T, k) = ({batch}, {steps}, k), got {tuple(u.shape)}")
+        B = _param("B", B, (n, u.shape[-1]), batch)
+    if target is not None:
+        target = _as_tensor("target", target)
+        if target.shape != z.shape:
+            raise ValueError(f"target must have the shape of z {tuple(z.shape)}, got {tuple(target.shape)}")
+
+    dtype = _dtype(z, A, Q, C, R, m0, P0, B, u, target)
+    A, Q, C, R, m0, P0, z = (x.to(dtype) for x in (A, Q, C, R, m0, P0, z))
+    for name, x in (("A", A), ("C", C), ("m0", m0)):
+        _check_finite(name, x)
+    for name, x in (("Q", Q), ("R", R), ("P0", P0)):
+        _check_covariance(name, x)
+
+    missing = torch.isnan(z).any(-1)
+    if target is not None:
+        target = target.to(dtype)
+        missing = missing | torch.isnan(target).any(-1)
+    if mask is not None:
+        mask = _as_tensor("mask", mask)
+        if tuple(mask.shape) != (batch, steps):
+            raise ValueError(f"mask must have shape (B, T) = ({batch}, {steps}), got {tuple(mask.shape)}")
+        missing = missing | ~mask.to(torch.bool)
+    observed = None
+    if bool(missing.any()):
+        observed = ~missing
+        z = torch.where(observed[..., None], z, 0.0)
+        if target is not None:
+            target = torch.where(observed[..., None], target, 0.0)
+    if bool(torch.isinf(z).any()) or (target is not None and bool(torch.isinf(target).any())):
+        raise ValueError("z contains inf (NaN marks a missing observation, inf is an error)")
+    bu = None
+    if u is not None:
+        B, u = B.to(dtype), u.to(dtype)
+        _check_finite("B", B)
+        _check_finite("u", u)
+        bu = u @ B.mT if B.dim() == 2 else torch.einsum("bnk,btk->btn", B, u)
+    return z, A, Q, C, R, m0, P0, bu, observed, target
+
+
+def _stack_batch(xs: list[Tensor], batch: int, event: tuple[int, ...]) -> Tensor:
+    """Stack per-step tensors along time (dim 1) as ``(batch, T, *event)``; shared ones stay a view."""
+    if all(x.dim() == len(event) for x in xs):
+        return torch.stack(xs, 0).expand(batch, len(xs), *event)
+    return torch.stack([x.expand(batch, *event) for x in xs], 1)
+
+
+def _per_step(x: Tensor, event_dims: int) -> Tensor:
+    """Give a shared or batched parameter a broadcastable time axis: ``(B, ...)`` -> ``(B, 1, ...)``."""
+    return x.unsqueeze(1) if x.dim() > event_dims else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# public single-step API
+
+
+def predict(belief: Gaussian, A: Tensor, Q: Tensor, B: Tensor | None = None, u: Tensor | None = None) -> Gaussian:
+    """Time update: N(A m + B u, A P A^T + Q).
+
+    ``belief``: mean ``(..., n)``, cov ``(..., n, n)``; ``A``, ``Q``: ``(n, n)`` or ``(..., n, n)``;
+    ``B``: ``(n, k)`` or ``(..., n, k)``; ``u``: ``(..., k)``.
+    """
+    mean, cov = belief
+    n = mean.shape[-1]
+    for name, x in (("A", A), ("Q", Q)):
+        if _as_tensor(name, x).shape[-2:] != (n, n):
+            raise ValueError(f"{name} must have shape (..., {n}, {n}), got {tuple(x.shape)}")
+    if cov.shape[-2:] != (n, n):
+        raise ValueError(f"belief.cov must have shape (..., {n}, {n}), got {tuple(cov.shape)}")
+    if (B is None) != (u is None):
+        raise ValueError("B and u must be given together")
+    dtype = _dtype(mean, cov, A, Q, B, u)
+    bu = None
+    if u is not None:
+        if B.shape[-2] != n or u.shape[-1] != B.shape[-1]:
+            raise ValueError(f"B (..., {n}, k) and u (..., k) do not match: {tuple(B.shape)}, {tuple(u.shape)}")
+        bu = _mv(B.to(dtype), u.to(dtype))
+    with torch.autocast(mean.device.type, enabled=False):
+        return Gaussian(*_predict(mean.to(dtype), cov.to(dtype), A.to(dtype), Q.to(dtype), bu))
+
+
+def update(
+    belief: Gaussian, z: Tensor, C: Tensor, R: Tensor, mask: Tensor | None = None
+) -> tuple[Gaussian, Tensor]:
+    """Measurement update of ``belief`` (mean ``(B, n)``) with one observation ``z`` ``(B, m)``.
+
+    ``C``: ``(m, n)`` or ``(B, m, n)``; ``R``: ``(m, m)`` or ``(B, m, m)``; ``mask``: ``(B,)`` bool, True =
+    observed (a NaN in ``z[b]`` also means missing).  Returns the posterior and the log-likelihood
+    ``(B,)`` of ``z`` under the predictive N(C m, C P C^T + R) (0 where missing).
+    """
+    mean, cov = belief
+    z = _as_tensor("z", z)
+    n, m = mean.shape[-1], z.shape[-1]
+    if _as_tensor("C", C).shape[-2:] != (m, n):
+        raise ValueError(f"C must have shape (..., {m}, {n}), got {tuple(C.shape)}")
+    if _as_tensor("R", R).shape[-2:] != (m, m):
+        raise ValueError(f"R must have shape (..., {m}, {m}), got {tuple(R.shape)}")
+    dtype = _dtype(mean, cov, z, C, R)
+    z, C, R = z.to(dtype), C.to(dtype), R.to(dtype)
+    missing = torch.isnan(z).any(-1)
+    if mask is not None:
+        missing = missing | ~_as_tensor("mask", mask).to(torch.bool)
+    observed = None
+    if bool(missing.any()):
+        observed = ~missing
+        z = torch.where(observed[..., None], z, 0.0)
+    with torch.autocast(z.device.type, enabled=False):
+        for jitter in _JITTERS:
+            out = _update(mean.to(dtype), cov.to(dtype), z, C, R, observed, None, jitter)
+            if not bool((out[3] > 0).any()):
+                break
+        else:
+            raise FloatingPointError("innovation covariance C P C^T + R is not positive definite")
+    return Gaussian(out[0], out[1]), out[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# filters
+
+
+def _filter_sequential(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
+    batch, steps, m = z.shape
+    n = A.shape[-1]
+    per_step_R = R.dim() == 4
+    mean, cov = m0, P0
+    pm, pc, fm, fc, lls, infos = [], [], [], [], [], []
+    for t in range(steps):
+        mean, cov = _predict(mean, cov, A, Q, None if bu is None else bu[:, t])
+        pm.append(mean)
+        pc.append(cov)
+        mean, cov, ll, info = _update(
+            mean,
+            cov,
+            z[:, t],
+            C,
+            R[:, t] if per_step_R else R,
+            None if observed is None else observed[:, t],
+            None if target is None else target[:, t],
+            jitter,
+        )
+        fm.append(mean)
+        fc.append(cov)
+        lls.append(ll.expand(batch))
+        infos.append(info.reshape(-1))
+    ok = not bool((torch.cat(infos) > 0).any())
+    result = FilterResult(
+        Gaussian(_stack_batch(fm, batch, (n,)), _stack_batch(fc, batch, (n, n))),
+        Gaussian(_stack_batch(pm, batch, (n,)), _stack_batch(pc, batch, (n, n))),
+        *_sum_steps(torch.stack(lls, 1)),
+    )
+    return result, ok
+
+
+def _sum_steps(step_ll: Tensor) -> tuple[Tensor, Tensor]:
+    return step_ll.sum(1), step_ll
+
+
+def _filtering_combine(i, j):
+    """Associative operator of Särkkä & García-Fernández (2021), eq. (14)-(15), on elements
+    (A, b, C, eta, J), with M = I + C_i J_j:
+    A_ij = A_j M^{-1} A_i,  b_ij = A_j M^{-1} (b_i + C_i eta_j) + b_j,  C_ij = A_j M^{-1} C_i A_j^T + C_j,
+    eta_ij = A_i^T M^{-T} (eta_j - J_j b_i) + eta_i,  J_ij = A_i^T M^{-T} J_j A_i + J_i."""
+    Ai, bi, Ci, ei, Ji = i
+    Aj, bj, Cj, ej, Jj = j
+    eye = torch.eye(Ai.shape[-1], dtype=Ai.dtype, device=Ai.device)
+    LU, piv = torch.linalg.lu_factor(eye + Ci @ Jj)
+    AjMinv = torch.linalg.lu_solve(LU, piv, Aj.mT, adjoint=True).mT  # A_j M^{-1}
+    MinvAi = torch.linalg.lu_solve(LU, piv, Ai)  # M^{-1} A_i, so A_i^T M^{-T} = (M^{-1} A_i)^T
+    A = AjMinv @ Ai
+    b = _mv(AjMinv, bi + _mv(Ci, ej)) + bj
+    C = _sym(AjMinv @ Ci @ Aj.mT) + Cj
+    eta = _mv(MinvAi.mT, ej - _mv(Jj, bi)) + ei
+    J = _sym(MinvAi.mT @ Jj @ Ai) + Ji
+    return A, b, C, eta, J
+
+
+def _associative_scan(fn: Callable, elems: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Inclusive prefix scan along dim 1 of a tuple of tensors with an associative ``fn(earlier, later)``.
+
+    Work-efficient odd/even recursion (as jax.lax.associative_scan): O(T) applications of ``fn``,
+    each level vectorised over time, 2 log2(T) levels in all.
+    """
+    steps = elems[0].shape[1]
+    if steps < 2:
+        return elems
+    reduced = fn(tuple(x[:, 0:-1:2] for x in elems), tuple(x[:, 1::2] for x in elems))
+    odd = _associative_scan(fn, reduced)  # prefixes ending at 1, 3, 5, ...
+    prev = odd if steps % 2 else tuple(x[:, :-1] for x in odd)
+    even = fn(prev, tuple(x[:, 2::2] for x in elems))  # prefixes ending at 2, 4, ...
+    out = []
+    for first, e, o in zip(elems, even, odd):
+        e = torch.cat([first[:, :1], e], 1)
+        pairs = torch.stack([e[:, : o.shape[1]], o], 2).flatten(1, 2)
+        out.append(torch.cat([pairs, e[:, o.shape[1] :]], 1))
+    return tuple(out)
+
+
+def _filter_parallel(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
+    """Parallel-in-time filter: element t is p(h_t | h_{t-1}, z_t) = N(A_t h_{t-1} + b_t, C_t) together
+    with the likelihood of z_t as a function of h_{t-1}, exp(-1/2 h^T J_t h + eta_t^T h); element 1
+    absorbs the prior N(m0, P0).  Elements come from one batched Kalman update of the prior
+    N(B u_t, Q) (t > 1) or N(A m0 + B u_1, A P0 A^T + Q) (t = 1)."""
+    batch, steps, m = z.shape
+    n = A.shape[-1]
+    A_t, Q_t, C_t = _per_step(A, 2), _per_step(Q, 2), _per_step(C, 2)
+    R_t = R if R.dim() == 4 else _per_step(R, 2)
+    mean1, cov1 = _predict(m0, P0, A, Q, None if bu is None else bu[:, 0])
+    prior_mean = torch.zeros(batch, steps, n, dtype=z.dtype, device=z.device)
+    if bu is not None:
+        prior_mean = prior_mean + bu
+    prior_mean = torch.cat([mean1.expand(batch, n)[:, None], prior_mean[:, 1:]], 1)
+    prior_cov = torch.cat([cov1.expand(batch, n, n)[:, None], Q_t.expand(batch, steps - 1, n, n)], 1)
+
+    CP = C_t @ prior_cov
+    S = _sym(CP @ C_t.mT + R_t)
+    if jitter:
+        S = _add_jitter(S, jitter)
+    L, info = torch.linalg.cholesky_ex(S)
+    W = torch.linalg.solve_triangular(L, CP, upper=False)
+    v = torch.linalg.solve_triangular(L, (z - _mv(C_t, prior_mean)).unsqueeze(-1), upper=False).squeeze(-1)
+    GA = torch.linalg.solve_triangular(L, (C_t @ A_t).expand(batch, steps, m, n), upper=False)  # L^{-1} C A
+    first = torch.zeros(steps, dtype=z.dtype, device=z.device)
+    first[0] = 1.0
+    keep = (1.0 - first)[None, :, None, None]
+    GA = GA * keep  # element 1 does not depend on h_0
+    if observed is not None:
+        obs = observed.to(z.dtype)
+        W, v, GA = W * obs[..., None, None], v * obs[..., None], GA * obs[..., None, None]
+    K = torch.linalg.solve_triangular(L.mT, W, upper=True).mT
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    M = eye - K @ C_t
+    elems = (
+        (M @ A_t) * keep,
+        prior_mean + (W.mT @ v.unsqueeze(-1)).squeeze(-1),
+        _sym(M @ prior_cov @ M.mT + K @ R_t @ K.mT),
+        (GA.mT @ v.unsqueeze(-1)).squeeze(-1),
+        GA.mT @ GA,
+    )
+    _, f_mean, f_cov, _, _ = _associative_scan(_filtering_combine, elems)
+
+    p_mean, p_cov = _predict(f_mean[:, :-1], f_cov[:, :-1], A_t, Q_t, None if bu is None else bu[:, 1:])
+    p_mean = torch.cat([mean1.expand(batch, n)[:, None], p_mean], 1)
+    p_cov = torch.cat([cov1.expand(batch, n, n)[:, None], p_cov], 1)
+    S = _sym(C_t @ p_cov @ C_t.mT + R_t)
+    if jitter:
+        S = _add_jitter(S, jitter)
+    Lp, info_p = torch.linalg.cholesky_ex(S)
+    resid = (z if target is None else target) - _mv(C_t, p_mean)
+    step_ll = _gauss_log_prob(torch.linalg.solve_triangular(Lp, resid.unsqueeze(-1), upper=False).squeeze(-1), Lp)
+    if observed is not None:
+        step_ll = step_ll * observed.to(z.dtype)
+    ok = not bool((info > 0).any() or (info_p > 0).any())
+    return FilterResult(Gaussian(f_mean, f_cov), Gaussian(p_mean, p_cov), *_sum_steps(step_ll)), ok
+
+
+def kalman_filter(
+    z: Tensor,
+    A: Tensor,
+    Q: Tensor,
+    C: Tensor,
+    R: Tensor,
+    m0: Tensor,
+    P0: Tensor,
+    B: Tensor | None = None,
+    u: Tensor | None = None,
+    mask: Tensor | None = None,
+    parallel: bool = False,
+    *,
+    target: Tensor | None = None,
+) -> FilterResult:
+    """Exact Kalman filter over a batch of sequences, differentiable in every input.
+
+    Args:
+        z: observations ``(B, T, m)``; NaN entries mark the step as missing.
+        A, Q: transition matrix and process noise, ``(n, n)`` or ``(B, n, n)``.
+        C: observation matrix ``(m, n)`` or ``(B, m, n)``.
+        R: observation noise ``(m, m)``, ``(B, m, m)`` or per step ``(B, T, m, m)``.
+        m0, P0: belief of h_0 before the first observation, ``(n,)``/``(B, n)`` and ``(n, n)``/``(B, n, n)``.
+        B, u: control matrix ``(n, k)``/``(B, n, k)`` and controls ``(B, T, k)``; ``u[:, t]`` drives the
+            transition into step t.
+        mask: ``(B, T)`` bool, True = observed.
+        parallel: use the O(log T)-depth associative-scan filter (same result up to round-off).
+        target: optional ``(B, T, m)`` values that replace ``z`` in the likelihood term only (the state
+            update still uses ``z``).  ``target=z.detach()`` gives the stop-gradient plug-in of DESIGN
+            section 1: the innovation's target carries no gradient, the filter history does.
+
+    Returns:
+        :class:`FilterResult` (filtered, predicted, log_likelihood ``(B,)``, step_log_likelihood ``(B, T)``),
+        in float32 or float64 (half-precision inputs are upcast to float32).
+
+    Raises:
+        ValueError naming the argument for wrong shapes, non-finite parameters (NaN in ``z`` is allowed)
+        or covariances (Q, R, P0) that are not symmetric positive semi-definite.
+    """
+    with torch.autocast(z.device.type if isinstance(z, Tensor) else "cpu", enabled=False):
+        args = _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target)
+        run = _filter_parallel if parallel else _filter_sequential
+        for jitter in _JITTERS:
+            result, ok = run(*args, jitter=jitter)
+            if ok:
+                if jitter:
+                    warnings.warn(f"kalman_filter: Cholesky failed, used relative jitter {jitter:g}", RuntimeWarning)
+                return result
+    raise FloatingPointError("kalman_filter: innovation covariance not positive definite even with jitter")
+
+
+# ----------------------------------------------------------------------------------------------------
+# smoother
+
+
+def _smoothing_combine(later, earlier):
+    """Backward associative operator (Särkkä & García-Fernández 2021, eq. (22)) on (E, g, L):
+    the element of an earlier step applied after the (already combined) later ones."""
+    El, gl, Ll = later
+    Ee, ge, Le = earlier
+    return Ee @ El, _mv(Ee, gl) + ge, _sym(Ee @ Ll @ Ee.mT) + Le
+
+
+def rts_smoother(result: FilterResult, A: Tensor, Q: Tensor, parallel: bool = False) -> Gaussian:
+    """Rauch-Tung-Striebel smoother: N(m_{t|T}, P_{t|T}) ``(B, T, n)`` from a :class:`FilterResult`.
+
+    ``A``, ``Q``: the transition matrix and process noise the filter used (``(n, n)`` or ``(B, n, n)``);
+    the controls enter through ``result.predicted``.  With ``G_t = P_{t|t} A^T P_{t+1|t}^{-1}``
+    (Cholesky solve), ``m_{t|T} = m_{t|t} + G_t (m_{t+1|T} - m_{t+1|t})`` and
+    ``P_{t|T} = G_t P_{t+1|T} G_t^T + (I - G_t A) P_{t|t} (I - G_t A)^T + G_t Q G_t^T`` (Joseph-type form).
+    ``parallel=True`` evaluates the same recursion by an associative scan (Särkkä & García-Fernández 2021).
+    """
+    f_mean, f_cov = result.filtered
+    p_mean, p_cov = result.predicted
+    batch, steps, n = f_mean.shape
+    A = _param("A", A, (n, n), batch).to(f_mean.dtype)
+    Q = _param("Q", Q, (n, n), batch).to(f_mean.dtype)
+    with torch.autocast(f_mean.device.type, enabled=False):
+        A_t, Q_t = _per_step(A, 2), _per_step(Q, 2)
+        Lp = _cholesky(p_cov[:, 1:], "predicted covariance")
+        G = torch.cholesky_solve(A_t @ f_cov[:, :-1], Lp).mT  # P_{t|t} A^T P_{t+1|t}^{-1}
+        M = torch.eye(n, dtype=f_mean.dtype, device=f_mean.device) - G @ A_t
+        E = torch.cat([G, torch.zeros_like(G[:, :1])], 1)
+        g = torch.cat([f_mean[:, :-1] - _mv(G, p_mean[:, 1:]), f_mean[:, -1:]], 1)
+        Lc = torch.cat([_sym(M @ f_cov[:, :-1] @ M.mT + G @ Q_t @ G.mT), f_cov[:, -1:]], 1)
+        if parallel:
+            flipped = _associative_scan(_smoothing_combine, tuple(x.flip(1) for x in (E, g, Lc)))
+            return Gaussian(flipped[1].flip(1), flipped[2].flip(1))
+        means, covs = [g[:, -1]], [Lc[:, -1]]
+        for t in range(steps - 2, -1, -1):
+            means.append(_mv(E[:, t], means[-1]) + g[:, t])
+            covs.append(_sym(E[:, t] @ covs[-1] @ E[:, t].mT) + Lc[:, t])
+        return Gaussian(torch.stack(means[::-1], 1), torch.stack(covs[::-1], 1))
