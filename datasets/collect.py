@@ -1,0 +1,186 @@
+"""Rollout collection into a ``RolloutStore``, resumable, plus random and Ornstein-Uhlenbeck policies.
+
+A policy is a callable ``policy(obs, info) -> action``; if it has ``reset(rng)``, ``collect`` calls
+it at the start of every episode with a generator derived from (seed, episode index), so a resumed
+collection equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+from tqdm.auto import tqdm
+
+from .store import RolloutStore
+
+
+def action_dim(space: spaces.Space) -> int:
+    """Width of the stored action vector: flattened Box, or one-hot for Discrete."""
+    if isinstance(space, spaces.Box):
+        return int(np.prod(space.shape))
+    if isinstance(space, spaces.Discrete):
+        return int(space.n)
+    raise ValueError(f"unsupported action space {space!r}; use Box or Discrete")
+
+
+def action_vector(space: spaces.Space, action) -> np.ndarray:
+    """The stored float32 form of ``action``: flattened Box action, or one-hot Discrete index."""
+    if isinstance(space, spaces.Discrete):
+        vector = np.zeros(space.n, np.float32)
+        vector[int(action) - int(space.start)] = 1.0
+        return vector
+    return np.asarray(action, np.float32).reshape(-1)
+
+
+class RandomPolicy:
+    """Independent uniform actions from the action space (Box or Discrete)."""
+
+    def __init__(self, action_space: spaces.Space):
+        action_dim(action_space)  # validates the space
+        self.space = action_space
+        self.rng = np.random.default_rng()
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def __call__(self, obs=None, info=None):
+        if isinstance(self.space, spaces.Discrete):
+            return int(self.space.start + self.rng.integers(self.space.n))
+        return self.rng.uniform(self.space.low, self.space.high).astype(self.space.dtype)
+
+
+class OUPolicy:
+    """Smooth Ornstein-Uhlenbeck actions.
+
+    In units of the action range, x_{t+1} = (1 - theta) x_t + sigma eps_t, eps_t ~ N(0, I), with x_0
+    drawn from the stationary law N(0, sigma^2 / (1 - (1 - theta)^2)). Box: action = clip(centre +
+    half_range * x); Discrete(n): action = bin of clip(x, -1, 1) among n equal bins (so actions persist).
+    theta in (0, 1] sets the mean-reversion per step (1 = white noise).
+    """
+
+    def __init__(self, action_space: spaces.Space, theta: float = 0.15, sigma: float = 0.3):
+        if not 0.0 < theta <= 1.0:
+            raise ValueError(f"theta must be in (0, 1], got {theta}")
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
+            raise ValueError("OUPolicy needs a bounded Box action space")
+        self.space, self.theta, self.sigma = action_space, float(theta), float(sigma)
+        self.shape = (1,) if isinstance(action_space, spaces.Discrete) else action_space.shape
+        action_dim(action_space)
+        self.reset(np.random.default_rng())
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        stationary_std = self.sigma / np.sqrt(1.0 - (1.0 - self.theta) ** 2)
+        self.x = stationary_std * rng.standard_normal(self.shape)
+
+    def __call__(self, obs=None, info=None):
+        x = self.x
+        self.x = (1.0 - self.theta) * x + self.sigma * self.rng.standard_normal(self.shape)
+        if isinstance(self.space, spaces.Discrete):
+            index = min(int((np.clip(x[0], -1, 1) + 1) / 2 * self.space.n), self.space.n - 1)
+            return int(self.space.start + index)
+        centre, half = (self.space.high + self.space.low) / 2, (self.space.high - self.space.low) / 2
+        return np.clip(centre + half * x, self.space.low, self.space.high).astype(self.space.dtype)
+
+
+def random_policy(env: gymnasium.Env) -> RandomPolicy:
+    """Uniform random actions for ``env``."""
+    return RandomPolicy(env.action_space)
+
+
+def ou_policy(env: gymnasium.Env, theta: float = 0.15, sigma: float = 0.3) -> OUPolicy:
+    """Smooth Ornstein-Uhlenbeck actions for ``env`` (see ``OUPolicy``)."""
+    return OUPolicy(env.action_space, theta=theta, sigma=sigma)
+
+
+def episode_seeds(seed: int, episode: int) -> tuple[int, int]:
+    """(env seed, policy seed) of one episode, derived from the collection seed and episode index."""
+    env_seed, policy_seed = np.random.SeedSequence([int(seed), int(episode)]).generate_state(2)
+    return int(env_seed), int(policy_seed)
+
+
+def _open_or_create(store, env: gymnasium.Env, seed: int) -> RolloutStore:
+    if isinstance(store, RolloutStore):
+        return store
+    path = Path(store)
+    if (path / "zarr.json").exists():
+        return RolloutStore.open(path)
+    spec = env.spec
+    kwargs = {k: v for k, v in (spec.kwargs if spec else {}).items() if isinstance(v, (int, float, str, bool, type(None), list))}
+    obs_space = env.observation_space
+    state = env.reset(seed=seed)[1].get("state")
+    return RolloutStore.create(
+        path,
+        obs_shape=obs_space.shape,
+        action_dim=action_dim(env.action_space),
+        state_dim=0 if state is None else int(np.size(state)),
+        env_id=spec.id if spec else type(env.unwrapped).__name__,
+        env_kwargs=kwargs,
+        seed=seed,
+    )
+
+
+def collect(
+    env: gymnasium.Env,
+    policy,
+    n_episodes: int,
+    T: int,
+    store: RolloutStore | str | os.PathLike,
+    seed: int = 0,
+    progress: bool = True,
+) -> RolloutStore:
+    """Roll ``policy`` in ``env`` until ``store`` holds ``n_episodes`` episodes of (up to) T steps.
+
+    Resumable: episodes already committed are kept and only the missing ones are collected. Episode i
+    resets the env with ``episode_seeds(seed, i)[0]`` and the policy (if it has ``reset``) with a
+    generator from ``episode_seeds(seed, i)[1]``. Step t stores obs[t], info["state"] at t, the
+    action taken after seeing obs[t], the reward it earned, and mask[t] = not info.get("dropped").
+    An episode that terminates or truncates early is stored with its shorter length.
+    ``store`` may be a path: an existing store is opened, a missing one created from the env.
+    """
+    if int(n_episodes) != n_episodes or n_episodes < 0:
+        raise ValueError(f"n_episodes must be a non-negative int, got {n_episodes!r}")
+    if int(T) != T or T < 1:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    store = _open_or_create(store, env, seed)
+    if store.meta.get("seed") not in (None, seed):
+        raise ValueError(f"seed={seed} differs from the seed {store.meta['seed']} this store was collected with")
+    if store.episode_length not in (None, T):
+        raise ValueError(f"T={T} differs from the store's episode_length {store.episode_length}")
+    if store.meta.get("seed") is None:
+        store.update_attrs(seed=seed)
+    if tuple(env.observation_space.shape) != store.obs_shape:
+        raise ValueError(f"env observation shape {env.observation_space.shape} differs from the store's {store.obs_shape}")
+    space = env.action_space
+    a_dim = action_dim(space)
+    start = len(store)
+    for episode in tqdm(range(start, n_episodes), initial=start, total=n_episodes, disable=not progress, desc="collect", unit="ep"):
+        env_seed, policy_seed = episode_seeds(seed, episode)
+        if hasattr(policy, "reset"):
+            policy.reset(np.random.default_rng(policy_seed))
+        obs, info = env.reset(seed=env_seed)
+        frames = np.empty((T, *store.obs_shape), np.uint8)
+        actions = np.empty((T, a_dim), np.float32)
+        states = np.empty((T, store.state_dim), np.float32)
+        rewards = np.empty(T, np.float32)
+        mask = np.empty(T, bool)
+        steps = T
+        for t in range(T):
+            action = policy(obs, info)
+            frames[t] = obs
+            states[t] = info["state"] if store.state_dim else ()
+            mask[t] = not info.get("dropped", False)
+            actions[t] = action_vector(space, action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            rewards[t] = reward
+            if terminated or truncated:
+                steps = t + 1
+                break
+        store.append(frames[:steps], actions[:steps], states[:steps], rewards[:steps], mask[:steps])
+    return store

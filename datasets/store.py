@@ -1,0 +1,303 @@
+"""Append-only zarr v3 rollout store that never loses a committed episode.
+
+Layout (one zarr v3 group):
+
+    obs     (N, T, H, W, C) uint8     chunk (1, T, H, W, C), blosc-zstd
+    action  (N, T, a)       float32   chunk (1, T, a)
+    state   (N, T, s)       float32   chunk (1, T, s)
+    reward  (N, T)          float32   chunk (1, T)
+    mask    (N, T)          bool      chunk (1, T)   True = frame observed (False: dropped frame)
+    length  (N,)            int64     chunk (1024,)  valid steps of each episode (<= T, rest is padding)
+
+group attrs: format, format_version, env_id, env_kwargs, seed, obs_shape, action_dim, state_dim,
+episode_length (T, fixed by the first append unless given at create) and ``n_episodes``.
+
+``action[t]`` is the action taken after observing ``obs[t]`` (RL convention); ``reward[t]`` is the
+reward it earned.
+
+Atomic append: episode k = n_episodes is written to index k of every array (growing them first),
+and only then committed by rewriting the group attrs with ``n_episodes = k + 1`` (zarr's local store
+writes every file to a temporary name and renames it into place, so each file is either old or new).
+Readers trust only episodes < n_episodes. A crash mid-append leaves at most an invisible partial
+episode k, which the next append overwrites. The store assumes a single writer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+FORMAT = "ldm-worldmodel/rollouts"
+FORMAT_VERSION = 1
+_LENGTH_CHUNK = 1024
+
+
+def _compressor(level: int = 3) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+
+
+class RolloutStore:
+    """Episodes of (obs, action, state, reward, mask) in a zarr v3 group at ``path``.
+
+    Build with ``RolloutStore.create`` or ``RolloutStore.open``; ``len(store)`` is the number of
+    committed episodes.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, read_only: bool):
+        self.path, self._group, self.read_only = path, group, read_only
+        attrs = dict(group.attrs)
+        self.obs_shape = tuple(attrs["obs_shape"])
+        self.action_dim, self.state_dim = int(attrs["action_dim"]), int(attrs["state_dim"])
+        self.episode_length = attrs["episode_length"]
+        self._count = int(attrs["n_episodes"])
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        obs_shape: tuple[int, ...],
+        action_dim: int,
+        state_dim: int,
+        env_id: str = "",
+        env_kwargs: dict | None = None,
+        seed: int | None = None,
+        overwrite: bool = False,
+        episode_length: int | None = None,
+    ) -> "RolloutStore":
+        """Create an empty store. ``episode_length`` T is fixed by the first append unless given."""
+        path = Path(path)
+        obs_shape = tuple(int(s) for s in obs_shape)
+        if len(obs_shape) != 3 or min(obs_shape) < 1:
+            raise ValueError(f"obs_shape must be (H, W, C) of positive ints, got {obs_shape!r}")
+        for name, value in (("action_dim", action_dim), ("state_dim", state_dim)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if episode_length is not None and (int(episode_length) != episode_length or episode_length < 1):
+            raise ValueError(f"episode_length must be a positive int, got {episode_length!r}")
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"store path {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
+        try:
+            json.dumps(env_kwargs or {})
+        except TypeError as err:
+            raise ValueError(f"env_kwargs must be JSON-serialisable: {err}") from None
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group.attrs.update({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "env_id": str(env_id),
+            "env_kwargs": env_kwargs or {},
+            "seed": seed,
+            "obs_shape": list(obs_shape),
+            "action_dim": int(action_dim),
+            "state_dim": int(state_dim),
+            "episode_length": None if episode_length is None else int(episode_length),
+            "n_episodes": 0,
+        })
+        store = cls(path, group, read_only=False)
+        if episode_length is not None:
+            store._create_arrays(int(episode_length))
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, read_only: bool = False) -> "RolloutStore":
+        """Open an existing store; FileNotFoundError if absent, ValueError if corrupt or of unknown version."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"no rollout store at {str(path)!r} (missing {str(path / 'zarr.json')!r})")
+        try:
+            group = zarr.open_group(str(path), mode="r" if read_only else "r+", zarr_format=3)
+            attrs = dict(group.attrs)
+        except Exception as err:  # zarr raises several types for unreadable metadata
+            raise ValueError(f"corrupt rollout store at {str(path)!r}: unreadable group metadata ({err})") from err
+        cls._check_attrs(path, attrs)
+        store = cls(path, group, read_only)
+        store._check_arrays()
+        if not read_only:
+            for partial in path.rglob("*.partial"):  # temp files of writes interrupted by a crash
+                partial.unlink(missing_ok=True)
+        return store
+
+    @staticmethod
+    def _check_attrs(path: Path, attrs: dict) -> None:
+        where = f"rollout store at {str(path)!r}"
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{where} is not a {FORMAT} store (group attr 'format' = {attrs.get('format')!r})")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{where} has unknown format_version {attrs.get('format_version')!r}; "
+                f"this version of worldmodel reads format_version {FORMAT_VERSION}"
+            )
+        checks = {
+            "n_episodes": lambda v: isinstance(v, int) and v >= 0,
+            "obs_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(s, int) and s > 0 for s in v),
+            "action_dim": lambda v: isinstance(v, int) and v >= 0,
+            "state_dim": lambda v: isinstance(v, int) and v >= 0,
+            "episode_length": lambda v: v is None or (isinstance(v, int) and v > 0),
+        }
+        for key, ok in checks.items():
+            if key not in attrs or not ok(attrs[key]):
+                raise ValueError(f"corrupt {where}: group attr {key!r} = {attrs.get(key, '<missing>')!r}")
+
+    def _expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        T = self.episode_length
+        return {
+            "obs": ((T, *self.obs_shape), "uint8"),
+            "action": ((T, self.action_dim), "float32"),
+            "state": ((T, self.state_dim), "float32"),
+            "reward": ((T,), "float32"),
+            "mask": ((T,), "bool"),
+            "length": ((), "int64"),
+        }
+
+    def _check_arrays(self) -> None:
+        if self.episode_length is None:
+            if self._count:
+                raise ValueError(f"corrupt rollout store at {str(self.path)!r}: episodes committed but no episode_length")
+            return
+        for name, (shape, dtype) in self._expected_shapes().items():
+            try:
+                array = self._group[name]
+            except KeyError:
+                raise ValueError(f"corrupt rollout store at {str(self.path)!r}: array {name!r} is missing") from None
+            except Exception as err:
+                raise ValueError(f"corrupt rollout store at {str(self.path)!r}: array {name!r} unreadable ({err})") from err
+            if tuple(array.shape[1:]) != shape or array.shape[0] < self._count or str(array.dtype) != dtype:
+                raise ValueError(
+                    f"corrupt rollout store at {str(self.path)!r}: array {name!r} has shape {array.shape} and dtype "
+                    f"{array.dtype}, expected (>= {self._count}, {', '.join(map(str, shape))}) of {dtype}"
+                )
+
+    def _create_arrays(self, T: int) -> None:
+        self.episode_length = T
+        for name, (shape, dtype) in self._expected_shapes().items():
+            chunks = (_LENGTH_CHUNK,) if name == "length" else (1, *shape)
+            self._group.create_array(
+                name, shape=(0, *shape), chunks=chunks, dtype=dtype, compressors=_compressor(), fill_value=0, overwrite=True
+            )
+        self._group.attrs["episode_length"] = T
+
+    # ------------------------------------------------------------------ writing
+    _STRUCTURAL = ("format", "format_version", "n_episodes", "obs_shape", "action_dim", "state_dim", "episode_length")
+
+    def update_attrs(self, **attrs) -> None:
+        """Set user metadata (env_id, env_kwargs, seed, or new keys) in the group attrs; JSON values only."""
+        if self.read_only:
+            raise PermissionError(f"rollout store at {str(self.path)!r} was opened read_only")
+        bad = sorted(set(attrs) & set(self._STRUCTURAL))
+        if bad:
+            raise ValueError(f"attrs {bad} describe the store's layout and cannot be changed")
+        try:
+            json.dumps(attrs)
+        except TypeError as err:
+            raise ValueError(f"attrs must be JSON-serialisable: {err}") from None
+        self._group.attrs.update(attrs)
+
+    def append(self, obs, action, state, reward=None, mask=None) -> int:
+        """Append one episode atomically; returns its index.
+
+        obs (t, H, W, C) uint8, action (t, a) float, state (t, s) float, reward (t,) float (default 0),
+        mask (t,) bool (default all True), with 1 <= t <= T (shorter episodes are padded; their length
+        is recorded). Float inputs are stored as float32 and must be finite.
+        """
+        if self.read_only:
+            raise PermissionError(f"rollout store at {str(self.path)!r} was opened read_only")
+        obs = np.asarray(obs)
+        if obs.dtype != np.uint8:
+            raise ValueError(f"obs must have dtype uint8, got {obs.dtype}")
+        if obs.ndim != 4 or tuple(obs.shape[1:]) != self.obs_shape or len(obs) < 1:
+            raise ValueError(f"obs must have shape (t, {', '.join(map(str, self.obs_shape))}) with t >= 1, got {obs.shape}")
+        t = len(obs)
+        T = self.episode_length or t
+        if t > T:
+            raise ValueError(f"obs has {t} steps but this store holds episodes of at most episode_length={T}")
+        arrays = {"obs": obs}
+        for name, value, width, default in (
+            ("action", action, (self.action_dim,), None),
+            ("state", state, (self.state_dim,), None),
+            ("reward", reward, (), 0.0),
+        ):
+            if value is None and default is not None:
+                value = np.full((t, *width), default, np.float32)
+            value = np.asarray(value)
+            if value.dtype.kind != "f":
+                raise ValueError(f"{name} must have a floating dtype, got {value.dtype}")
+            if value.shape != (t, *width):
+                raise ValueError(f"{name} must have shape {(t, *width)} to match obs, got {value.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} contains NaN or inf")
+            arrays[name] = value.astype(np.float32)
+        mask = np.ones(t, bool) if mask is None else np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (t,):
+            raise ValueError(f"mask must be a bool array of shape {(t,)}, got {mask.dtype} {mask.shape}")
+        arrays["mask"] = mask
+
+        if self.episode_length is None:
+            self._create_arrays(T)
+        k = self._count
+        for name, value in arrays.items():
+            array = self._group[name]
+            if array.shape[0] < k + 1:
+                array.resize((k + 1, *array.shape[1:]))
+            if t < T:
+                value = np.concatenate([value, np.zeros((T - t, *value.shape[1:]), value.dtype)])
+            array[k] = value
+        lengths = self._group["length"]
+        if lengths.shape[0] < k + 1:
+            lengths.resize((k + 1,))
+        lengths[k] = t
+        self._group.attrs["n_episodes"] = k + 1  # the commit: one atomic metadata write
+        self._count = k + 1
+        return k
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def meta(self) -> dict:
+        """The group attrs: format, format_version, env_id, env_kwargs, seed, shapes, n_episodes, ..."""
+        return dict(self._group.attrs)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _index(self, i: int) -> int:
+        if not -self._count <= i < self._count:
+            raise IndexError(f"episode index {i} out of range for a store with {self._count} episodes")
+        return i % self._count
+
+    def lengths(self) -> np.ndarray:
+        """Valid steps of every committed episode, int64 (N,)."""
+        if not self._count:
+            return np.zeros(0, np.int64)
+        return np.asarray(self._group["length"][: self._count])
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        """Episode i as numpy arrays obs, action, state, reward, mask (trimmed to its length)."""
+        i = self._index(i)
+        t = int(self._group["length"][i])
+        return {name: np.asarray(self._group[name][i, :t]) for name in ("obs", "action", "state", "reward", "mask")}
+
+    def window(self, i: int, start: int, stop: int, step: int = 1, keys=("obs", "action", "state", "mask")) -> dict:
+        """Frames start:stop:step of episode i (no bounds trimming) for ``keys``."""
+        return {name: np.asarray(self._group[name][i, start:stop:step]) for name in keys}
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Random episode-level split: (train_indices, val_indices), at least one of each when N >= 2."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        order = np.random.default_rng(seed).permutation(self._count)
+        n_val = int(round(val_fraction * self._count))
+        if val_fraction > 0 and self._count >= 2:
+            n_val = min(max(n_val, 1), self._count - 1)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def __repr__(self) -> str:
+        return (
+            f"RolloutStore({str(self.path)!r}, episodes={self._count}, T={self.episode_length}, "
+            f"obs={self.obs_shape}, action_dim={self.action_dim}, state_dim={self.state_dim}, env_id={self.meta.get('env_id')!r})"
+        )

@@ -1,0 +1,290 @@
+"""RolloutStore: round trip, atomic append under SIGKILL, corrupt/unknown stores, bad input, windows, collect."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.datasets import RolloutStore, SequenceWindows, collect, episode_seeds, ou_policy, random_policy
+from worldmodel.envs import make_env
+
+OBS = (8, 8, 3)
+
+
+def fake_episode(i, T=12):
+    """Deterministic episode content keyed by its index."""
+    rng = np.random.default_rng(i)
+    return {
+        "obs": rng.integers(0, 256, (T, *OBS), dtype=np.uint8),
+        "action": rng.standard_normal((T, 2)).astype(np.float32),
+        "state": rng.standard_normal((T, 3)).astype(np.float32),
+        "reward": rng.standard_normal(T).astype(np.float32),
+    }
+
+
+def new_store(path, **kw):
+    return RolloutStore.create(path, obs_shape=OBS, action_dim=2, state_dim=3, env_id="fake", seed=7, **kw)
+
+
+def assert_episode_equal(got, want):
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_round_trip_and_metadata(tmp_path):
+    store = new_store(tmp_path / "s.zarr", )
+    assert len(store) == 0
+    for i in range(3):
+        assert store.append(**fake_episode(i)) == i
+    short = fake_episode(3, T=5)
+    store.append(**short, mask=np.arange(5) % 2 == 0)
+    reopened = RolloutStore.open(tmp_path / "s.zarr", read_only=True)
+    assert len(reopened) == 4 and reopened.episode_length == 12
+    for i in range(3):
+        assert_episode_equal(reopened.episode(i), fake_episode(i))
+    assert_episode_equal(reopened.episode(3), short)
+    np.testing.assert_array_equal(reopened.episode(3)["mask"], np.arange(5) % 2 == 0)
+    np.testing.assert_array_equal(reopened.lengths(), [12, 12, 12, 5])
+    meta = reopened.meta
+    assert meta["env_id"] == "fake" and meta["seed"] == 7 and meta["format_version"] == 1
+    with pytest.raises(IndexError):
+        reopened.episode(4)
+    with pytest.raises(PermissionError):
+        reopened.append(**fake_episode(5))
+    # episodes are compressed, one chunk file per episode for obs
+    obs_chunks = [f for f in (tmp_path / "s.zarr" / "obs").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(obs_chunks) == 4
+
+
+def test_split_is_by_episode_and_deterministic(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    for i in range(10):
+        store.append(**fake_episode(i, T=4))
+    train, val = store.split(0.2, seed=1)
+    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
+    assert set(train) | set(val) == set(range(10))
+    np.testing.assert_array_equal(store.split(0.2, seed=1)[1], val)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(obs=np.zeros((12, *OBS), np.float32)), "obs must have dtype uint8"),
+        (dict(obs=np.zeros((12, 8, 9, 3), np.uint8)), r"obs must have shape \(t, 8, 8, 3\)"),
+        (dict(obs=np.zeros((13, *OBS), np.uint8)), "episode_length=12"),
+        (dict(action=np.zeros((12, 3), np.float32)), r"action must have shape \(12, 2\)"),
+        (dict(action=np.zeros((12, 2), np.int64)), "action must have a floating dtype"),
+        (dict(state=np.full((12, 3), np.nan, np.float32)), "state contains NaN"),
+        (dict(reward=np.zeros(11, np.float32)), "reward must have shape"),
+        (dict(mask=np.ones(12)), "mask must be a bool array"),
+    ],
+)
+def test_append_rejects_bad_input_and_keeps_store_clean(tmp_path, bad, match):
+    store = new_store(tmp_path / "s.zarr")
+    store.append(**fake_episode(0))
+    with pytest.raises(ValueError, match=match):
+        store.append(**{**fake_episode(1), **bad})
+    assert len(RolloutStore.open(tmp_path / "s.zarr")) == 1
+
+
+def test_open_missing_corrupt_and_unknown_version(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no rollout store"):
+        RolloutStore.open(tmp_path / "absent.zarr")
+    path = tmp_path / "s.zarr"
+    new_store(path).append(**fake_episode(0))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        new_store(path)
+    meta_file = path / "zarr.json"
+    original = meta_file.read_text()
+
+    def edit_attrs(**changes):
+        meta = json.loads(original)
+        meta["attributes"].update(changes)
+        meta_file.write_text(json.dumps(meta))
+
+    edit_attrs(format_version=99)
+    with pytest.raises(ValueError, match="unknown format_version 99"):
+        RolloutStore.open(path)
+    edit_attrs(n_episodes="three")
+    with pytest.raises(ValueError, match="corrupt.*n_episodes"):
+        RolloutStore.open(path)
+    edit_attrs(n_episodes=5)  # claims more episodes than the arrays hold
+    with pytest.raises(ValueError, match="corrupt.*array 'obs' has shape"):
+        RolloutStore.open(path)
+    edit_attrs(format="something-else")
+    with pytest.raises(ValueError, match="not a ldm-worldmodel/rollouts store"):
+        RolloutStore.open(path)
+    meta_file.write_text("{ garbage")
+    with pytest.raises(ValueError, match="corrupt rollout store"):
+        RolloutStore.open(path)
+    meta_file.write_text(original)
+    (path / "state" / "zarr.json").unlink()
+    with pytest.raises(ValueError, match="array 'state'"):
+        RolloutStore.open(path)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time, pathlib
+    import numpy as np
+    import zarr
+    sys.path.insert(0, {tests!r})
+    from test_store import fake_episode, new_store
+    from worldmodel.datasets import RolloutStore
+
+    path, n_before, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = new_store(path)
+    for i in range(n_before):
+        store.append(**fake_episode(i))
+    signal_file = pathlib.Path(path + ".writing")
+    if mode == "hook":
+        # stop inside the append of episode n_before, after its obs chunk is on disk, before the commit
+        original = zarr.Array.__setitem__
+        def hooked(self, key, value):
+            original(self, key, value)
+            if self.path == "state":
+                signal_file.write_text("x")
+                time.sleep(60)
+        zarr.Array.__setitem__ = hooked
+        store.append(**fake_episode(n_before))
+    else:
+        i = n_before
+        while True:  # keep appending; the parent kills at an arbitrary moment
+            signal_file.write_text(str(i))
+            store.append(**fake_episode(i))
+            i += 1
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["hook", "race"])
+def test_sigkill_mid_append_keeps_every_committed_episode(tmp_path, mode):
+    path = str(tmp_path / "s.zarr")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(tests=os.path.dirname(__file__)))
+    child = subprocess.Popen([sys.executable, str(script), path, "3", mode])
+    deadline = time.time() + 60
+    while not os.path.exists(path + ".writing"):
+        assert child.poll() is None, "writer died before writing"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    if mode == "race":
+        time.sleep(0.3)  # several appends in flight
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    store = RolloutStore.open(path)
+    n = len(store)
+    assert n == 3 if mode == "hook" else n >= 3
+    for i in range(n):
+        assert_episode_equal(store.episode(i), fake_episode(i))
+    # the partial episode is invisible and the next append overwrites it
+    assert store.append(**fake_episode(100)) == n
+    reopened = RolloutStore.open(path, read_only=True)
+    assert len(reopened) == n + 1
+    assert_episode_equal(reopened.episode(n), fake_episode(100))
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_windows_cover_episodes_with_frame_skip(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    for i in range(3):
+        store.append(**fake_episode(i))
+    store.append(**fake_episode(3, T=6))
+    windows = SequenceWindows(store, length=4, frame_skip=2)  # span 7: the 6-step episode is skipped
+    assert len(windows) == 3 * (12 - 7 + 1)
+    for index in (0, 5, 7, len(windows) - 1):
+        episode, start = windows.locate(index)
+        want = fake_episode(episode)
+        item = windows[index]
+        np.testing.assert_array_equal(item["obs"].numpy(), want["obs"][start : start + 7 : 2])
+        np.testing.assert_array_equal(item["state"].numpy(), want["state"][start : start + 7 : 2])
+        groups = [range(t, min(t + 2, 12)) for t in range(start, start + 7, 2)]  # steps until the next frame
+        expected_action = np.stack([want["action"][list(g)].mean(0) for g in groups])
+        expected_reward = np.array([want["reward"][list(g)].sum() for g in groups])
+        np.testing.assert_allclose(item["action"].numpy(), expected_action, rtol=1e-6)
+        np.testing.assert_allclose(item["reward"].numpy(), expected_reward, rtol=1e-6)
+    # at the end of an episode the last group holds only the remaining step
+    last = SequenceWindows(store, length=2, frame_skip=3, episodes=[0])
+    item = last[len(last) - 1]  # start 8: frames 8, 11; action groups [8, 9, 10], [11]
+    np.testing.assert_allclose(item["action"][1].numpy(), fake_episode(0)["action"][11], rtol=1e-6)
+
+
+def test_windows_bad_arguments(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    store.append(**fake_episode(0))
+    with pytest.raises(ValueError, match="length must be an int in \\[1, 12\\]"):
+        SequenceWindows(store, length=13)
+    with pytest.raises(ValueError, match="length must be"):
+        SequenceWindows(store, length=0)
+    with pytest.raises(ValueError, match="length must be an int in \\[1, 6\\]"):
+        SequenceWindows(store, length=7, frame_skip=2)
+    with pytest.raises(ValueError, match="frame_skip"):
+        SequenceWindows(store, length=2, frame_skip=0)
+    with pytest.raises(ValueError, match="episodes must be indices"):
+        SequenceWindows(store, length=2, episodes=[1])
+    with pytest.raises(FileNotFoundError):
+        SequenceWindows(tmp_path / "missing.zarr", length=2)
+
+
+def test_windows_through_dataloader_with_two_workers(tmp_path):
+    store = new_store(tmp_path / "s.zarr")
+    for i in range(4):
+        store.append(**fake_episode(i))
+    train, val = store.split(0.25, seed=0)
+    windows = SequenceWindows(store, length=5, episodes=train)
+    loader = torch.utils.data.DataLoader(windows, batch_size=4, shuffle=True, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = 0
+    for batch in loader:
+        assert batch["obs"].dtype == torch.uint8 and batch["obs"].shape[1:] == (5, *OBS)
+        seen += len(batch["obs"])
+    assert seen == len(windows) == 3 * 8
+    assert set(windows.episodes) == set(train)
+
+
+def test_collect_resumes_to_the_uninterrupted_result(tmp_path):
+    env = make_env("pendulum", image_size=16)
+    full = collect(env, ou_policy(env), 4, 10, tmp_path / "full.zarr", seed=3, progress=False)
+    partial = collect(env, ou_policy(env), 2, 10, tmp_path / "part.zarr", seed=3, progress=False)
+    assert len(partial) == 2
+    resumed = collect(env, ou_policy(env), 4, 10, tmp_path / "part.zarr", seed=3, progress=False)
+    assert len(resumed) == 4
+    for i in range(4):
+        assert_episode_equal(resumed.episode(i), full.episode(i))
+    # the stored state is the env's state at the stored frame, and action[t] follows obs[t]
+    episode = full.episode(2)
+    env.reset(seed=episode_seeds(3, 2)[0])
+    obs, _, _, _, info = env.step(episode["action"][0])
+    np.testing.assert_array_equal(obs, episode["obs"][1])
+    np.testing.assert_allclose(info["state"], episode["state"][1], rtol=1e-6)
+    with pytest.raises(ValueError, match="seed=4 differs"):
+        collect(env, ou_policy(env), 5, 10, tmp_path / "part.zarr", seed=4, progress=False)
+    with pytest.raises(ValueError, match="T=11 differs"):
+        collect(env, ou_policy(env), 5, 11, tmp_path / "part.zarr", seed=3, progress=False)
+
+
+def test_policies_are_seeded_smooth_and_in_bounds():
+    env = make_env("pendulum", image_size=16)
+    ou, uniform = ou_policy(env, theta=0.1, sigma=0.2), random_policy(env)
+    traces = {}
+    for name, policy in (("ou", ou), ("uniform", uniform)):
+        policy.reset(np.random.default_rng(0))
+        a = np.array([policy() for _ in range(4000)])[:, 0]
+        policy.reset(np.random.default_rng(0))
+        np.testing.assert_array_equal(a[:10], np.array([policy() for _ in range(10)])[:, 0])
+        assert a.min() >= -2 and a.max() <= 2
+        traces[name] = a
+    lag1 = lambda a: np.corrcoef(a[:-1], a[1:])[0, 1]
+    assert lag1(traces["ou"]) > 0.8 and abs(lag1(traces["uniform"])) < 0.1
+    # stationary std of the OU process: sigma / sqrt(1 - (1 - theta)^2) in half-range units (2)
+    unclipped = traces["ou"][np.abs(traces["ou"]) < 2]
+    assert abs(np.std(traces["ou"]) - 2 * 0.2 / np.sqrt(1 - 0.81)) < 0.15 * 2 * 0.2 / np.sqrt(0.19)
+    assert len(unclipped) > 0.9 * len(traces["ou"])
