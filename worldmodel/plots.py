@@ -1,0 +1,150 @@
+"""Matplotlib figures (Agg backend, no display needed): loss curves, trajectories against the true
+state (readouts, online filter replays with dropped frames, k-step predictions with 2-sigma bands)
+and a 2-D view of the latent space.
+
+Every function takes numpy arrays (or tensors) and an output path, writes one PNG and returns the path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["filter_replay", "kstep_predictions", "latent_scatter", "loss_curves", "trajectories"]
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_columns(x: Any, name: str) -> np.ndarray:
+    a = _np(x)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must have shape (T,) or (T, d), got {a.shape}")
+    return a
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_curves(steps: dict[str, Any], curves: dict[str, Any], path: str | Path, title: str = "training") -> Path:
+    """One panel per curve: ``curves[name]`` (N,) plotted against ``steps[name]`` (N,).
+
+    Curves that are positive everywhere get a log y-axis.
+    """
+    if not curves:
+        raise ValueError("curves must contain at least one series")
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        y, x = _np(values).reshape(-1), _np(steps[name]).reshape(-1)
+        if x.shape != y.shape:
+            raise ValueError(f"steps[{name!r}] and curves[{name!r}] must have the same length, got {x.shape}, {y.shape}")
+        ax.plot(x, y, lw=1.4)
+        if len(y) and np.all(y[np.isfinite(y)] > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def trajectories(true: Any, path: str | Path, pred: Any = None, std: Any = None, *, time: Any = None,
+                 pred_time: Any = None, names: Sequence[str] | None = None, observed: Any = None,
+                 title: str = "", pred_label: str = "model") -> Path:
+    """True trajectories (T, d) and optional model predictions (T', d) with +-2 std bands, one panel per
+    component. ``pred_time`` (T',) places predictions on the time axis (default: same as ``time``);
+    ``observed`` (T,) bool shades the steps whose frame was dropped (False)."""
+    y = _as_columns(true, "true")
+    t = np.arange(len(y)) if time is None else _np(time).reshape(-1)
+    if len(t) != len(y):
+        raise ValueError(f"time must have length {len(y)}, got {len(t)}")
+    d = y.shape[1]
+    names = list(names) if names is not None else [f"x{i}" for i in range(d)]
+    if len(names) != d:
+        raise ValueError(f"names must have {d} entries, got {len(names)}")
+    fig, axes = plt.subplots(d, 1, figsize=(8, 1.9 * d + 0.6), sharex=True, squeeze=False)
+    if pred is not None:
+        p = _as_columns(pred, "pred")
+        tp = t if pred_time is None else _np(pred_time).reshape(-1)
+        if p.shape[1] != d or len(tp) != len(p):
+            raise ValueError(f"pred must have shape ({len(tp)}, {d}), got {p.shape}")
+        s = None if std is None else _as_columns(std, "std")
+        if s is not None and s.shape != p.shape:
+            raise ValueError(f"std must have the shape of pred {p.shape}, got {s.shape}")
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(t, y[:, i], color="k", lw=1.3, label="true")
+        if pred is not None:
+            ax.plot(tp, p[:, i], color="C0", lw=1.3, label=pred_label)
+            if s is not None:
+                ax.fill_between(tp, p[:, i] - 2 * s[:, i], p[:, i] + 2 * s[:, i], color="C0", alpha=0.25,
+                                lw=0, label="±2σ")
+        if observed is not None:
+            dropped = ~np.asarray(_np(observed).reshape(-1), dtype=bool)
+            for j in np.flatnonzero(dropped):
+                ax.axvspan(t[j] - 0.5 * _step(t), t[j] + 0.5 * _step(t), color="C3", alpha=0.15, lw=0)
+        ax.set_ylabel(names[i])
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=3)
+    if observed is not None and (~np.asarray(_np(observed), dtype=bool)).any():
+        axes[0, 0].set_title(f"{title}  (red: dropped frames)" if title else "red: dropped frames")
+    elif title:
+        axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("step")
+    return _save(fig, path)
+
+
+def _step(t: np.ndarray) -> float:
+    return float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+
+
+def filter_replay(true: Any, mean: Any, std: Any, observed: Any, path: str | Path,
+                  names: Sequence[str] | None = None) -> Path:
+    """Online filter beliefs (read out to state space) with 2-sigma bands against the true state;
+    dropped frames shaded."""
+    return trajectories(true, path, mean, std, names=names, observed=observed, title="online filter replay",
+                        pred_label="belief")
+
+
+def kstep_predictions(true: Any, mean: Any, std: Any, start: int, path: str | Path,
+                      names: Sequence[str] | None = None) -> Path:
+    """Open-loop k-step prediction from step ``start``: ``true`` (T, d) targets, ``mean``/``std`` (H, d)
+    predictive moments of steps start+1 .. start+H, drawn with 2-sigma bands."""
+    horizon = len(_as_columns(mean, "mean"))
+    return trajectories(true, path, mean, std, pred_time=np.arange(start + 1, start + 1 + horizon), names=names,
+                        title=f"open-loop prediction from step {start}", pred_label="prediction")
+
+
+def latent_scatter(latents: Any, color: Any, path: str | Path, color_label: str = "") -> Path:
+    """The first two principal components of latents (N, n), coloured by a true quantity (N,)."""
+    z = _as_columns(latents, "latents")
+    c = _np(color).reshape(-1)
+    if len(c) != len(z):
+        raise ValueError(f"color must have length {len(z)}, got {len(c)}")
+    zc = z - z.mean(0)
+    _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    pcs = zc @ vt[:2].T
+    if pcs.shape[1] == 1:
+        pcs = np.concatenate([pcs, np.zeros_like(pcs)], 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    points = ax.scatter(pcs[:, 0], pcs[:, 1], c=c, s=5, cmap="twilight" if "theta" in color_label else "viridis")
+    fig.colorbar(points, ax=ax, label=color_label)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("latent means")
+    return _save(fig, path)
