@@ -1,0 +1,143 @@
+"""Encoders: a DreamerV3-style conv encoder for frames, an MLP encoder for vectors, and a
+sequence wrapper that folds the (B, T) axes.
+
+Frames arrive exactly as the envs and the rollout store hold them: uint8 (..., H, W, C). uint8 input
+is scaled to [-0.5, 0.5] (DreamerV3's convention); float input is taken as already normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["ChannelLayerNorm", "ConvEncoder", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
+
+
+def normalize_frames(frames: Tensor) -> Tensor:
+    """uint8 frames -> float in [-0.5, 0.5]; float frames are returned as float (unchanged values)."""
+    if frames.dtype == torch.uint8:
+        return frames.float() / 255.0 - 0.5
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be uint8 or floating point, got dtype {frames.dtype}")
+    return frames
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (N, C, H, W) feature map, per pixel (as in DreamerV3)."""
+
+    def __init__(self, channels: int, eps: float = 1e-3):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.norm(rearrange(x, "n c h w -> n h w c")), "n h w c -> n c h w")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "layer":
+        return ChannelLayerNorm(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'layer', 'group' or 'none', got {kind!r}")
+
+
+class ConvEncoder(nn.Module):
+    """Frames (N, H, W, C) -> features (N, out_dim).
+
+    Four stride-2 4x4 convolutions with widths depth * (1, 2, 4, 8), each followed by a norm and
+    SiLU (DreamerV3), then a linear head on the flattened (H/16/pool)^2 * 8 depth map. `pool` > 1
+    average-pools the input first: a cheap first stage for small CPU budgets.
+
+    Args:
+        image_size: H = W of the input frames; image_size / pool must be a multiple of 16.
+        channels: C of the input frames.
+        out_dim: output feature size.
+        depth: width multiplier of the conv stages.
+        norm: "layer" (per-pixel channel LayerNorm), "group" or "none".
+        pool: average-pooling factor applied to the input before the convs.
+    """
+
+    def __init__(self, image_size: int = 64, channels: int = 3, out_dim: int = 8, depth: int = 32,
+                 norm: str = "layer", pool: int = 1):
+        super().__init__()
+        if pool < 1 or image_size % pool or (image_size // pool) % 16 or image_size <= 0:
+            raise ValueError(f"image_size / pool must be a positive multiple of 16, got image_size={image_size}, "
+                             f"pool={pool}")
+        self.image_size, self.channels, self.out_dim, self.pool = image_size, channels, out_dim, pool
+        layers: list[nn.Module] = [nn.AvgPool2d(pool)] if pool > 1 else []
+        width_in = channels
+        for mult in (1, 2, 4, 8):
+            width = depth * mult
+            layers += [nn.Conv2d(width_in, width, 4, stride=2, padding=1, bias=norm == "none"),
+                       _norm(norm, width), nn.SiLU()]
+            width_in = width
+        self.convs = nn.Sequential(*layers)
+        res = image_size // pool // 16
+        self.head = nn.Linear(width_in * res * res, out_dim)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """frames: (N, H, W, C) uint8 or float -> (N, out_dim)."""
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (self.image_size, self.image_size, self.channels):
+            raise ValueError(f"frames must have shape (N, {self.image_size}, {self.image_size}, {self.channels}) "
+                             f"(image_size={self.image_size}, channels={self.channels} in the config), "
+                             f"got {tuple(frames.shape)}")
+        x = rearrange(normalize_frames(frames), "n h w c -> n c h w").to(self.head.weight.dtype)
+        return self.head(self.convs(x).flatten(1))
+
+
+class MLPEncoder(nn.Module):
+    """Vectors (N, in_dim) -> (N, out_dim): `layers` hidden Linear + LayerNorm + SiLU blocks, linear head."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        blocks: list[nn.Module] = []
+        width_in = in_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(width_in, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+            width_in = hidden
+        blocks.append(nn.Linear(width_in, out_dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, in_dim) -> (N, out_dim)."""
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"x must have shape (N, {self.in_dim}), got {tuple(x.shape)}")
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+class SequenceEncoder(nn.Module):
+    """Applies a per-item encoder to (B, T, ...) inputs by folding (B, T) into one batch axis.
+
+    Items with a NaN anywhere (dropped frames) are encoded from zeros and come out as NaN latents,
+    so the filter downstream treats them as missing.
+    """
+
+    def __init__(self, encoder: nn.Module, chunk_size: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.chunk_size = chunk_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, ...) -> (B, T, out_dim)."""
+        if x.dim() < 3:
+            raise ValueError(f"x must have shape (B, T, ...), got {tuple(x.shape)}")
+        b = x.shape[0]
+        flat = rearrange(x, "b t ... -> (b t) ...")
+        missing = None
+        if flat.is_floating_point():
+            missing = torch.isnan(flat).flatten(1).any(1)
+            if missing.any():
+                flat = torch.where(torch.isnan(flat), torch.zeros((), dtype=flat.dtype), flat)
+            else:
+                missing = None
+        if self.chunk_size is None or flat.shape[0] <= self.chunk_size:
+            out = self.encoder(flat)
+        else:
+            out = torch.cat([self.encoder(c) for c in flat.split(self.chunk_size)])
+        if missing is not None:
+            out = out.masked_fill(missing[:, None], float("nan"))
+        return rearrange(out, "(b t) d -> b t d", b=b)

@@ -1,0 +1,255 @@
+"""Evaluation: latent probes (linear R^2, MCC), k-step predictive NLL and calibration of the exact
+predictive Gaussian, and linear-probe accuracy for image SSL.
+
+All fits run in float64 on the CPU; inputs may be torch tensors or numpy arrays of any float dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__ = [
+    "pendulum_targets",
+    "r2_score",
+    "linear_r2",
+    "mcc",
+    "optimal_assignment",
+    "predictive_metrics",
+    "linear_probe_accuracy",
+]
+
+
+def _as_2d(x: Any, name: str) -> Tensor:
+    """(..., d) array/tensor -> float64 CPU tensor (N, d)."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x.detach()).cpu().double()
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., d), got {tuple(t.shape)}")
+    return t.reshape(-1, t.shape[-1])
+
+
+def pendulum_targets(state: Any) -> Tensor:
+    """Pendulum state (..., 2) = (theta, theta_dot) -> readout targets (..., 3) = (sin theta, cos theta, theta_dot)."""
+    s = torch.as_tensor(state)
+    if s.shape[-1] != 2:
+        raise ValueError(f"state must have shape (..., 2) = (theta, theta_dot), got {tuple(s.shape)}")
+    return torch.stack([torch.sin(s[..., 0]), torch.cos(s[..., 0]), s[..., 1]], -1)
+
+
+def r2_score(pred: Any, target: Any) -> Tensor:
+    """Per-component coefficient of determination R^2 = 1 - SS_res / SS_tot, inputs (..., d) -> (d,)."""
+    p, y = _as_2d(pred, "pred"), _as_2d(target, "target")
+    if p.shape != y.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(p.shape)} and {tuple(y.shape)}")
+    ss_res = (p - y).pow(2).sum(0)
+    ss_tot = (y - y.mean(0)).pow(2).sum(0)
+    return 1.0 - ss_res / ss_tot.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _finite_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    keep = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)
+    return x[keep], y[keep]
+
+
+def linear_r2(features_train: Any, targets_train: Any, features_test: Any, targets_test: Any,
+              ridge: float = 0.0) -> Tensor:
+    """Held-out R^2 of an affine readout y ~ W x + c, fit by (ridge) least squares on training data.
+
+    Args:
+        features_train: (..., F) latent features of the training episodes (e.g. filtered means).
+        targets_train: (..., D) true state on the same steps (leading axes must match).
+        features_test, targets_test: the same for held-out episodes.
+        ridge: L2 penalty on W (not on the bias), relative to the mean feature variance.
+    Returns:
+        (D,) float64 tensor: R^2 per target component on the test set. Rows with NaN are dropped.
+    """
+    xtr, ytr = _finite_rows(_as_2d(features_train, "features_train"), _as_2d(targets_train, "targets_train"))
+    xte, yte = _finite_rows(_as_2d(features_test, "features_test"), _as_2d(targets_test, "targets_test"))
+    if xtr.shape[1] != xte.shape[1] or ytr.shape[1] != yte.shape[1]:
+        raise ValueError("train and test features/targets must have the same last dimension")
+    if len(xtr) == 0 or len(xte) == 0:
+        raise ValueError("no finite rows to fit or score the readout")
+    mu_x, mu_y = xtr.mean(0), ytr.mean(0)
+    xc, yc = xtr - mu_x, ytr - mu_y
+    gram = xc.T @ xc
+    penalty = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    w = torch.linalg.lstsq(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), xc.T @ yc).solution
+    return r2_score((xte - mu_x) @ w + mu_y, yte)
+
+
+def optimal_assignment(score: Any) -> list[int]:
+    """Exact maximum-score assignment (Hungarian algorithm, O(n^2 m)) for an (n, m) matrix, n <= m.
+
+    Returns cols with cols[i] the column matched to row i (all distinct)."""
+    s = np.asarray(score, dtype=np.float64)
+    n, m = s.shape
+    if n > m:
+        raise ValueError(f"score must have at least as many columns as rows, got {s.shape}")
+    cost = -s
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    p, way = np.zeros(m + 1, dtype=int), np.zeros(m + 1, dtype=int)  # p[j]: row matched to column j (1-based)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv, used = np.full(m + 1, np.inf), np.zeros(m + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = p[j0]
+            cur = cost[i0 - 1] - u[i0] - v[1:]
+            free = ~used[1:]
+            better = free & (cur < minv[1:])
+            minv[1:][better] = cur[better]
+            way[1:][better] = j0
+            cand = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(cand)) + 1
+            delta = cand[j1 - 1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    cols = [0] * n
+    for j in range(1, m + 1):
+        if p[j]:
+            cols[p[j] - 1] = j - 1
+    return cols
+
+
+def mcc(latents: Any, sources: Any, return_assignment: bool = False) -> float | tuple[float, list[int]]:
+    """Mean correlation coefficient: mean |Pearson correlation| between true sources and latents after
+    the optimal one-to-one matching (Hungarian algorithm; Hyvarinen & Morioka 2016, Khemakhem et al. 2020).
+
+    Args:
+        latents: (..., d_z) learned latents; sources: (..., d_s) true sources on the same samples.
+        return_assignment: also return, for each of the min(d_s, d_z) matched pairs in source order
+            (or latent order if d_z < d_s), the index of its partner.
+    """
+    z, s = _finite_rows(_as_2d(latents, "latents"), _as_2d(sources, "sources"))
+    z = (z - z.mean(0)) / z.std(0).clamp_min(1e-12)
+    s = (s - s.mean(0)) / s.std(0).clamp_min(1e-12)
+    corr = (s.T @ z / (len(z) - 1)).abs()  # (d_s, d_z)
+    if corr.shape[0] > corr.shape[1]:
+        corr = corr.T
+    cols = optimal_assignment(corr.numpy())
+    value = float(corr[torch.arange(len(cols)), torch.tensor(cols)].mean())
+    return (value, cols) if return_assignment else value
+
+
+def _gaussian_nll_and_z(x: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """-log N(x; mean, cov) (...,) and the per-dimension standardised errors (..., d) (marginal)."""
+    d = x.shape[-1]
+    chol, _ = torch.linalg.cholesky_ex(cov)
+    white = torch.linalg.solve_triangular(chol, (x - mean).unsqueeze(-1), upper=False).squeeze(-1)
+    nll = 0.5 * white.pow(2).sum(-1) + torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) \
+        + 0.5 * d * math.log(2 * math.pi)
+    marginal = (x - mean) / torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    return nll, marginal
+
+
+@torch.no_grad()
+def predictive_metrics(latent_model: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
+                       burn_in: int = 5, mask: Tensor | None = None, R: Tensor | None = None) -> dict[str, list[float]]:
+    """k-step predictive NLL and calibration of the exact predictive Gaussian, k = 1..horizon.
+
+    For each filtered belief N(m_{t|t}, P_{t|t}) with burn_in <= t < T - k, the model's exact k-step
+    prediction of the next latent, observe(rollout(belief, actions[t : t+k]))[k-1] = N(mu, Sigma), is
+    scored against the encoder latent z_{t+k}:
+      nll[k-1]       = mean over beliefs of -log N(z_{t+k}; mu, Sigma) / d   (nats per latent dimension),
+      coverage_1sigma[k-1], coverage_2sigma[k-1] = fraction of latent coordinates with
+                       |z - mu| <= c sqrt(diag Sigma) (nominal 68.27 % and 95.45 %).
+
+    Args:
+        latent_model: a KalmanLatentModel (filter, rollout, observe).
+        z: (B, T, d) latents. actions: (B, T, a) stored actions (action[t] taken after frame t) or None.
+        mask: (B, T) bool, True = observed (used when filtering). R: optional per-step observation noise
+            (B, T, d, d) passed to the filter (heteroscedastic models); observe() then uses the model's R.
+    Returns:
+        dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma", plus the
+        nominal coverages "nominal_1sigma", "nominal_2sigma".
+    """
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape (B, T, d), got {tuple(z.shape)}")
+    b, t_len, d = z.shape
+    if t_len - burn_in - 1 < 1:
+        raise ValueError(f"sequences of length {t_len} are too short for burn_in={burn_in}")
+    horizon = min(horizon, t_len - burn_in - 1)
+    u = None
+    if actions is not None:
+        u = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
+    kwargs = {} if R is None else {"R": R}
+    filtered = latent_model.filter(z, u=u, mask=mask, **kwargs).filtered
+    starts = torch.arange(burn_in, t_len - 1)
+    mean0 = rearrange(filtered.mean[:, starts], "b s n -> (b s) n")
+    cov0 = rearrange(filtered.cov[:, starts], "b s n m -> (b s) n m")
+    # actions[t : t + horizon] for each start (zero-padded past the end; those steps are not scored)
+    if actions is not None:
+        padded = torch.cat([actions, actions.new_zeros(b, horizon, actions.shape[-1])], 1)
+        idx = starts[:, None] + torch.arange(horizon)
+        act = rearrange(padded[:, idx], "b s h a -> (b s) h a")
+    else:
+        act = z.new_zeros(len(mean0), horizon, 0)
+    from worldmodel.kalman import Gaussian  # local import: issue 2's module
+
+    pred = latent_model.rollout(Gaussian(mean0, cov0), act)  # (N, H, n)
+    pz = latent_model.observe(pred)
+    target_idx = starts[:, None] + torch.arange(1, horizon + 1)  # (S, H)
+    valid = target_idx < t_len
+    target = z[:, target_idx.clamp(max=t_len - 1)]  # (B, S, H, d)
+    target = rearrange(target, "b s h d -> (b s) h d").to(pz.mean.dtype)
+    valid = valid.expand(b, -1, -1).reshape(-1, horizon)
+    if mask is not None:
+        valid = valid & rearrange(mask[:, target_idx.clamp(max=t_len - 1)], "b s h -> (b s) h")
+    valid = valid & torch.isfinite(target).all(-1)
+    target = torch.nan_to_num(target)
+    nll, marg = _gaussian_nll_and_z(target, pz.mean, pz.cov)
+    out: dict[str, list[float]] = {"k": [], "nll": [], "coverage_1sigma": [], "coverage_2sigma": []}
+    for k in range(horizon):
+        v = valid[:, k]
+        if not v.any():
+            continue
+        out["k"].append(k + 1)
+        out["nll"].append(float(nll[v, k].mean() / d))
+        out["coverage_1sigma"].append(float((marg[v, k].abs() <= 1).double().mean()))
+        out["coverage_2sigma"].append(float((marg[v, k].abs() <= 2).double().mean()))
+    out["nominal_1sigma"] = [math.erf(1 / math.sqrt(2))] * len(out["k"])
+    out["nominal_2sigma"] = [math.erf(2 / math.sqrt(2))] * len(out["k"])
+    return out
+
+
+def linear_probe_accuracy(features_train: Any, labels_train: Any, features_test: Any, labels_test: Any,
+                          num_classes: int | None = None, weight_decay: float = 1e-4, max_iter: int = 200) -> float:
+    """Top-1 test accuracy of a multinomial logistic-regression probe on frozen (standardised) features.
+
+    Fit by full-batch L-BFGS in float64 on the cross-entropy + weight_decay/2 ||W||^2.
+    features: (N, F); labels: (N,) integer classes.
+    """
+    xtr, xte = _as_2d(features_train, "features_train"), _as_2d(features_test, "features_test")
+    ytr = torch.as_tensor(np.asarray(labels_train) if not isinstance(labels_train, Tensor) else labels_train).long().cpu().reshape(-1)
+    yte = torch.as_tensor(np.asarray(labels_test) if not isinstance(labels_test, Tensor) else labels_test).long().cpu().reshape(-1)
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise ValueError("features and labels must have the same number of rows")
+    classes = num_classes if num_classes is not None else int(max(ytr.max(), yte.max())) + 1
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-8)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    w = torch.zeros(xtr.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xtr @ w + bias, ytr) + 0.5 * weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xte @ w + bias).argmax(1) == yte).double().mean())
