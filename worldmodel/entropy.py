@@ -1,0 +1,121 @@
+"""Entropy estimators H for the LDM objective (DESIGN section 1, "uniformity" dial).
+
+Sample-based estimators take x (N, D), rows i.i.d. samples, and return a scalar entropy in nats
+including all constants, so that they converge to the true differential entropy. The LDM loss
+(`worldmodel.ldm.LDMLoss`) applies them to the joint window of views (F_LDM) or to each view
+separately (F_MI); `kde` takes the latent model's own log-kernel matrix (the InfoNCE denominator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["logdet", "kde", "knn", "plugin", "jacobian", "pairwise_sq_dists"]
+
+
+def _check_samples(x: Tensor, name: str, min_n: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
+    if x.shape[0] < min_n:
+        raise ValueError(f"{name}: needs at least {min_n} samples, got N={x.shape[0]}")
+
+
+def logdet(x: Tensor, eps: float = 1e-4) -> Tensor:
+    """Gaussian plug-in entropy of x (N, D): H = 1/2 logdet(Cov + eps I) + D/2 log(2 pi e).
+
+    Cov is the unbiased sample covariance. Exact for a Gaussian as N -> inf (bias O(D^2/N)).
+    VICReg's variance/covariance terms are its second-order Taylor expansion around Cov = I
+    (Bardes et al. 2022, "VICReg", ICLR; Mikulasch & Zenke 2026, LDM, arXiv 2605.03517).
+    """
+    _check_samples(x, "logdet", 2)
+    n, d = x.shape
+    xc = x - x.mean(dim=0)
+    cov = xc.T @ xc / (n - 1) + eps * torch.eye(d, dtype=x.dtype, device=x.device)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    log_det = 2 * chol.diagonal().log().sum() if not bool(info) else torch.linalg.slogdet(cov)[1]
+    return 0.5 * log_det + 0.5 * d * math.log(2 * math.pi * math.e)
+
+
+def kde(log_kernel: Tensor, exclude_self: bool = False) -> Tensor:
+    """Kernel density (resubstitution) entropy from a log-kernel matrix (..., N, M):
+
+        H = -1/N sum_i log( 1/|J_i| sum_{j in J_i} k(x_i, y_j) ),   log k = log_kernel,
+
+    J_i = the finite entries of row i (-inf marks excluded pairs; rows without any are skipped);
+    `exclude_self` (square matrices) removes the diagonal (leave-one-out). Leading dims are extra
+    rows (the mean runs over all of them). With a normalised kernel (e.g. Gaussian, bandwidth h) this
+    converges to the true entropy; with the unnormalised vMF kernel exp(beta x^T y) (bandwidth
+    1/beta) it is minus the InfoNCE / NT-Xent denominator up to the constant log|J_i|
+    (Oord et al. 2018, "CPC"; Chen et al. 2020, "SimCLR"; Wang & Isola 2020).
+    """
+    if log_kernel.dim() < 2:
+        raise ValueError(f"kde: log_kernel must be (..., N, M), got shape {tuple(log_kernel.shape)}")
+    if exclude_self:
+        n, m = log_kernel.shape[-2:]
+        if n != m:
+            raise ValueError(f"kde: exclude_self needs square matrices, got {tuple(log_kernel.shape)}")
+        eye = torch.eye(n, dtype=torch.bool, device=log_kernel.device)
+        log_kernel = log_kernel.masked_fill(eye, -math.inf)
+    count = torch.isfinite(log_kernel).sum(dim=-1)
+    rows = count > 0
+    if not bool(rows.any()):
+        raise ValueError("kde: no row has a kernel centre")
+    log_density = torch.logsumexp(log_kernel[rows], dim=-1) - count[rows].to(log_kernel.dtype).log()
+    return -log_density.mean()
+
+
+def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
+    """Squared Euclidean distances (..., N, M) between rows of x (..., N, D) and y (..., M, D)."""
+    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
+    return sq.clamp_min(0)
+
+
+def knn(x: Tensor, k: int = 3, clip_quantile: float | None = None) -> Tensor:
+    """Kozachenko-Leonenko k-nearest-neighbour entropy of x (N, D):
+
+        H = psi(N) - psi(k) + log V_D + D/N sum_i log eps_i,   V_D = pi^(D/2) / Gamma(D/2 + 1),
+
+    eps_i = Euclidean distance of x_i to its k-th nearest neighbour (Kozachenko & Leonenko 1987;
+    Kraskov et al. 2004, eq. 20). Consistent for any density. `clip_quantile` (e.g. 0.9, the paper's
+    kalman_knn training variant) clips eps_i at that quantile of the batch's eps (no gradient
+    beyond it), which keeps outliers from dominating the gradient; it biases the value downwards.
+    """
+    _check_samples(x, "knn", k + 1)
+    n, d = x.shape
+    xc = x - x.mean(dim=0).detach()
+    sq = pairwise_sq_dists(xc, xc)
+    sq = sq.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), math.inf)
+    sq_k = sq.topk(k, dim=1, largest=False).values[:, -1]
+    log_eps = 0.5 * sq_k.clamp_min(torch.finfo(x.dtype).tiny ** 0.5).log()
+    if clip_quantile is not None:
+        log_eps = log_eps.clamp_max(torch.quantile(log_eps.detach(), clip_quantile))
+    log_unit_ball = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
+    digamma = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64)).tolist()
+    return digamma[0] - digamma[1] + log_unit_ball + d * log_eps.mean()
+
+
+def plugin(z: Tensor, target: Tensor | None = None) -> Tensor:
+    """Stop-gradient conditional-entropy plug-in: returns the target latents SG[target or z].
+
+    H[z' | z] is estimated by the model's own cross-entropy -<log P(SG[z'] | z)>. Its gradient
+    w.r.t. the target cancels the alignment's, so F = <log P(z'|z)> + H_plugin has the value 0 and
+    the gradient of <log P(SG[z'] | z)>: the encoder learns only through the context/predictor
+    branch (BYOL, Grill et al. 2020; SimSiam, Chen & He 2021; JEPA, Assran et al. 2023; the Kalman
+    stop-gradient model, Mikulasch & Zenke 2026). With `target` (an EMA encoder's latents) it is
+    BYOL's target network.
+    """
+    return (z if target is None else target).detach()
+
+
+def jacobian(weight: Tensor) -> Tensor:
+    """Entropy change of an invertible linear encoder z = W x: H[z] = H[x] + log|det W|.
+
+    Returns log|det W| (the data entropy H[x] is a constant); with a factorized latent model
+    this is maximum-likelihood ICA (Bell & Sejnowski 1995, Infomax; Hyvarinen & Oja 2000).
+    """
+    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"jacobian: weight must be square (d, d), got shape {tuple(weight.shape)}")
+    return torch.linalg.slogdet(weight)[1]
