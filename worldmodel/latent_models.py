@@ -1,5 +1,176 @@
-"""Latent models P_theta for the LDM objective: plane, sphere, kalman, predictor, factorized."""
+"""Latent models P_theta for the LDM objective: plane, sphere, kalman, predictor, factorized.
 
+Two kinds besides the Kalman model (worldmodel/kalman_model.py, re-exported here):
+
+- `TransitionModel` (built by `plane`, `sphere`, `predictor`): the conditional P(z_{t+k} | z_t)
+  for k = 1..steps. It maps the context through `predict` (identity, a network g_k, or a bilinear
+  map W_k) and scores the target with one of three kernels:
+      gaussian: log N(z'; m, sigma^2 I)    vmf: beta m^T z' / (|m| |z'|)    dot: m^T z'
+  `log_prob(context, target, step)` is elementwise over leading dims; `log_kernel` gives the
+  pairwise matrix that the `kde` entropy estimator needs (the InfoNCE denominator).
+- `FactorizedModel` (built by `factorized`): independent non-Gaussian sources for ICA,
+  log P(z) = sum_i log p(z_i).
+
+The marginal of the first step is flat (improper) for transition models, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from worldmodel.entropy import pairwise_sq_dists
 from worldmodel.kalman_model import KalmanLatentModel
 
-__all__ = ["KalmanLatentModel"]
+__all__ = [
+    "KalmanLatentModel",
+    "TransitionModel",
+    "FactorizedModel",
+    "plane",
+    "sphere",
+    "predictor",
+    "factorized",
+]
+
+KERNELS = ("gaussian", "vmf", "dot")
+
+
+class TransitionModel(nn.Module):
+    """P(z_{t+k} | z_t) = kernel(z_{t+k}; predict(z_t, k)) for k = 1..steps (see module docstring).
+
+    Args:
+        kernel: "gaussian" (sigma), "vmf" (beta = 1 / temperature) or "dot" (bilinear critic).
+        networks: one module per step mapping context (..., d) -> (..., d); None = identity
+            (then the kernel is symmetric and the kde estimator pools all views as samples of one
+            marginal, which is NT-Xent's denominator).
+    """
+
+    def __init__(
+        self,
+        kernel: str,
+        sigma: float = 1.0,
+        beta: float = 1.0,
+        networks: list[nn.Module] | None = None,
+    ):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if sigma <= 0 or beta <= 0:
+            raise ValueError(f"sigma and beta must be positive, got sigma={sigma}, beta={beta}")
+        self.kernel, self.sigma, self.beta = kernel, float(sigma), float(beta)
+        self.networks = None if networks is None else nn.ModuleList(networks)
+
+    @property
+    def steps(self) -> int:
+        """Number of prediction offsets k = 1..steps."""
+        return 1 if self.networks is None else len(self.networks)
+
+    @property
+    def symmetric(self) -> bool:
+        """True when log k(a, b) = log k(b, a) (no network between context and target)."""
+        return self.networks is None
+
+    def predict(self, context: Tensor, step: int = 1) -> Tensor:
+        """The kernel centre for z_{t+step} given z_t = context (..., d)."""
+        if not 1 <= step <= self.steps:
+            raise ValueError(f"step must be in 1..{self.steps}, got {step}")
+        return context if self.networks is None else self.networks[step - 1](context)
+
+    def log_prob(self, context: Tensor, target: Tensor, step: int = 1) -> Tensor:
+        """log P(target | context) for aligned (..., d) tensors -> (...)."""
+        mean = self.predict(context, step)
+        d = target.shape[-1]
+        if self.kernel == "gaussian":
+            sq = (target - mean).pow(2).sum(-1)
+            return -0.5 * sq / self.sigma**2 - 0.5 * d * math.log(2 * math.pi * self.sigma**2)
+        if self.kernel == "vmf":
+            return self.beta * nn.functional.cosine_similarity(mean, target, dim=-1, eps=1e-8)
+        return (mean * target).sum(-1)
+
+    def log_kernel(self, context: Tensor, target: Tensor, step: int = 1) -> Tensor:
+        """Pairwise log P(target_j | context_i): context (..., N, d), target (..., M, d) -> (..., N, M)."""
+        mean = self.predict(context, step)
+        d = target.shape[-1]
+        if self.kernel == "gaussian":
+            sq = pairwise_sq_dists(mean, target)
+            return -0.5 * sq / self.sigma**2 - 0.5 * d * math.log(2 * math.pi * self.sigma**2)
+        if self.kernel == "vmf":
+            mean = nn.functional.normalize(mean, dim=-1, eps=1e-8)
+            target = nn.functional.normalize(target, dim=-1, eps=1e-8)
+            return self.beta * mean @ target.transpose(-1, -2)
+        return mean @ target.transpose(-1, -2)
+
+
+def plane(sigma: float = 1.0) -> TransitionModel:
+    """Gaussian transition on the plane: z' ~ N(z, sigma^2 I) (VICReg's invariance term)."""
+    return TransitionModel("gaussian", sigma=sigma)
+
+
+def sphere(beta: float = 10.0) -> TransitionModel:
+    """von Mises-Fisher on the unit sphere: log P(z'|z) = beta z^T z' + const on normalised z
+    (SimCLR with temperature 1 / beta)."""
+    return TransitionModel("vmf", beta=beta)
+
+
+def predictor(
+    dim: int,
+    kind: str = "mlp",
+    hidden: int | None = None,
+    steps: int = 1,
+    sigma: float = 1.0,
+    beta: float | None = None,
+) -> TransitionModel:
+    """Learned predictor g_k: z_{t+k} ~ N(g_k(z_t), sigma^2 I), or vMF around g_k(z_t) if `beta`.
+
+    kind: "mlp" (Linear-ReLU-Linear, `hidden` units, default 4 dim; BYOL/SimSiam/JEPA),
+    "linear" (Linear), or "bilinear" (CPC's critic log f_k = z_{t+k}^T W_k z_t, W_k init I).
+    """
+    if dim < 1 or steps < 1:
+        raise ValueError(f"dim and steps must be >= 1, got dim={dim}, steps={steps}")
+    kinds = ("mlp", "linear", "bilinear")
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    hidden = hidden or 4 * dim
+
+    def network() -> nn.Module:
+        if kind == "mlp":
+            return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        layer = nn.Linear(dim, dim, bias=kind == "linear")
+        if kind == "bilinear":
+            nn.init.eye_(layer.weight)
+        return layer
+
+    networks = [network() for _ in range(steps)]
+    if kind == "bilinear":
+        return TransitionModel("dot", networks=networks)
+    if beta is not None:
+        return TransitionModel("vmf", beta=beta, networks=networks)
+    return TransitionModel("gaussian", sigma=sigma, networks=networks)
+
+
+class FactorizedModel(nn.Module):
+    """Independent sources: log P(z) = sum_i log p(z_i), p logistic or Laplace (unit scale).
+
+    logistic: log p(s) = -s - 2 log(1 + e^{-s});  laplace: log p(s) = -|s| - log 2.
+    """
+
+    SOURCES = ("logistic", "laplace")
+
+    def __init__(self, source: str = "logistic"):
+        super().__init__()
+        if source not in self.SOURCES:
+            raise ValueError(f"source must be one of {self.SOURCES}, got {source!r}")
+        self.source = source
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """z (..., d) -> (...)."""
+        if self.source == "logistic":
+            return (-z - 2 * nn.functional.softplus(-z)).sum(-1)
+        return (-z.abs() - math.log(2)).sum(-1)
+
+
+def factorized(source: str = "logistic") -> FactorizedModel:
+    """Factorized ICA source model (logistic or Laplace sources)."""
+    return FactorizedModel(source)
