@@ -83,8 +83,10 @@ def _mv(M: Tensor, x: Tensor) -> Tensor:
 
 
 def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
-    """``S + jitter * diag(diag(S))``: a scale-invariant (relative) diagonal jitter."""
-    return S + torch.diag_embed(jitter * S.diagonal(dim1=-2, dim2=-1))
+    """``S + jitter * diag(diag(S) + mean(diag(S)))``: a scale-aware diagonal jitter (also lifts zero
+    diagonal entries)."""
+    d = S.diagonal(dim1=-2, dim2=-1)
+    return S + torch.diag_embed(jitter * (d + d.mean(-1, keepdim=True)))
 
 
 def _cholesky(S: Tensor, name: str = "covariance") -> Tensor:
