@@ -111,8 +111,12 @@ def _open_or_create(store, env: gymnasium.Env, seed: int) -> RolloutStore:
     path = Path(store)
     if (path / "zarr.json").exists():
         return RolloutStore.open(path)
-    spec = env.spec
-    kwargs = {k: v for k, v in (spec.kwargs if spec else {}).items() if isinstance(v, (int, float, str, bool, type(None), list))}
+    if hasattr(env, "make_env_args"):  # built by worldmodel.envs.make_env: rebuild with make_env(*args)
+        env_id, env_kwargs = env.make_env_args
+    else:
+        env_id = env.spec.id if env.spec else type(env.unwrapped).__name__
+        env_kwargs = dict(env.spec.kwargs) if env.spec else {}
+    env_kwargs = {k: v for k, v in env_kwargs.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
     obs_space = env.observation_space
     state = env.reset(seed=seed)[1].get("state")
     return RolloutStore.create(
@@ -120,8 +124,8 @@ def _open_or_create(store, env: gymnasium.Env, seed: int) -> RolloutStore:
         obs_shape=obs_space.shape,
         action_dim=action_dim(env.action_space),
         state_dim=0 if state is None else int(np.size(state)),
-        env_id=spec.id if spec else type(env.unwrapped).__name__,
-        env_kwargs=kwargs,
+        env_id=env_id,
+        env_kwargs=env_kwargs,
         seed=seed,
     )
 

@@ -1,7 +1,7 @@
 """Gymnasium environments with pixel observations and the true state in ``info["state"]``.
 
-``make_env(name, image_size=64, **kwargs)`` builds any of them; every env is also registered with
-gymnasium under ``worldmodel/<Name>-v0`` (e.g. ``gymnasium.make("worldmodel/Pendulum-v0")``).
+``make_env(name, image_size=64, **kwargs)`` builds any of them. Our simulated envs are registered
+with gymnasium under ``worldmodel/<Name>-v0`` (e.g. ``gymnasium.make("worldmodel/Pendulum-v0")``).
 Observations are uint8 (H, W, 3); ``info["state"]`` is a float64 vector, for evaluation only.
 """
 
@@ -9,27 +9,71 @@ from __future__ import annotations
 
 import gymnasium
 
+from .balls import BouncingBallsEnv
+from .dots import DotEnv
+from .nlink import NLinkPendulumEnv
 from .pendulum import PendulumEnv
+from .wrappers import ObservationNoise, PixelObservation, resize_frame, true_state
 
-__all__ = ["make_env", "ENV_IDS", "PendulumEnv"]
+__all__ = [
+    "ENV_IDS",
+    "GYM_PIXEL_ENVS",
+    "BouncingBallsEnv",
+    "DotEnv",
+    "NLinkPendulumEnv",
+    "ObservationNoise",
+    "PendulumEnv",
+    "PixelObservation",
+    "make_env",
+    "resize_frame",
+    "true_state",
+]
 
-# short name -> gymnasium id of our own simulated environments
-ENV_IDS = {
-    "pendulum": "worldmodel/Pendulum-v0",
+# short name -> (gymnasium id, entry point, default kwargs) of our own simulated environments
+_OWN = {
+    "pendulum": ("worldmodel/Pendulum-v0", "worldmodel.envs.pendulum:PendulumEnv", {}),
+    "balls": ("worldmodel/BouncingBalls-v0", "worldmodel.envs.balls:BouncingBallsEnv", {}),
+    "nlink": ("worldmodel/NLinkPendulum-v0", "worldmodel.envs.nlink:NLinkPendulumEnv", {}),
+    "dot_figure8": ("worldmodel/DotFigure8-v0", "worldmodel.envs.dots:DotEnv", {"path": "figure8"}),
+    "dot_square": ("worldmodel/DotSquare-v0", "worldmodel.envs.dots:DotEnv", {"path": "square"}),
+    "dot_swirl": ("worldmodel/DotSwirl-v0", "worldmodel.envs.dots:DotEnv", {"path": "swirl"}),
 }
-_ENTRY_POINTS = {
-    "worldmodel/Pendulum-v0": "worldmodel.envs.pendulum:PendulumEnv",
-}
-for _env_id, _entry in _ENTRY_POINTS.items():
+ENV_IDS = {name: env_id for name, (env_id, _, _) in _OWN.items()}
+# short name -> gymnasium id of classic envs wrapped by PixelObservation (rendering needs pygame)
+GYM_PIXEL_ENVS = {"cartpole": "CartPole-v1", "gym_pendulum": "Pendulum-v1", "acrobot": "Acrobot-v1"}
+
+for _env_id, _entry, _kwargs in _OWN.values():
     if _env_id not in gymnasium.registry:
-        gymnasium.register(id=_env_id, entry_point=_entry)
+        gymnasium.register(id=_env_id, entry_point=_entry, kwargs=_kwargs)
 
 
-def make_env(name: str, image_size: int | tuple[int, int] = 64, **kwargs) -> gymnasium.Env:
-    """Build environment ``name`` (one of ``ENV_IDS``) with uint8 (H, W, 3) frames of ``image_size``.
+def make_env(
+    name: str,
+    image_size: int | tuple[int, int] = 64,
+    *,
+    pixel_noise: float = 0.0,
+    correlated_noise: float = 0.0,
+    drop_prob: float = 0.0,
+    **kwargs,
+) -> gymnasium.Env:
+    """Build environment ``name`` with uint8 (H, W, 3) frames of ``image_size`` and ``info["state"]``.
 
-    Extra keyword arguments go to the environment's constructor.
+    ``name``: one of ``ENV_IDS`` (our simulated envs; kwargs go to their constructors), one of
+    ``GYM_PIXEL_ENVS``, or any registered gymnasium id that renders ``rgb_array`` (both wrapped by
+    ``PixelObservation``; kwargs go to ``gymnasium.make``). ``pixel_noise``, ``correlated_noise`` and
+    ``drop_prob`` add an ``ObservationNoise`` wrapper (see there for their exact meaning).
+    The returned env carries ``make_env_args = (name, kwargs)`` so that ``make_env(name, **kwargs)``
+    rebuilds it (the collector stores them in the rollout store's metadata).
     """
-    if name not in ENV_IDS:
-        raise ValueError(f"unknown env name {name!r}; choose one of {sorted(ENV_IDS)}")
-    return gymnasium.make(ENV_IDS[name], image_size=image_size, disable_env_checker=True, **kwargs)
+    if name in _OWN:
+        env = gymnasium.make(ENV_IDS[name], image_size=image_size, disable_env_checker=True, **kwargs)
+    elif name in GYM_PIXEL_ENVS or name in gymnasium.registry:
+        env = gymnasium.make(GYM_PIXEL_ENVS.get(name, name), render_mode="rgb_array", **kwargs)
+        env = PixelObservation(env, image_size)
+    else:
+        raise ValueError(f"unknown env name {name!r}; choose one of {sorted(_OWN) + sorted(GYM_PIXEL_ENVS)} or a gymnasium id")
+    noise = {"pixel_noise": pixel_noise, "correlated_noise": correlated_noise, "drop_prob": drop_prob}
+    if any(noise.values()):
+        env = ObservationNoise(env, **noise)
+    env.make_env_args = (name, {"image_size": image_size, **{k: v for k, v in noise.items() if v}, **kwargs})
+    return env

@@ -28,13 +28,18 @@ class Canvas:
     ``to_uint8`` converts the result.
     """
 
-    def __init__(self, image_size: int | tuple[int, int], extent: float, background: RGB = (0.0, 0.0, 0.0)):
+    def __init__(self, image_size: int | tuple[int, int], extent: float, background: RGB = (0.0, 0.0, 0.0), warp=None):
+        """``warp(x, y) -> (x', y')`` optionally maps every pixel centre to the scene point it shows
+        (an image distortion applied to everything drawn)."""
         self.height, self.width = image_shape(image_size)
         self.extent = float(extent)
         self.pixel = 2.0 * self.extent / min(self.height, self.width)  # world units per pixel
         cols = (np.arange(self.width) + 0.5 - self.width / 2) * self.pixel
         rows = (self.height / 2 - np.arange(self.height) - 0.5) * self.pixel
-        self.x, self.y = np.meshgrid(cols.astype(np.float32), rows.astype(np.float32))  # (H, W) each
+        x, y = np.meshgrid(cols, rows)  # (H, W) each
+        if warp is not None:
+            x, y = warp(x, y)
+        self.x, self.y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         self.background = np.asarray(background, np.float32)
 
     def blank(self) -> np.ndarray:

@@ -20,12 +20,16 @@ def rollout(env, actions, seed):
     return np.stack(frames), np.stack(states)
 
 
-@pytest.mark.parametrize("name", ["pendulum"])
-def test_deterministic_under_seed(name):
-    env = make_env(name, image_size=32)
+ALL = ["pendulum", "balls", "nlink", "dot_figure8", "dot_square", "dot_swirl"]
+NOISY = dict(pixel_noise=0.05, correlated_noise=0.2, drop_prob=0.3)
+
+
+@pytest.mark.parametrize("name, noise", [(n, {}) for n in ALL] + [("pendulum", NOISY)])
+def test_deterministic_under_seed(name, noise):
+    env = make_env(name, image_size=32, **noise)
     actions = [env.action_space.sample() for _ in range(20)]
     f1, s1 = rollout(env, actions, seed=3)
-    f2, s2 = rollout(make_env(name, image_size=32), actions, seed=3)
+    f2, s2 = rollout(make_env(name, image_size=32, **noise), actions, seed=3)
     f3, s3 = rollout(env, actions, seed=4)
     assert f1.dtype == np.uint8 and f1.shape == (21, 32, 32, 3)
     np.testing.assert_array_equal(f1, f2)
@@ -105,3 +109,228 @@ def test_top_level_folders_do_not_shadow_global_packages(tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     assert repo not in out.stdout, out.stdout
     assert importlib.util.find_spec("worldmodel.envs").origin.startswith(repo)
+
+
+# ---------------------------------------------------------------- bouncing balls
+def test_single_ball_matches_closed_form_reflections():
+    r, dt = 0.2, 0.1
+    env = make_env("balls", image_size=16, n_balls=1, radius=r, dt=dt)
+    p0, v0 = np.array([0.1, -0.3]), np.array([0.93, -0.71])
+    env.reset(options={"state": np.concatenate([p0, v0])})
+    lo, hi = -1 + r, 1 - r
+    for k in range(1, 200):
+        state = env.step(np.zeros(0, np.float32))[4]["state"]
+        # unfolded free flight, folded back into [lo, hi] (a triangle wave)
+        u = (p0 + v0 * k * dt - lo) % (2 * (hi - lo))
+        expected = lo + np.where(u > hi - lo, 2 * (hi - lo) - u, u)
+        np.testing.assert_allclose(state[:2], expected, atol=1e-9)
+        np.testing.assert_allclose(np.abs(state[2:]), np.abs(v0), atol=1e-12)
+
+
+def test_head_on_collision_exchanges_velocities():
+    env = make_env("balls", image_size=16, n_balls=2, radius=0.1, dt=0.1)
+    env.reset(options={"state": [-0.5, 0.0, 0.5, 0.0, 1.0, 0.0, -0.5, 0.0]})
+    for _ in range(6):  # surfaces meet after 0.8 / 1.5 s
+        state = env.step(np.zeros(0, np.float32))[4]["state"]
+    np.testing.assert_allclose(state[4:], [-0.5, 0.0, 1.0, 0.0], atol=1e-12)
+    # contact at t = 0.8 / 1.5 at x = -0.5 + 0.8 / 1.5 = 0.0333 for ball 1; afterwards they move apart
+    t_hit = 0.8 / 1.5
+    np.testing.assert_allclose(state[0], -0.5 + t_hit - 0.5 * (0.6 - t_hit), atol=1e-12)
+
+
+def test_three_balls_conserve_kinetic_energy_through_collisions():
+    env = make_env("balls", image_size=16, n_balls=3, radius=0.25, max_speed=2.0)
+    _, states = rollout(env, np.zeros((300, 0), np.float32), seed=0)
+    kinetic = env.unwrapped.kinetic_energy(states)
+    np.testing.assert_allclose(kinetic, kinetic[0], rtol=1e-12)
+    speeds = np.linalg.norm(states[:, 6:].reshape(-1, 3, 2), axis=-1)
+    assert np.ptp(speeds, axis=0).max() > 0.1, "no ball-ball collision happened in the test"
+    assert np.all(np.abs(states[:, :6]) <= 1 - 0.25 + 1e-12)
+    centres = states[:, :6].reshape(-1, 3, 2)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert np.linalg.norm(centres[:, i] - centres[:, j], axis=-1).min() >= 0.5 - 1e-9
+
+
+# ---------------------------------------------------------------- n-link pendulum
+def test_one_link_pendulum_equals_the_pendulum_env():
+    kw = dict(friction=0.2, dt=0.05, substeps=4)
+    single = make_env("nlink", image_size=16, n_links=1, link_length=1.0, max_torque=2.0, **kw)
+    pend = make_env("pendulum", image_size=16, **kw)
+    actions = np.random.default_rng(1).uniform(-2, 2, (50, 1)).astype(np.float32)
+    _, s1 = rollout(single, actions, seed=0)
+    pend.reset(seed=0, options={"state": s1[0]})
+    s2 = np.stack([s1[0]] + [pend.step(a)[4]["state"] for a in actions])
+    np.testing.assert_allclose(s1, s2, atol=1e-10)
+
+
+def double_pendulum_accel(y, g=9.81, m1=1.0, m2=1.0, l1=0.5, l2=0.5):
+    """Textbook explicit double-pendulum equations (independent of the env's matrix form)."""
+    t1, t2, w1, w2 = y
+    den = 2 * m1 + m2 - m2 * np.cos(2 * t1 - 2 * t2)
+    a1 = (-g * (2 * m1 + m2) * np.sin(t1) - m2 * g * np.sin(t1 - 2 * t2)
+          - 2 * np.sin(t1 - t2) * m2 * (w2**2 * l2 + w1**2 * l1 * np.cos(t1 - t2))) / (l1 * den)
+    a2 = (2 * np.sin(t1 - t2) * (w1**2 * l1 * (m1 + m2) + g * (m1 + m2) * np.cos(t1)
+          + w2**2 * l2 * m2 * np.cos(t1 - t2))) / (l2 * den)
+    return np.array([w1, w2, a1, a2])
+
+
+def test_double_pendulum_matches_textbook_equations():
+    env = make_env("nlink", image_size=16, n_links=2, friction=0.0, substeps=10)
+    _, states = rollout(env, np.zeros((20, 2), np.float32), seed=2)
+    y, h = states[0].copy(), 0.05 / 200
+    for k in range(20):
+        for _ in range(200):
+            k1 = double_pendulum_accel(y)
+            k2 = double_pendulum_accel(y + h / 2 * k1)
+            k3 = double_pendulum_accel(y + h / 2 * k2)
+            k4 = double_pendulum_accel(y + h * k3)
+            y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        np.testing.assert_allclose(np.sin(states[k + 1, :2] - y[:2]), 0, atol=1e-6)
+        np.testing.assert_allclose(states[k + 1, 2:], y[2:], atol=1e-5)
+
+
+def test_three_link_frictionless_energy_conserved():
+    env = make_env("nlink", image_size=16, n_links=3, friction=0.0)
+    _, states = rollout(env, np.zeros((400, 3), np.float32), seed=0)
+    energy = env.unwrapped.energy(states)
+    scale = 9.81 * 3 * 0.5 * 3  # ~ m g (sum of lengths) (sum of masses)
+    assert np.abs(energy - energy[0]).max() < 1e-3 * scale
+    damped = make_env("nlink", image_size=16, n_links=3, friction=0.1)
+    _, states = rollout(damped, np.zeros((100, 3), np.float32), seed=0)
+    assert np.all(np.diff(damped.unwrapped.energy(states)) < 1e-6)
+
+
+# ---------------------------------------------------------------- dot videos
+def test_dot_paths_follow_their_curves_and_render_at_the_state():
+    for name, on_curve in (
+        ("dot_figure8", lambda x, y: y**2 - x**2 * (1 - x**2)),
+        ("dot_square", lambda x, y: np.maximum(np.abs(x), np.abs(y)) - 1),
+    ):
+        env = make_env(name, image_size=10)
+        frames, states = rollout(env, np.zeros((60, 0), np.float32), seed=0)
+        np.testing.assert_allclose(on_curve(states[:, 0], states[:, 1]), 0, atol=1e-12)
+        assert np.linalg.norm(np.diff(states, axis=0), axis=1).max() < 0.4  # smooth motion
+        # intensity centroid (pixel units, y up) sits at the true position: world extent 1.25 over 10 px
+        w = frames[..., 0].astype(float)
+        px = (np.arange(10) + 0.5 - 5) * 0.25
+        cx = (w * px[None, None, :]).sum((1, 2)) / w.sum((1, 2))
+        cy = (w * -px[None, :, None]).sum((1, 2)) / w.sum((1, 2))
+        inside = np.max(np.abs(states), axis=1) < 0.6  # away from the border the centroid is unbiased
+        np.testing.assert_allclose(cx[inside], states[inside, 0], atol=0.05)
+        np.testing.assert_allclose(cy[inside], states[inside, 1], atol=0.05)
+
+
+def test_dot_swirl_follows_the_documented_system():
+    env = make_env("dot_swirl", image_size=10, process_noise=0.0)
+    _, states = rollout(env, np.zeros((30, 0), np.float32), seed=1)
+    z = states[0, 0] + 1j * states[0, 1]
+    for k in range(30):
+        z = z + (0.1 * (1 - abs(z) ** 2) + 1j * (2 * np.pi / 40 + 0.15 * abs(z) ** 2)) * z
+        np.testing.assert_allclose(states[k + 1], [z.real, z.imag], atol=1e-12)
+    plain = make_env("dot_swirl", image_size=10, swirl_strength=0.0)
+    assert not np.array_equal(plain.reset(seed=1)[0], env.reset(seed=1)[0])  # the distortion changes the frame
+
+
+# ---------------------------------------------------------------- observation noise and pixel wrapper
+def test_observation_noise_semantics():
+    clean_env = make_env("pendulum", image_size=32)
+    clean, states = rollout(clean_env, np.zeros((300, 1), np.float32), seed=0)
+    env = make_env("pendulum", image_size=32, pixel_noise=0.1)
+    noisy, noisy_states = rollout(env, np.zeros((300, 1), np.float32), seed=0)
+    np.testing.assert_array_equal(states, noisy_states)  # state untouched
+    # on black pixels the output is round(max(0, 25.5 N(0, 1))): mean 25.5 / sqrt(2 pi), half are zero
+    background = noisy[clean == 0].astype(float)
+    assert background.size > 100_000
+    assert abs(background.mean() - 25.5 / np.sqrt(2 * np.pi)) < 0.2
+    assert abs(np.mean(background == 0) - 0.5) < 0.02
+
+    env = make_env("pendulum", image_size=32, drop_prob=0.3)
+    obs, info = env.reset(seed=1)
+    assert info["dropped"] is False
+    drops = []
+    for _ in range(400):
+        obs, _, _, _, info = env.step(np.zeros(1, np.float32))
+        drops.append(info["dropped"])
+        assert (obs.max() == 0) == info["dropped"]
+    assert abs(np.mean(drops) - 0.3) < 0.07
+
+    env = make_env("pendulum", image_size=32, correlated_noise=0.2)
+    frames, factors = [], []
+    obs, info = env.reset(seed=2)
+    clean_env.reset(seed=2)
+    for t in range(200):
+        clean_frame = clean_env.render()
+        f = info["noise_factor"]
+        factors.append(f)
+        if f == 1.0:
+            np.testing.assert_array_equal(obs, clean_frame)
+        if f == 0.0:
+            assert abs(obs.astype(float).mean() - 127.5) < 6  # pure uniform noise
+        obs, _, _, _, info = env.step(np.zeros(1, np.float32))
+        clean_env.step(np.zeros(1, np.float32))
+    factors = np.array(factors)
+    assert factors.min() >= 0 and factors.max() <= 1 and len(np.unique(factors)) > 10
+    assert np.abs(np.diff(factors)).max() <= 0.2 / 0.2 + 1e-9  # steps of U(-0.2, 0.2) / (t2 - t1 >= 0.2)
+    with pytest.raises(ValueError, match="drop_prob"):
+        make_env("pendulum", drop_prob=1.5)
+
+
+class StubRenderEnv:
+    """A tiny gymnasium env whose render() is a known 40x60 frame and whose state is a counter."""
+
+    @staticmethod
+    def make(render_mode="rgb_array"):
+        import gymnasium
+
+        class Stub(gymnasium.Env):
+            observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+            action_space = gymnasium.spaces.Discrete(2)
+
+            def __init__(self):
+                self.render_mode = render_mode
+                self.state = np.zeros(3)
+
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                self.state = np.array([0.0, 1.0, 2.0])
+                return self.state[:2].copy(), {}
+
+            def step(self, action):
+                self.state = self.state + 1
+                return self.state[:2].copy(), 1.0, False, False, {}
+
+            def render(self):
+                frame = np.zeros((40, 60, 3), np.uint8)
+                frame[: int(self.state[0]) % 40] = 200
+                return frame
+
+        return Stub()
+
+
+def test_pixel_observation_wraps_rgb_array_envs():
+    from worldmodel.envs import PixelObservation, resize_frame
+
+    env = PixelObservation(StubRenderEnv.make(), image_size=(8, 12))
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (8, 12, 3) and obs.dtype == np.uint8 and obs.max() == 0
+    np.testing.assert_array_equal(info["state"], [0, 1, 2])
+    for _ in range(7):
+        obs, _, _, _, info = env.step(0)
+    np.testing.assert_array_equal(info["state"], [7, 8, 9])
+    # 7 bright rows of 40, box-averaged onto 8 rows of 5: row 0 full, row 1 two fifths
+    np.testing.assert_array_equal(obs[:, 0, 0], np.round([200, 80, 0, 0, 0, 0, 0, 0]))
+    frame = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    block = frame.reshape(8, 5, 12, 5, 3).astype(float).mean((1, 3))
+    assert np.abs(resize_frame(frame, (8, 12)).astype(float) - block).max() <= 0.5
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        PixelObservation(StubRenderEnv.make(render_mode=None))
+
+
+@pytest.mark.parametrize("name, state_dim", [("cartpole", 4), ("gym_pendulum", 2), ("acrobot", 4)])
+def test_classic_control_pixels(name, state_dim):
+    pytest.importorskip("pygame", reason="gymnasium's classic-control rendering needs pygame")
+    env = make_env(name, image_size=32)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8 and info["state"].shape == (state_dim,)
+    obs2, _, _, _, info2 = env.step(env.action_space.sample())
+    assert not np.array_equal(info["state"], info2["state"])

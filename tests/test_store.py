@@ -265,6 +265,11 @@ def test_collect_resumes_to_the_uninterrupted_result(tmp_path):
     obs, _, _, _, info = env.step(episode["action"][0])
     np.testing.assert_array_equal(obs, episode["obs"][1])
     np.testing.assert_allclose(info["state"], episode["state"][1], rtol=1e-6)
+    # the metadata rebuilds the env
+    meta = RolloutStore.open(tmp_path / "full.zarr", read_only=True).meta
+    assert (meta["env_id"], meta["env_kwargs"], meta["seed"]) == ("pendulum", {"image_size": 16}, 3)
+    rebuilt = make_env(meta["env_id"], **meta["env_kwargs"])
+    np.testing.assert_array_equal(rebuilt.reset(seed=episode_seeds(3, 0)[0])[0], full.episode(0)["obs"][0])
     with pytest.raises(ValueError, match="seed=4 differs"):
         collect(env, ou_policy(env), 5, 10, tmp_path / "part.zarr", seed=4, progress=False)
     with pytest.raises(ValueError, match="T=11 differs"):
@@ -288,3 +293,15 @@ def test_policies_are_seeded_smooth_and_in_bounds():
     unclipped = traces["ou"][np.abs(traces["ou"]) < 2]
     assert abs(np.std(traces["ou"]) - 2 * 0.2 / np.sqrt(1 - 0.81)) < 0.15 * 2 * 0.2 / np.sqrt(0.19)
     assert len(unclipped) > 0.9 * len(traces["ou"])
+
+
+def test_collect_uncontrolled_env_with_frame_drops(tmp_path):
+    env = make_env("balls", image_size=16, drop_prob=0.5)
+    store = collect(env, random_policy(env), 2, 20, tmp_path / "balls.zarr", seed=0, progress=False)
+    episode = store.episode(1)
+    assert episode["action"].shape == (20, 0) and episode["state"].shape == (20, 8)
+    dropped = ~episode["mask"]
+    assert 0 < dropped.sum() < 20 and not dropped[0]
+    assert np.all(episode["obs"][dropped] == 0) and np.all(episode["obs"][~dropped].max(axis=(1, 2, 3)) > 0)
+    item = SequenceWindows(store, length=20)[1]
+    np.testing.assert_array_equal(item["mask"].numpy(), episode["mask"])
