@@ -15,12 +15,13 @@ eval and filter read the run's config.json and apply only the flags you pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
-from worldmodel.training import TrainConfig, evaluate_run, replay_filter, train
+from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
 
 COMMANDS = {"train": "train a model (the default)", "eval": "evaluate a run's checkpoint",
             "filter": "replay an episode through WorldModel.step and plot beliefs vs the true state"}
@@ -49,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
         named = apply_overrides(base, {k: v for k, v in overrides.items() if k in ("name", "out_dir")})
         config_file = named.run_dir / "config.json"
         if args.command in ("eval", "filter") or overrides.get("resume"):
-            if config_file.is_file():
-                base = TrainConfig.from_dict(json.loads(config_file.read_text()))
+            if config_file.is_file():  # the run's settings; how to run it now (RUN_CONTROL) from defaults + flags
+                stored = TrainConfig.from_dict(json.loads(config_file.read_text()))
+                base = dataclasses.replace(stored, **{k: getattr(base, k) for k in RUN_CONTROL})
             elif args.command != "train":
                 raise SystemExit(f"error: no run at {str(named.run_dir)!r} (missing config.json); train it first")
         return args.command, apply_overrides(base, overrides)

@@ -36,7 +36,7 @@ from worldmodel import __version__
 from worldmodel.cli import config_from_dict
 from worldmodel.model import ModelConfig, WorldModel
 
-__all__ = ["EvalConfig", "FilterConfig", "TrainConfig", "evaluate_run", "load_run", "replay_filter", "train"]
+__all__ = ["RUN_CONTROL", "EvalConfig", "FilterConfig", "TrainConfig", "evaluate_run", "load_run", "replay_filter", "train"]
 
 
 @dataclass
@@ -67,8 +67,8 @@ class FilterConfig:
 
 
 # fields that do not change what is trained: a resumed run may change them freely
-_RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
-                "ckpt_every", "eval", "filter", "progress")
+RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
+                "ckpt_every", "eval", "filter", "progress", "plots")
 
 
 @dataclass
@@ -102,6 +102,7 @@ class TrainConfig:
         "help": "stop (with a checkpoint) at this step without changing the schedule; continue with --resume"})
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -140,7 +141,7 @@ def config_difference(a: TrainConfig, b: TrainConfig) -> list[str]:
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
-            if not prefix and k in _RUN_CONTROL:
+            if not prefix and k in RUN_CONTROL:
                 continue
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "env_kwargs" else {prefix + k: v})
         return out
@@ -236,6 +237,12 @@ def ensure_dataset(cfg: TrainConfig):
         if len(store) >= needed:
             return store
     env = make_env(cfg.env, image_size=size, **cfg.env_kwargs)
+    if store is not None and (store.meta.get("env_id") != env.spec.id or store.meta.get("seed") != cfg.seed):
+        env.close()
+        what = "is empty (0 episodes)" if len(store) == 0 else f"has {len(store)} episodes"
+        raise SystemExit(f"error: the dataset {str(path)!r} {what} but {needed} are needed (train_episodes="
+                         f"{cfg.train_episodes} + val_episodes={cfg.val_episodes}), and it was not built by train.py "
+                         f"for env={cfg.env!r}, seed={cfg.seed}, so it is not extended; pass another --data path")
     _log(f"building dataset {str(path)!r}: {needed - (len(store) if store else 0)} episodes of "
          f"{cfg.episode_length} steps ({cfg.env}, Ornstein-Uhlenbeck actions)")
     try:
@@ -571,7 +578,8 @@ def train(cfg: TrainConfig) -> Path:
         results = evaluate(model, cfg, train_data, val_data)
         print_eval_table(results)
         _append_jsonl(metrics_path, {"kind": "eval", "step": step, **results})
-        write_plots(model, cfg, train_data, val_data)
+        if cfg.plots:
+            write_plots(model, cfg, train_data, val_data)
         _log(f"wrote {str(cfg.run_dir)!r}")
     return cfg.run_dir
 
@@ -758,11 +766,12 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     model, stored, ckpt = _load_matching_run(cfg)
     store = ensure_dataset(stored)
     train_data, val_data = load_split(store, stored)
-    run_cfg = dataclasses.replace(stored, eval=cfg.eval, filter=cfg.filter, progress=cfg.progress)
+    run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
     results = evaluate(model, run_cfg, train_data, val_data)
     print_eval_table(results)
     _append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "eval", "step": ckpt["step"], **results})
-    write_plots(model, run_cfg, train_data, val_data)
+    if cfg.plots:
+        write_plots(model, run_cfg, train_data, val_data)
     return results
 
 
@@ -773,7 +782,7 @@ def replay_filter(cfg: TrainConfig) -> Path:
     from worldmodel import plots
 
     model, stored, _ = _load_matching_run(cfg)
-    run_cfg = dataclasses.replace(stored, filter=cfg.filter, eval=cfg.eval)
+    run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
     fc = run_cfg.filter
     store = ensure_dataset(stored)
     train_data, val_data = load_split(store, stored)

@@ -1,0 +1,215 @@
+"""train.py: generated CLI flags, exact resume, Ctrl-C checkpoints, DDP first-step loss, bad inputs.
+
+Training tests are tiny (12 episodes x 20 steps of 16x16 frames, a few optimizer steps) and marked slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402  (the repository-root entry script)
+from worldmodel.cli import add_flags, apply_overrides, config_from_dict, config_to_argv, parse_overrides  # noqa: E402
+from worldmodel.training import TrainConfig, WindowSampler, lr_factor, read_metrics  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@dataclass
+class _Inner:
+    width: int = 4
+    scale: float | None = None
+    tag: str = "a"
+
+
+@dataclass
+class _Outer:
+    steps: int = 10
+    flag: bool = True
+    ks: tuple[int, ...] = (1, 2)
+    kwargs: dict = field(default_factory=dict)
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def _parse(cls, argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_flags(parser, cls)
+    return apply_overrides(cls(), parse_overrides(parser.parse_args(argv), cls))
+
+
+def test_flags_round_trip_every_field_type():
+    cfg = _Outer(steps=3, flag=False, ks=(5,), kwargs={"g": 9.8}, inner=_Inner(width=7, scale=0.25, tag="b"))
+    assert _parse(_Outer, config_to_argv(cfg)) == cfg
+    assert _parse(_Outer, []) == _Outer()
+    # nested fields also answer to their unique short name; none -> None; empty tuple
+    short = _parse(_Outer, ["--width", "9", "--inner.scale", "none", "--ks", "--no-flag"])
+    assert short == _Outer(flag=False, ks=(), inner=_Inner(width=9))
+    with pytest.raises(SystemExit):
+        _parse(_Outer, ["--steps", "three"])
+    with pytest.raises(SystemExit):
+        _parse(_Outer, ["--kwargs", "[1, 2]"])  # not a JSON object
+
+
+def test_train_config_round_trips_through_flags_and_json():
+    cfg = TrainConfig()
+    changed = dataclasses.replace(cfg, name="x", steps=7, lr=3e-4, max_steps=2, progress=False,
+                                  env_kwargs={"friction": 0.0},
+                                  eval=dataclasses.replace(cfg.eval, ks=(1, 3), baselines=()),
+                                  filter=dataclasses.replace(cfg.filter, drop=(4, 8)))
+    command, parsed = train.parse_args(config_to_argv(changed))
+    assert command == "train" and parsed == changed
+    assert TrainConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
+    _, method = train.parse_args(["--method", "vicreg"])
+    assert method.model.method == "vicreg"
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        config_from_dict(TrainConfig, {"stepz": 1})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--window", "200", "--episode-length", "100"], "window"),
+    (["--filter.drop", "3"], "start stop pairs"),
+    (["eval", "--out-dir", "/nonexistent-runs"], "no run at"),
+])
+def test_invalid_config_exits_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        train.parse_args(argv)
+
+
+def test_window_sampler_ranks_partition_the_global_batch():
+    full = WindowSampler(1000, 8, seed=3)
+    parts = [WindowSampler(1000, 8, seed=3, rank=r, world=2) for r in range(2)]
+    for step in (1, 2, 50):
+        assert parts[0](step) + parts[1](step) == full(step)
+    assert full(1) == WindowSampler(1000, 8, seed=3)(1) and full(1) != full(2)
+    with pytest.raises(SystemExit, match="divisible"):
+        WindowSampler(1000, 7, seed=0, rank=0, world=2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(5, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------- training runs
+TINY_MODEL = ["--model.image-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """argv(name, *extra) of a tiny run sharing one 12-episode 16x16 dataset; runs go to a temp dir."""
+    root = tmp_path_factory.mktemp("train")
+    base = ["--data", str(root / "tiny.zarr"), "--out-dir", str(root / "runs"), "--train-episodes", "8",
+            "--val-episodes", "4", "--episode-length", "20", "--window", "8", "--batch-size", "8", "--steps", "6",
+            "--warmup", "2", "--log-every", "1", "--ckpt-every", "2", "--no-progress", "--eval.baselines",
+            "--eval.ks", "1", "2", "--eval.burn-in", "2", "--no-plots", *TINY_MODEL]
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return [*base, "--name", name, *extra]
+
+    argv.root = root
+    return argv
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+
+
+def _assert_same_params(a: Path, b: Path) -> None:
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert torch.equal(pa[key], pb[key]), key
+
+
+@pytest.mark.slow
+def test_default_outputs_and_exact_resume(tiny):
+    full = train.main(tiny("full", "--plots"))
+    for name in ("metrics.jsonl", "checkpoint.pt", "config.json", "loss.png", "readout.png", "kstep.png"):
+        assert (full / name).stat().st_size > 0, name
+    records = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    final = records[-1]
+    assert final["kind"] == "eval" and len(final["r2"]["kalman"]) == 3 and set(final["predictive"]) == {"k=1", "k=2"}
+
+    part = train.main(tiny("part", "--max-steps", "3"))
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert all(r["kind"] == "train" for r in read_metrics(part / "metrics.jsonl"))
+    train.main(tiny("part", "--resume"))
+    _assert_same_params(full, part)
+    losses = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "train"}
+    assert {r["step"]: r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"} == losses
+
+
+def _run_script(args: list[str]) -> subprocess.Popen:
+    """Start a script from the repository root (same thread count as this process: bitwise comparable)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny):
+    run_dir = tiny.root / "runs" / "sigint"
+    proc = _run_script([sys.executable, "train.py", *tiny("sigint", "--steps", "1000")])
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= step < 1000 and "continue with --resume" in output
+    train.main(tiny("sigint", "--steps", "1000", "--resume", "--max-steps", str(step + 2)))
+    train.main(tiny("sigint-ref", "--steps", "1000", "--max-steps", str(step + 2)))
+    _assert_same_params(run_dir, tiny.root / "runs" / "sigint-ref")
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_rank_first_step_loss(tiny):
+    train.main(tiny("ddp1", "--steps", "1"))
+    proc = _run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *tiny("ddp2", "--steps", "1")])
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    one, two = (read_metrics(tiny.root / "runs" / name / "metrics.jsonl")[0] for name in ("ddp1", "ddp2"))
+    assert one["step"] == two["step"] == 1
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
+def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
+    from worldmodel.datasets import RolloutStore
+
+    train.main(tiny("base", "--max-steps", "1"))  # also builds the shared dataset
+    with pytest.raises(SystemExit, match="another config.*lr"):
+        train.main(tiny("base", "--resume", "--lr", "0.5"))
+    with pytest.raises(SystemExit, match="16x16 images.*image_size=32"):
+        train.main(tiny("wrong-size", "--model.image-size", "32"))
+    RolloutStore.create(tmp_path / "empty.zarr", obs_shape=(16, 16, 3), action_dim=1, state_dim=2)
+    with pytest.raises(SystemExit, match="is empty"):
+        train.main(tiny("empty", "--data", str(tmp_path / "empty.zarr")))
+    with pytest.raises(SystemExit, match="no run at"):
+        train.main(["eval", *tiny("missing")])
