@@ -55,6 +55,12 @@ class RolloutStore:
         self.action_dim, self.state_dim = int(attrs["action_dim"]), int(attrs["state_dim"])
         self.episode_length = attrs["episode_length"]
         self._count = int(attrs["n_episodes"])
+        self._arrays: dict[str, zarr.Array] = {}  # opened array handles (opening reads metadata from disk)
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -163,7 +169,7 @@ class RolloutStore:
             return
         for name, (shape, dtype) in self._expected_shapes().items():
             try:
-                array = self._group[name]
+                array = self._array(name)
             except KeyError:
                 raise ValueError(f"corrupt rollout store at {str(self.path)!r}: array {name!r} is missing") from None
             except Exception as err:
@@ -178,7 +184,7 @@ class RolloutStore:
         self.episode_length = T
         for name, (shape, dtype) in self._expected_shapes().items():
             chunks = (_LENGTH_CHUNK,) if name == "length" else (1, *shape)
-            self._group.create_array(
+            self._arrays[name] = self._group.create_array(
                 name, shape=(0, *shape), chunks=chunks, dtype=dtype, compressors=_compressor(), fill_value=0, overwrite=True
             )
         self._group.attrs["episode_length"] = T
@@ -242,13 +248,13 @@ class RolloutStore:
             self._create_arrays(T)
         k = self._count
         for name, value in arrays.items():
-            array = self._group[name]
+            array = self._array(name)
             if array.shape[0] < k + 1:
                 array.resize((k + 1, *array.shape[1:]))
             if t < T:
                 value = np.concatenate([value, np.zeros((T - t, *value.shape[1:]), value.dtype)])
             array[k] = value
-        lengths = self._group["length"]
+        lengths = self._array("length")
         if lengths.shape[0] < k + 1:
             lengths.resize((k + 1,))
         lengths[k] = t
@@ -274,17 +280,17 @@ class RolloutStore:
         """Valid steps of every committed episode, int64 (N,)."""
         if not self._count:
             return np.zeros(0, np.int64)
-        return np.asarray(self._group["length"][: self._count])
+        return np.asarray(self._array("length")[: self._count])
 
     def episode(self, i: int) -> dict[str, np.ndarray]:
         """Episode i as numpy arrays obs, action, state, reward, mask (trimmed to its length)."""
         i = self._index(i)
-        t = int(self._group["length"][i])
-        return {name: np.asarray(self._group[name][i, :t]) for name in ("obs", "action", "state", "reward", "mask")}
+        t = int(self._array("length")[i])
+        return {name: np.asarray(self._array(name)[i, :t]) for name in ("obs", "action", "state", "reward", "mask")}
 
     def window(self, i: int, start: int, stop: int, step: int = 1, keys=("obs", "action", "state", "mask")) -> dict:
         """Frames start:stop:step of episode i (no bounds trimming) for ``keys``."""
-        return {name: np.asarray(self._group[name][i, start:stop:step]) for name in keys}
+        return {name: np.asarray(self._array(name)[i, start:stop:step]) for name in keys}
 
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Random episode-level split: (train_indices, val_indices), at least one of each when N >= 2."""
@@ -295,6 +301,10 @@ class RolloutStore:
         if val_fraction > 0 and self._count >= 2:
             n_val = min(max(n_val, 1), self._count - 1)
         return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def __reduce__(self):
+        """Pickle as (path, read_only): a DataLoader worker reopens the store instead of sharing handles."""
+        return (RolloutStore.open, (str(self.path), self.read_only))
 
     def __repr__(self) -> str:
         return (

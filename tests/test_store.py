@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def test_round_trip_and_metadata(tmp_path):
     np.testing.assert_array_equal(reopened.episode(3)["mask"], np.arange(5) % 2 == 0)
     np.testing.assert_array_equal(reopened.lengths(), [12, 12, 12, 5])
     meta = reopened.meta
+    clone = pickle.loads(pickle.dumps(reopened))
+    assert len(clone) == 4 and clone.read_only
+    assert_episode_equal(clone.episode(2), fake_episode(2))
     assert meta["env_id"] == "fake" and meta["seed"] == 7 and meta["format_version"] == 1
     with pytest.raises(IndexError):
         reopened.episode(4)
