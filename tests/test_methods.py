@@ -1,0 +1,174 @@
+"""Presets against the losses of their original papers, ICA recovery, make() errors, collapse."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldmodel.latent_models import KalmanLatentModel
+from worldmodel.ldm import LDMLoss
+from worldmodel.methods import PRESETS, make
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def grad_of(loss_fn, z):
+    z = z.detach().clone().requires_grad_()
+    value = loss_fn(z)
+    (g,) = torch.autograd.grad(value, z)
+    return value.detach(), g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simclr_equals_nt_xent(dtype):
+    torch.manual_seed(0)
+    n, d, temperature = 16, 8, 0.2
+
+    def nt_xent(z):  # Chen et al. 2020: cross-entropy over the 2N - 1 other samples
+        x = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)
+        logits = x @ x.T / temperature
+        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), -math.inf)
+        positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        return F.cross_entropy(logits, positives)
+
+    loss = make("simclr", d, beta=1 / temperature).to(dtype)
+    z = torch.randn(n, 2, d, dtype=dtype)
+    ref, ref_grad = grad_of(nt_xent, z)
+    # d * loss = NT-Xent - log(2N - 1): per-dimension scaling and the kde's 1/|J| constant
+    ours, our_grad = grad_of(lambda z: d * loss(z).loss + math.log(2 * n - 1), z)
+    torch.testing.assert_close(ours, ref, **tol(dtype))
+    torch.testing.assert_close(our_grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vicreg_original_equals_official_formula(dtype):
+    torch.manual_seed(0)
+    n, d = 32, 6
+
+    def official(z):  # Bardes et al. 2022, facebookresearch/vicreg main_vicreg.py, 25/25/1
+        x, y = z[:, 0], z[:, 1]
+        repr_loss = ((x - y) ** 2).mean()
+        x, y = x - x.mean(0), y - y.mean(0)
+        std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)
+        std_loss = torch.relu(1 - std_x).mean() / 2 + torch.relu(1 - std_y).mean() / 2
+        off = ~torch.eye(d, dtype=torch.bool)
+        cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)
+        cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d
+        return 25 * repr_loss + 25 * std_loss + 1 * cov_loss
+
+    z = 0.5 * torch.randn(n, 2, d, dtype=dtype)  # std < 1: the hinge is active
+    z[:, 1] += 0.3 * z[:, 0]
+    ref, ref_grad = grad_of(official, z)
+    ours, our_grad = grad_of(lambda z: make("vicreg_original", d)(z).loss, z)
+    torch.testing.assert_close(ours, ref, **tol(dtype))
+    torch.testing.assert_close(our_grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpc_equals_info_nce(dtype):
+    torch.manual_seed(0)
+    b, t, d, steps = 8, 5, 4, 2
+    loss = make("cpc", d, steps=steps).to(dtype)
+    with torch.no_grad():
+        for net in loss.latent_model.networks:
+            net.weight.copy_(torch.randn(d, d, dtype=dtype))
+    W = [net.weight.detach() for net in loss.latent_model.networks]
+
+    def info_nce(z):  # Oord et al. 2018: f_k = exp(z_{t+k}^T W_k c_t), negatives = other batch samples
+        total = 0.0
+        for k in range(1, steps + 1):
+            terms = []
+            for s in range(t - k):
+                logits = z[:, s] @ W[k - 1].T @ z[:, s + k].T  # [i, j] = z_{j,s+k}^T W_k z_{i,s}
+                terms.append(F.cross_entropy(logits, torch.arange(b)))
+            total = total + torch.stack(terms).mean()
+        return total / steps
+
+    z = torch.randn(b, t, d, dtype=dtype)
+    ref, ref_grad = grad_of(info_nce, z)
+    ours, our_grad = grad_of(lambda z: d * loss(z).loss + math.log(b), z)  # d * loss = InfoNCE - log B
+    torch.testing.assert_close(ours, ref, **tol(dtype))
+    torch.testing.assert_close(our_grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_byol_equals_normalized_mse_to_stopped_target(dtype):
+    torch.manual_seed(0)
+    n, d = 10, 4
+    loss = make("byol", d).to(dtype)
+    g = loss.latent_model.networks[0]
+    z = torch.randn(n, 2, d, dtype=dtype, requires_grad=True)
+    target = torch.randn(n, 2, d, dtype=dtype, requires_grad=True)  # EMA encoder's latents
+    out = loss(z, target=target)
+    # Grill et al. 2020: || normalize(q(z)) - normalize(SG z'_target) ||^2 = 2 - 2 cos
+    ref = (F.normalize(g(z[:, 0]), dim=-1) - F.normalize(target[:, 1].detach(), dim=-1)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(d * out.loss + 2, ref, **tol(dtype))
+    out.loss.backward()
+    assert target.grad is None and z.grad[:, 1].abs().max() == 0 and z.grad[:, 0].abs().max() > 0
+    assert loss.target_ema == 0.996
+
+
+def test_ica_recovers_laplace_mixture():
+    torch.manual_seed(0)
+    n, d = 2000, 3
+    sources = torch.distributions.Laplace(0.0, 1.0).sample((n, d))
+    mixing = torch.randn(d, d)
+    x = sources @ mixing.T
+    x = x - x.mean(0)  # whitening (standard ICA preprocessing) makes the optimisation well conditioned
+    evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+    x = x @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    encoder = nn.Linear(d, d, bias=False)
+    loss = make("ica", d, encoder=encoder)  # logistic source prior (Infomax)
+    opt = torch.optim.Adam(encoder.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss(encoder(x)[:, None]).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        z = encoder(x)
+
+    def mcc(a, b):  # mean |corr| under the best permutation
+        corr = torch.corrcoef(torch.cat([a, b], 1).T)[:d, d:].abs()
+        return max(sum(corr[i, p[i]] for i in range(d)) / d for p in itertools.permutations(range(d))).item()
+
+    assert mcc(x, sources) < 0.9  # the mixture itself is not identified
+    assert mcc(z, sources) >= 0.95
+
+
+def test_make_forwards_overrides_and_rejects_unknown():
+    kalman = make("kalman", dim=4, action_dim=1, state_dim=6)
+    assert isinstance(kalman.latent_model, KalmanLatentModel)
+    assert (kalman.latent_model.action_dim, kalman.latent_model.state_dim) == (1, 6)
+    assert make("simclr", 4, beta=2.0).latent_model.beta == 2.0
+    assert make("vicreg", 4, mi=False).mi is False and make("vicreg", 4).mi is True
+    knn = make("kalman_knn", 4, k=5)
+    assert knn.entropy_kwargs == {"k": 5, "clip_quantile": 0.9}
+    assert make("vicreg", 4, entropy=None).entropy is None
+    assert isinstance(make("vicreg_original", 4), LDMLoss)
+    with pytest.raises(ValueError, match="valid: .*kalman.*vicreg"):
+        make("swav", 4)
+    with pytest.raises(ValueError, match=r"unknown override.*'temperature'.*valid: .*beta"):
+        make("simclr", 4, temperature=0.1)
+    with pytest.raises(ValueError, match="dim"):
+        make("vicreg", 0)
+
+
+def test_every_preset_runs_forward_backward():
+    torch.manual_seed(0)
+    for name in PRESETS:
+        d = 3
+        encoder = nn.Linear(d, d, bias=False)
+        loss = make(name, d, encoder=encoder) if name == "ica" else make(name, d)
+        T = 1 if name == "ica" else 6 if name.startswith("kalman") or name == "cpc" else 2
+        z = encoder(torch.randn(12, T, d))
+        out = loss(z)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and set(out.logs) >= {"loss", "alignment", "entropy"}
+        assert encoder.weight.grad.abs().sum() > 0, name
