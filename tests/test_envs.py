@@ -334,3 +334,14 @@ def test_classic_control_pixels(name, state_dim):
     assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8 and info["state"].shape == (state_dim,)
     obs2, _, _, _, info2 = env.step(env.action_space.sample())
     assert not np.array_equal(info["state"], info2["state"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gymnasium_env_checker_passes(name):
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the advice to normalise Box action ranges
+        check_env(make_env(name, image_size=16).unwrapped)
