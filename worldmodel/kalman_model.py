@@ -12,6 +12,7 @@ or float64; half-precision latents are upcast to float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,17 @@ from torch import Tensor, nn
 from worldmodel.kalman import FilterResult, Gaussian, _sym, kalman_filter, predict, update
 
 __all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound"]
+
+
+def _full_precision(method):
+    """Run a method with autocast disabled: the Kalman maths never runs in half precision."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.autocast(self.A_raw.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def spectral_radius_upper_bound(A: Tensor, squarings: int = 6) -> Tensor:
@@ -130,6 +142,7 @@ class KalmanLatentModel(nn.Module):
 
     # ---- effective parameters -------------------------------------------------------------------
     @property
+    @_full_precision
     def A(self) -> Tensor:
         """Effective transition matrix ``(S, S)``, spectral radius <= spectral_bound."""
         if self.spectral_bound is None:
@@ -143,16 +156,19 @@ class KalmanLatentModel(nn.Module):
         return self.C_param
 
     @property
+    @_full_precision
     def Q(self) -> Tensor:
         """Process noise Sigma_A ``(S, S)``."""
         return self.Q_cov()
 
     @property
+    @_full_precision
     def R(self) -> Tensor:
         """Observation noise Sigma_D ``(L, L)``."""
         return self.R_cov()
 
     @property
+    @_full_precision
     def P0(self) -> Tensor:
         """Initial state covariance ``(S, S)``."""
         return self.P0_cov()
@@ -180,6 +196,7 @@ class KalmanLatentModel(nn.Module):
         raise ValueError(f"R must have shape {(*shape, L, L)} (full) or {(*shape, L)} (variances), got {tuple(R.shape)}")
 
     # ---- sequences ------------------------------------------------------------------------------
+    @_full_precision
     def filter(
         self,
         z: Tensor,
@@ -225,12 +242,26 @@ class KalmanLatentModel(nn.Module):
             target = z.detach()
         return self.filter(z, u, mask, R, parallel, target).log_likelihood
 
+    def forward(self, z: Tensor, u: Tensor | None = None, mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(z, u, mask, **kwargs)
+
     # ---- online use -----------------------------------------------------------------------------
+    def _batched(self, belief: Gaussian) -> Gaussian:
+        """Check a belief ``(B, S)`` and give its covariance the batch dimension ``(B, S, S)``."""
+        S = self.state_dim
+        mean, cov = belief
+        if mean.dim() != 2 or mean.shape[-1] != S or cov.shape[-2:] != (S, S):
+            raise ValueError(f"belief must have mean (B, {S}) and cov (B, {S}, {S}), got {tuple(mean.shape)}, {tuple(cov.shape)}")
+        return Gaussian(mean, cov.expand(mean.shape[0], S, S))
+
+    @_full_precision
     def init_belief(self, batch_size: int) -> Gaussian:
         """Belief of h_0 before any observation, N(m0, P0), as ``(B, S)`` / ``(B, S, S)``."""
         S = self.state_dim
         return Gaussian(self.m0.expand(batch_size, S), self.P0.expand(batch_size, S, S))
 
+    @_full_precision
     def step(
         self,
         belief: Gaussian,
@@ -245,6 +276,7 @@ class KalmanLatentModel(nn.Module):
         observation noise ``(B, L, L)`` or variances ``(B, L)``.  Applied T times from
         :meth:`init_belief` it reproduces :meth:`filter`'s filtered beliefs.
         """
+        belief = self._batched(belief)
         batch = belief.mean.shape[0]
         A = self.A
         B_aug, u_aug = self._control(A, u_t, (batch,))
@@ -253,12 +285,14 @@ class KalmanLatentModel(nn.Module):
             return prior
         return update(prior, z_t, self.C, self._obs_noise(R_t, (batch,)), mask_t)[0]
 
+    @_full_precision
     def rollout(self, belief: Gaussian, actions: Tensor | int) -> Gaussian:
         """Exact k-step predictive state beliefs N(m_{t+h|t}, P_{t+h|t}), h = 1..H, as ``(B, H, S)``.
 
         ``actions`` ``(B, H, k)``; ``actions[:, 0]`` is the action taken at the belief's step (it drives
         the first transition).  Without actions (``action_dim == 0``) pass the horizon H as an int.
         """
+        belief = self._batched(belief)
         batch = belief.mean.shape[0]
         if isinstance(actions, int):
             actions = belief.mean.new_zeros(batch, actions, self.action_dim)
@@ -276,6 +310,7 @@ class KalmanLatentModel(nn.Module):
             return Gaussian(belief.mean.new_zeros(batch, 0, S), belief.mean.new_zeros(batch, 0, S, S))
         return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
 
+    @_full_precision
     def observe(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
         """Predictive distribution of the latent: N(C m, C P C^T + R), over any leading dims of ``belief``.
 
