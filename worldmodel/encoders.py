@@ -11,7 +11,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["ChannelLayerNorm", "ConvEncoder", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
+from worldmodel.distributed import gather
+
+__all__ = ["ChannelLayerNorm", "ConvEncoder", "LatentNorm", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
 
 
 def normalize_frames(frames: Tensor) -> Tensor:
@@ -141,3 +143,54 @@ class SequenceEncoder(nn.Module):
         if missing is not None:
             out = out.masked_fill(missing[:, None], float("nan"))
         return rearrange(out, "(b t) d -> b t d", b=b)
+
+
+class LatentNorm(nn.Module):
+    """Normalises latents (B, T, d) by batch statistics in training and running statistics in eval.
+
+    kind="batch": per-dimension standardisation (z - mu) / sigma (BatchNorm without affine);
+    kind="whiten": Cholesky whitening L^{-1} (z - mu) with Cov = L L^T, so the batch covariance is I;
+    kind="none": identity. Fixing the latent scale removes the trivial collapse of the stop-gradient
+    Kalman objective (a plug-in with a detached target has no entropy term that would prevent it).
+    Statistics use observed, finite rows only (mask (B, T) True = observed) and are gathered over
+    ranks under torch.distributed, so DDP sees the statistics of the global batch.
+    """
+
+    def __init__(self, dim: int, kind: str = "batch", momentum: float = 0.01, eps: float = 1e-4):
+        super().__init__()
+        if kind not in ("batch", "whiten", "none"):
+            raise ValueError(f"kind must be 'batch', 'whiten' or 'none', got {kind!r}")
+        self.kind, self.momentum, self.eps = kind, momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d)."""
+        if self.kind == "none":
+            return z
+        missing = ~torch.isfinite(z).all(-1)
+        if missing.any():  # normalise zeros in their place (NaN must not reach the backward pass)
+            return self(z.masked_fill(missing[..., None], 0.0), mask=~missing if mask is None else mask & ~missing)\
+                .masked_fill(missing[..., None], float("nan"))
+        if self.training:
+            rows = rearrange(z, "b t d -> (b t) d")
+            keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+            if mask is not None:
+                keep = keep & rearrange(mask, "b t -> (b t)")
+            rows = gather(rows[keep])
+            if rows.shape[0] < 2:
+                raise ValueError("LatentNorm needs at least 2 observed latents in a training batch")
+            mean = rows.mean(0)
+            centred = rows - mean
+            cov = centred.mT @ centred / (rows.shape[0] - 1)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), self.momentum)
+        else:
+            mean, cov = self.running_mean.to(z.dtype), self.running_cov.to(z.dtype)
+        x = z - mean
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        if self.kind == "batch":
+            return x / (cov.diagonal() + self.eps).sqrt()
+        chol = torch.linalg.cholesky(cov + self.eps * eye)
+        return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)

@@ -1,0 +1,304 @@
+"""Tests for worldmodel.encoders and worldmodel.model (WorldModel)."""
+
+import math
+
+import pytest
+import torch
+
+from worldmodel.encoders import ConvEncoder, LatentNorm, MLPEncoder, SequenceEncoder, normalize_frames
+from worldmodel.kalman import Gaussian
+from worldmodel.model import ModelConfig, WorldModel, shift_actions
+
+DTYPES = [torch.float32, torch.float64]
+SMALL = dict(image_size=16, depth=4, latent_dim=3, action_dim=1)
+
+
+def _model(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = WorldModel.from_config(ModelConfig(**{**SMALL, **kw})).to(dtype)
+    # a few training-mode passes so the running latent statistics are not the identity
+    frames, _ = _data(seed=seed + 100)
+    with torch.no_grad():
+        for _ in range(3):
+            model.encode(frames)
+    return model.eval()
+
+
+def _data(batch=2, steps=10, size=16, seed=0, action_dim=1):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (batch, steps, size, size, 3), generator=g, dtype=torch.uint8)
+    actions = torch.randn(batch, steps, action_dim, generator=g)
+    return frames, actions
+
+
+# ---- encoders --------------------------------------------------------------------------------
+def test_uint8_frames_are_scaled_to_unit_interval_around_zero():
+    frames = torch.tensor([0, 255, 51], dtype=torch.uint8)
+    assert torch.allclose(normalize_frames(frames), torch.tensor([-0.5, 0.5, 0.2 - 0.5]))
+    enc = ConvEncoder(16, 3, 5, depth=4)
+    x = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
+    assert torch.allclose(enc(x), enc(x.float() / 255 - 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("size,pool", [(16, 1), (32, 1), (64, 2), (48, 1)])
+def test_conv_encoder_sizes(size, pool):
+    enc = ConvEncoder(size, 3, 7, depth=2, pool=pool)
+    assert enc(torch.zeros(2, size, size, 3, dtype=torch.uint8)).shape == (2, 7)
+
+
+def test_conv_encoder_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ConvEncoder(40, 3, 4)
+    enc = ConvEncoder(16, 3, 4, depth=2)
+    with pytest.raises(ValueError, match="image_size=16"):
+        enc(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8 or floating"):
+        enc(torch.zeros(1, 16, 16, 3, dtype=torch.int64))
+
+
+def test_sequence_encoder_folds_batch_and_time_and_marks_nan_frames():
+    torch.manual_seed(0)
+    item = MLPEncoder(5, 3, hidden=8)
+    seq = SequenceEncoder(item, chunk_size=4)
+    x = torch.randn(2, 7, 5)
+    out = seq(x)
+    ref = torch.stack([torch.stack([item(x[b, t:t + 1])[0] for t in range(7)]) for b in range(2)])
+    assert torch.allclose(out, ref, atol=1e-6)
+    x[1, 3, 0] = float("nan")
+    out = seq(x)
+    assert torch.isnan(out[1, 3]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 4]).all()
+    with pytest.raises(ValueError, match="in_dim|shape"):
+        item(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["batch", "whiten"])
+def test_latent_norm_standardises_and_uses_running_stats_in_eval(dtype, kind):
+    g = torch.Generator().manual_seed(1)
+    mix = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.3, -1.0, 3.0]], dtype=dtype)
+    z = (torch.randn(64, 20, 3, generator=g, dtype=dtype) @ mix + 5.0)
+    norm = LatentNorm(3, kind, momentum=1.0, eps=0.0).to(dtype)
+    out = norm(z).reshape(-1, 3)
+    cov = torch.cov(out.T)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(out.mean(0), torch.zeros(3, dtype=dtype), atol=tol)
+    if kind == "batch":
+        assert torch.allclose(cov.diagonal(), torch.ones(3, dtype=dtype), atol=tol)
+        corr = torch.corrcoef(z.reshape(-1, 3).T)
+        assert torch.allclose(cov, corr, atol=tol)  # standardised, correlations kept
+    else:
+        assert torch.allclose(cov, torch.eye(3, dtype=dtype), atol=tol)
+    norm.eval()  # momentum 1: the running statistics are the last batch's
+    assert torch.allclose(norm(z).reshape(-1, 3), out, atol=tol)
+    z_nan = z.clone()
+    z_nan[0, 0] = float("nan")
+    assert torch.isnan(norm(z_nan)[0, 0]).all()
+
+
+# ---- WorldModel: filtering ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_online_step_equals_batch_filter(dtype):
+    model = _model(dtype)
+    frames, actions = _data()
+    actions = actions.to(dtype)
+    with torch.no_grad():
+        result = model.filter(frames, actions)
+        belief = model.init_belief(2)
+        for t in range(frames.shape[1]):
+            belief = model.step(belief, frames[:, t], None if t == 0 else actions[:, t - 1])
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+            assert torch.allclose(belief.mean, result.filtered.mean[:, t], **tol)
+            assert torch.allclose(belief.cov, result.filtered.cov[:, t], **tol)
+
+
+def test_action_shift_convention():
+    actions = torch.arange(6.0).reshape(1, 3, 2)
+    assert torch.equal(shift_actions(actions), torch.tensor([[[0.0, 0.0], [0.0, 1.0], [2.0, 3.0]]]))
+    # the filter's predicted mean at t moves with action[t-1] through G: change the last action only,
+    # nothing in the filter changes; change action[0] and the prediction for t=1 changes
+    model = _model(torch.float64)
+    with torch.no_grad():
+        model.latent_model.G.fill_(1.0)
+        frames, acts = _data()
+        acts = acts.double()
+        base = model.filter(frames, acts).predicted.mean
+        late = acts.clone()
+        late[:, -1] += 5.0
+        assert torch.equal(model.filter(frames, late).predicted.mean, base)
+        early = acts.clone()
+        early[:, 0] += 5.0
+        changed = model.filter(frames, early).predicted.mean
+        assert torch.equal(changed[:, 0], base[:, 0]) and not torch.allclose(changed[:, 1], base[:, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropped_frames_widen_covariance_and_never_crash(dtype):
+    model = _model(dtype)
+    frames, actions = _data(steps=12)
+    actions = actions.to(dtype)
+    dropped = frames.to(dtype).div(255).sub(0.5)
+    dropped[:, 5:8] = float("nan")
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[:, 5:8] = False
+    with torch.no_grad():
+        full = model.filter(frames, actions)
+        by_nan = model.filter(dropped, actions)
+        by_mask = model.filter(frames, actions, mask=mask)
+        for res in (by_nan, by_mask):
+            for t in range(5, 8):
+                diff = res.filtered.cov[:, t] - full.filtered.cov[:, t]
+                assert torch.linalg.eigvalsh(diff).min() > -1e-5  # P_dropped >= P_observed (Loewner)
+                assert (diff.diagonal(dim1=-2, dim2=-1).sum(-1) > 0).all()
+            # the covariance grows while predicting only
+            traces = res.filtered.cov[:, 4:8].diagonal(dim1=-2, dim2=-1).sum(-1)
+            assert (traces[:, 1:] > traces[:, :-1]).all()
+        assert torch.allclose(by_nan.filtered.mean, by_mask.filtered.mean, atol=1e-5)
+        # online: frame None and a NaN frame both only predict
+        belief = model.init_belief(2)
+        a = model.step(belief, None, actions[:, 0])
+        b = model.step(belief, dropped[:, 5], actions[:, 0])
+        assert torch.allclose(a.mean, b.mean) and torch.allclose(a.cov, b.cov)
+    model.train()
+    out = model.loss(dropped, actions)
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach()))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    out = model.loss(frames, actions, mask=mask)
+    assert math.isfinite(float(out.loss.detach()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imagine_matches_dense_k_step_formula(dtype):
+    model = _model(dtype)
+    lm = model.latent_model
+    frames, actions = _data()
+    actions = actions.to(dtype)
+    with torch.no_grad():
+        lm.G.copy_(torch.randn(lm.state_dim, 1, dtype=dtype))
+        lm.b.copy_(torch.randn(lm.state_dim, dtype=dtype))
+        belief = Gaussian(*(x[:, 4] for x in model.filter(frames, actions).filtered))
+        future = actions[:, 4:9]
+        states = model.imagine(belief, future)
+        latents = model.imagine(belief, future, observe=True)
+        A, Q, G, b, C, R = lm.A, lm.Q, lm.G, lm.b, lm.C, lm.R
+        m, P = belief.mean.double(), belief.cov.double()
+        for k in range(5):
+            m = m @ A.double().T + (b.double() - A.double() @ b.double()) + future[:, k].double() @ G.double().T
+            P = A.double() @ P @ A.double().T + Q.double()
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+            assert torch.allclose(states.mean[:, k].double(), m, **tol)
+            assert torch.allclose(states.cov[:, k].double(), P, **tol)
+            assert torch.allclose(latents.mean[:, k].double(), m @ C.double().T, **tol)
+            assert torch.allclose(latents.cov[:, k].double(), C.double() @ P @ C.double().T + R.double(), **tol)
+    assert model.imagine(model.init_belief(2), torch.zeros(2, 3, 1, dtype=dtype)).mean.shape == (2, 3, 6)
+
+
+# ---- WorldModel: training, methods, checkpoints ------------------------------------------------
+def test_loss_trains_and_param_groups_use_kalman_multiplier():
+    torch.manual_seed(0)
+    model = WorldModel.from_config(ModelConfig(**SMALL, kalman_lr_multiplier=50.0))
+    groups = model.param_groups(1e-3)
+    kalman_ids = {id(p) for p in model.latent_model.parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 5e-2]
+    assert {id(p) for p in groups[1]["params"]} == kalman_ids
+    assert not kalman_ids & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert model.latent_model.param_group_lr_multiplier == 50.0
+    frames, actions = _data(batch=4, steps=8)
+    out = model.loss(frames, actions)
+    out.loss.backward()
+    assert out.loss.dim() == 0 and {"loss", "alignment", "entropy"} <= set(out.logs)
+    assert model.encoder.encoder.head.weight.grad.abs().sum() > 0
+
+
+def test_non_kalman_method_trains_but_cannot_filter():
+    torch.manual_seed(0)
+    model = WorldModel.from_config(ModelConfig(**SMALL, method="vicreg"))
+    frames, actions = _data(batch=8, steps=2)
+    out = model.loss(frames, actions)
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach()))
+    assert model.features(frames).shape == (8, 2, 3)
+    with pytest.raises(TypeError, match="Kalman"):
+        model.filter(frames, actions)
+    with pytest.raises(TypeError, match="Kalman"):
+        model.init_belief(1)
+
+
+def test_ema_target_encoder_is_used_and_updated():
+    torch.manual_seed(0)
+    model = WorldModel.from_config(ModelConfig(**SMALL, method_kwargs={"target_ema": 0.5}))
+    assert model.target_encoder is not None
+    frames, actions = _data(batch=4, steps=6)
+    base = float(model.loss(frames, actions).loss)
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.3)
+    assert float(model.loss(frames, actions).loss) != pytest.approx(base)
+    online = next(model.encoder.parameters())
+    target = next(model.target_encoder.parameters())
+    expected = 0.5 * target.detach() + 0.5 * online.detach()
+    model.update_target()
+    assert torch.allclose(target, expected)
+
+
+def test_heteroscedastic_noise_is_per_frame():
+    torch.manual_seed(0)
+    model = WorldModel.from_config(ModelConfig(**SMALL, heteroscedastic=True)).eval()
+    frames, actions = _data()
+    z, var = model._latents(frames)
+    assert var.shape == z.shape and (var > 0).all()
+    res = model.filter(frames, actions)
+    belief = model.init_belief(2)
+    for t in range(3):
+        belief = model.step(belief, frames[:, t], None if t == 0 else actions[:, t - 1])
+    assert torch.allclose(belief.mean, res.filtered.mean[:, 2], atol=1e-5)
+    model.train()
+    assert math.isfinite(float(model.loss(frames, actions).loss))
+
+
+def test_mlp_encoder_world_model():
+    torch.manual_seed(0)
+    model = WorldModel.from_config(ModelConfig(encoder="mlp", input_dim=5, latent_dim=2, action_dim=0, hidden=16))
+    x = torch.randn(3, 7, 5)
+    assert math.isfinite(float(model.loss(x).loss))
+    assert model.eval().filter(x).filtered.mean.shape == (3, 7, 4)
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.encode(torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.step(model.init_belief(1), torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="actions"):
+        model.filter(torch.zeros(1, 2, 16, 16, 3, dtype=torch.uint8), torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="method"):
+        ModelConfig(method="nope")
+
+
+def test_save_load_round_trip_and_config_mismatch(tmp_path):
+    model = _model()
+    frames, actions = _data()
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = WorldModel.load(path).eval()
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with torch.no_grad():
+        assert torch.equal(loaded.filter(frames, actions).filtered.mean, model.filter(frames, actions).filtered.mean)
+    assert WorldModel.load(path, config=model.config).config == model.config
+    with pytest.raises(ValueError, match="latent_dim"):
+        WorldModel.load(path, config=ModelConfig(**{**SMALL, "latent_dim": 4}))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a WorldModel checkpoint"):
+        WorldModel.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        WorldModel.load(tmp_path / "missing.pt")
+    # weights of another architecture under a config: clear error
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["depth"] = 8
+    torch.save(ckpt, tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        WorldModel.load(tmp_path / "tampered.pt")
