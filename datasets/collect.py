@@ -111,23 +111,23 @@ def _open_or_create(store, env: gymnasium.Env, seed: int) -> RolloutStore:
     path = Path(store)
     if (path / "zarr.json").exists():
         return RolloutStore.open(path)
-    if hasattr(env, "make_env_args"):  # built by worldmodel.envs.make_env: rebuild with make_env(*args)
-        env_id, env_kwargs = env.make_env_args
-    else:
-        env_id = env.spec.id if env.spec else type(env.unwrapped).__name__
-        env_kwargs = dict(env.spec.kwargs) if env.spec else {}
-    env_kwargs = {k: v for k, v in env_kwargs.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+    json_safe = lambda kwargs: {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+    spec = env.spec
     obs_space = env.observation_space
     state = env.reset(seed=seed)[1].get("state")
-    return RolloutStore.create(
+    store = RolloutStore.create(
         path,
         obs_shape=obs_space.shape,
         action_dim=action_dim(env.action_space),
         state_dim=0 if state is None else int(np.size(state)),
-        env_id=env_id,
-        env_kwargs=env_kwargs,
+        env_id=spec.id if spec else type(env.unwrapped).__name__,
+        env_kwargs=json_safe(spec.kwargs) if spec else {},
         seed=seed,
     )
+    if hasattr(env, "make_env_args"):  # built by worldmodel.envs.make_env: make_env(name, **kwargs) rebuilds it
+        name, kwargs = env.make_env_args
+        store.update_attrs(make_env={"name": name, "kwargs": json_safe(kwargs)})
+    return store
 
 
 def collect(
@@ -146,7 +146,9 @@ def collect(
     generator from ``episode_seeds(seed, i)[1]``. Step t stores obs[t], info["state"] at t, the
     action taken after seeing obs[t], the reward it earned, and mask[t] = not info.get("dropped").
     An episode that terminates or truncates early is stored with its shorter length.
-    ``store`` may be a path: an existing store is opened, a missing one created from the env.
+    ``store`` may be a path: an existing store is opened, a missing one created from the env (attrs:
+    env_id = the gymnasium id, env_kwargs = its kwargs, and ``make_env`` = {"name", "kwargs"} when the
+    env came from ``worldmodel.envs.make_env``, including observation-noise options).
     """
     if int(n_episodes) != n_episodes or n_episodes < 0:
         raise ValueError(f"n_episodes must be a non-negative int, got {n_episodes!r}")
@@ -178,7 +180,8 @@ def collect(
         for t in range(T):
             action = policy(obs, info)
             frames[t] = obs
-            states[t] = info["state"] if store.state_dim else ()
+            if store.state_dim:
+                states[t] = info["state"]
             mask[t] = not info.get("dropped", False)
             actions[t] = action_vector(space, action)
             obs, reward, terminated, truncated, info = env.step(action)

@@ -271,8 +271,9 @@ def test_collect_resumes_to_the_uninterrupted_result(tmp_path):
     np.testing.assert_allclose(info["state"], episode["state"][1], rtol=1e-6)
     # the metadata rebuilds the env
     meta = RolloutStore.open(tmp_path / "full.zarr", read_only=True).meta
-    assert (meta["env_id"], meta["env_kwargs"], meta["seed"]) == ("pendulum", {"image_size": 16}, 3)
-    rebuilt = make_env(meta["env_id"], **meta["env_kwargs"])
+    assert (meta["env_id"], meta["env_kwargs"], meta["seed"]) == ("worldmodel/Pendulum-v0", {"image_size": 16}, 3)
+    assert meta["make_env"] == {"name": "pendulum", "kwargs": {"image_size": 16}}
+    rebuilt = make_env(meta["make_env"]["name"], **meta["make_env"]["kwargs"])
     np.testing.assert_array_equal(rebuilt.reset(seed=episode_seeds(3, 0)[0])[0], full.episode(0)["obs"][0])
     with pytest.raises(ValueError, match="seed=4 differs"):
         collect(env, ou_policy(env), 5, 10, tmp_path / "part.zarr", seed=4, progress=False)
