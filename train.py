@@ -62,11 +62,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
 
 def main(argv: list[str] | None = None) -> Path | dict:
     command, cfg = parse_args(argv)
-    if command == "eval":
-        return evaluate_run(cfg)
-    if command == "filter":
-        return replay_filter(cfg)
-    return train(cfg)
+    try:
+        if command == "eval":
+            return evaluate_run(cfg)
+        if command == "filter":
+            return replay_filter(cfg)
+        return train(cfg)
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint itself): data build, eval
+        raise SystemExit("interrupted (a dataset build continues where it stopped on the next run; "
+                         "training resumes from the last checkpoint with --resume)") from None
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def tiny(tmp_path_factory):
 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["state_dict"]
 
 
 def _assert_same_params(a: Path, b: Path) -> None:

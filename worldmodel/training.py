@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from worldmodel import __version__
 from worldmodel.cli import config_from_dict
-from worldmodel.model import ModelConfig, WorldModel
+from worldmodel.model import CHECKPOINT_FORMAT, ModelConfig, WorldModel
 
 __all__ = ["RUN_CONTROL", "EvalConfig", "FilterConfig", "TrainConfig", "evaluate_run", "load_run", "replay_filter", "train"]
 
@@ -179,7 +179,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """torch / numpy / python (/ cuda) generator states as tensors and ints (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -187,7 +190,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -256,7 +260,8 @@ def ensure_dataset(cfg: TrainConfig):
 
 
 def load_split(store, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(train, val) episodes in memory: obs uint8 (N, T, H, W, C), action (N, T, a), state (N, T, s).
+    """(train, val) episodes in memory: obs uint8 (N, T, H, W, C), action (N, T, a), state (N, T, s),
+    mask bool (N, T) (True = frame observed).
 
     Train = the first train_episodes episodes, val = the next val_episodes; T = the store's episode
     length (shorter episodes are zero-padded; windows never reach the padding)."""
@@ -270,8 +275,9 @@ def load_split(store, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[s
         raise SystemExit(f"error: the episodes of {str(store.path)!r} are shorter than window={cfg.window}")
 
     def stack(indices) -> dict[str, torch.Tensor]:
-        episodes = [store.window(int(i), 0, store.episode_length, keys=("obs", "action", "state")) for i in indices]
-        return {key: torch.from_numpy(np.stack([e[key] for e in episodes])) for key in ("obs", "action", "state")}
+        keys = ("obs", "action", "state", "mask")
+        episodes = [store.window(int(i), 0, store.episode_length, keys=keys) for i in indices]
+        return {key: torch.from_numpy(np.stack([e[key] for e in episodes])) for key in keys}
 
     return stack(range(cfg.train_episodes)), stack(range(cfg.train_episodes, needed))
 
@@ -330,26 +336,15 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, frames: torch.Tensor, actions: torch.Tensor):
-        return self.model.loss(frames, actions)
+    def forward(self, frames: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor):
+        return self.model.loss(frames, actions, mask)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; parameters of submodules with ``param_group_lr_multiplier`` (the Kalman latent model) get
-    lr times that multiplier (the paper uses 100x)."""
-    groups: dict[float, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for module in model.modules():
-        multiplier = getattr(module, "param_group_lr_multiplier", None)
-        if multiplier is not None:
-            for p in module.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    groups.setdefault(float(multiplier), []).append(p)
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    groups.setdefault(1.0, []).extend(rest)
-    param_groups = [{"params": ps, "lr": cfg.lr * m, "base_lr": cfg.lr * m} for m, ps in groups.items() if ps]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(model: WorldModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``model.param_groups`` (Kalman parameters at lr * kalman_lr_multiplier); every group
+    remembers its peak rate as ``base_lr`` for the schedule."""
+    groups = [{**group, "base_lr": group["lr"]} for group in model.param_groups(cfg.lr)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -366,16 +361,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> WorldModel:
     return WorldModel.from_config(cfg.model).to(device)
 
 
-def _after_step(model: WorldModel) -> None:
-    update = getattr(model, "update_target", None)
-    if callable(update):
-        update()
-
-
 # ---------------------------------------------------------------------------------------- checkpoints
 def _checkpoint(model: WorldModel, optimizer, cfg: TrainConfig, step: int, rng: list) -> dict:
-    return {"version": __version__, "step": step, "config": cfg.to_dict(), "model_config": dataclasses.asdict(cfg.model),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, "world_size": _world()}
+    """WorldModel.save's format (so ``WorldModel.load(checkpoint.pt)`` works) plus the training state."""
+    return {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.model.to_dict(),
+            "state_dict": model.state_dict(), "train_config": cfg.to_dict(), "step": step,
+            "optimizer": optimizer.state_dict(), "rng": rng}
 
 
 def _gather_rng() -> list:
@@ -393,10 +384,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"error: no checkpoint at {str(path)!r}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise SystemExit(f"error: cannot read checkpoint {str(path)!r}: {err}") from err
-    if not isinstance(ckpt, dict) or not {"config", "model", "step"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"train_config", "state_dict", "step"} <= ckpt.keys():
         raise SystemExit(f"error: {str(path)!r} is not a train.py checkpoint")
     return ckpt
 
@@ -404,9 +395,12 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[WorldModel, TrainConfig, dict]:
     """(model in eval mode, config, checkpoint) of a finished or interrupted run."""
     ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
     model = WorldModel.from_config(cfg.model)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise SystemExit(f"error: checkpoint in {str(run_dir)!r} does not match its config: {err}") from None
     return model.to(_device(device)).eval(), cfg, ckpt
 
 
@@ -448,7 +442,7 @@ def _prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
     ckpt = None
     if cfg.resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        stored = TrainConfig.from_dict(ckpt["config"])
+        stored = TrainConfig.from_dict(ckpt["train_config"])
         diff = config_difference(stored, cfg)
         if diff:
             raise SystemExit(f"error: checkpoint {str(ckpt_path)!r} comes from another config (differs in "
@@ -469,8 +463,9 @@ def _prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
     return (ckpt["step"] if ckpt else 0), ckpt
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) the run described by ``cfg``; evaluate and plot on rank 0 when finished.
+def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
+    """Train (or resume) the run described by ``cfg``; evaluate and plot on rank 0 when finished
+    (``final_eval=False`` skips that).
 
     Returns the run directory. Raises SystemExit(130) after saving a checkpoint on SIGINT/SIGTERM.
     """
@@ -492,7 +487,7 @@ def train(cfg: TrainConfig) -> Path:
     model = build_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) != world:
             raise SystemExit(f"error: checkpoint was written by {len(ckpt['rng'])} ranks, this run has {world}")
@@ -534,13 +529,13 @@ def train(cfg: TrainConfig) -> Path:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             batch = next(batches)
             model.train()
-            out = step_fn(batch["obs"].to(device), batch["action"].to(device))
+            out = step_fn(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            _after_step(model)
+            model.update_target()
             values = {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.logs.items()}}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -573,7 +568,7 @@ def train(cfg: TrainConfig) -> Path:
     if step < cfg.steps:
         _log(f"stopped at step {step} of {cfg.steps} (--max-steps); continue with --resume")
         return cfg.run_dir
-    if rank == 0:
+    if rank == 0 and final_eval:
         model.eval()
         results = evaluate(model, cfg, train_data, val_data)
         print_eval_table(results)
@@ -589,10 +584,15 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _any_rank(flag: bool) -> bool:
     if _world() == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -601,15 +601,15 @@ def _reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if _world() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
-    return {k: float(v) / _world() for k, v in zip(keys, t)}
+    return {k: float(v) / _world() for k, v in zip(keys, t.tolist())}
 
 
 @torch.no_grad()
 def _validation_loss(model: WorldModel, batch: dict[str, torch.Tensor], device: torch.device) -> float:
     model.eval()
-    loss = float(model.loss(batch["obs"].to(device), batch["action"].to(device)).loss)
+    loss = float(model.loss(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device)).loss)
     return _reduce_mean({"v": loss})["v"]
 
 
@@ -624,14 +624,24 @@ def readout_targets(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def filtered_means(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
-    """Filtered state means (N, T, n) of whole episodes, computed in batches."""
+def _batched(fn, model: WorldModel, data: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """cat_i fn(obs, action, mask) over batches of whole episodes, moved to the CPU as float32."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(data["obs"]), batch_size):
-        result = model.filter(data["obs"][i:i + batch_size].to(device), data["action"][i:i + batch_size].to(device))
-        out.append(result.filtered.mean.float().cpu())
+        part = {k: v[i:i + batch_size].to(device) for k, v in data.items() if k in ("obs", "action", "mask")}
+        out.append(fn(part["obs"], part["action"], part["mask"]).float().cpu())
     return torch.cat(out)
+
+
+def readout_features(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """WorldModel.features (filtered state means, or latents for non-Kalman methods) of whole episodes."""
+    return _batched(model.features, model, data, batch_size)
+
+
+def encode_episodes(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Encoder latents z (N, T, L) of whole episodes."""
+    return _batched(lambda obs, action, mask: model.encode(obs), model, data, batch_size)
 
 
 def fit_readout(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -645,53 +655,48 @@ def fit_readout(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 @torch.no_grad()
 def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> dict[str, Any]:
-    """Held-out readout R^2 of the trained model and of the baselines, and k-step NLL / coverage."""
+    """Held-out readout R^2 of the trained model and of the baselines; k-step NLL / coverage (Kalman)."""
     from worldmodel.evaluation import linear_r2, predictive_metrics
 
     y_train, names = readout_targets(cfg, train_data["state"])
     y_val, _ = readout_targets(cfg, val_data["state"])
 
     def r2(m: WorldModel) -> list[float]:
-        return [float(v) for v in linear_r2(filtered_means(m, train_data, cfg.eval.batch_size), y_train,
-                                            filtered_means(m, val_data, cfg.eval.batch_size), y_val)]
+        return [float(v) for v in linear_r2(readout_features(m, train_data, cfg.eval.batch_size), y_train,
+                                            readout_features(m, val_data, cfg.eval.batch_size), y_val)]
 
-    results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(model)}}
+    results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(model)}, "predictive": {}}
+    device = next(model.parameters()).device
     for baseline in cfg.eval.baselines:
-        results["r2"][baseline] = r2(_baseline_model(baseline, cfg, next(model.parameters()).device))
-    z = _encode(model, val_data, cfg.eval.batch_size)
-    latent_model = _latent_model(model)
-    horizon = max(cfg.eval.ks)
-    pred = predictive_metrics(latent_model, z, val_data["action"].to(z.device), horizon=horizon,
-                              burn_in=cfg.eval.burn_in)
-    results["predictive"] = {
-        f"k={k}": {"nll": pred["nll"][i], "coverage_1sigma": pred["coverage_1sigma"][i],
-                   "coverage_2sigma": pred["coverage_2sigma"][i]}
-        for i, k in enumerate(pred["k"]) if k in cfg.eval.ks}
+        results["r2"][baseline] = r2(_baseline_model(baseline, cfg, device))
+    if cfg.model.is_kalman:
+        z = encode_episodes(model, val_data, cfg.eval.batch_size).to(device)
+        pred = predictive_metrics(model.latent_model, z, val_data["action"].to(device), horizon=max(cfg.eval.ks),
+                                  burn_in=cfg.eval.burn_in, mask=val_data["mask"].to(device))
+        results["predictive"] = {
+            f"k={k}": {"nll": pred["nll"][i], "coverage_1sigma": pred["coverage_1sigma"][i],
+                       "coverage_2sigma": pred["coverage_2sigma"][i]}
+            for i, k in enumerate(pred["k"]) if k in cfg.eval.ks}
     return results
 
 
-@torch.no_grad()
-def _encode(model: WorldModel, data: dict, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(data["obs"][i:i + batch_size].to(device)).float()
-                      for i in range(0, len(data["obs"]), batch_size)])
-
-
-def _latent_model(model: WorldModel):
-    return model.latent_model
-
-
 def _baseline_model(baseline: str, cfg: TrainConfig, device: torch.device) -> WorldModel:
+    """'untrained' (the seeded initial model), a finished run directory, or a preset trained now."""
     if baseline == "untrained":
         return build_model(cfg, device).eval()
     if (Path(baseline) / "checkpoint.pt").is_file():
         return load_run(baseline, str(device))[0]
+    try:
+        model_cfg = dataclasses.replace(cfg.model, method=baseline)
+    except ValueError as err:
+        raise SystemExit(f"error: --eval.baselines entry {baseline!r} is neither 'untrained', a run directory "
+                         f"nor a method: {err}") from None
     sub = dataclasses.replace(
-        cfg, name=f"{cfg.name}/baseline-{baseline}", resume=True, max_steps=None,
-        steps=cfg.eval.baseline_steps or cfg.steps, model=dataclasses.replace(cfg.model, method=baseline),
-        eval=dataclasses.replace(cfg.eval, baselines=()))
+        cfg, name=f"{cfg.name}/baseline-{baseline}", resume=True, max_steps=None, model=model_cfg,
+        steps=cfg.eval.baseline_steps or cfg.steps)
     _log(f"training baseline {baseline!r} for {sub.steps} steps in {str(sub.run_dir)!r}")
-    train(sub)
+    with torch.enable_grad():  # evaluate() runs under no_grad
+        train(sub, final_eval=False)
     return load_run(sub.run_dir, str(device))[0]
 
 
@@ -699,54 +704,57 @@ def print_eval_table(results: dict[str, Any]) -> None:
     """Readout R^2 per model and k-step predictive metrics as two small text tables."""
     names = results["targets"]
     width = max(12, *(len(k) for k in results["r2"]))
-    print(f"\nheld-out linear readout R² from filtered means")
+    print("\nheld-out linear readout R² (filtered means; latents for non-Kalman methods)")
     print(f"{'model':<{width}} " + " ".join(f"{n:>8}" for n in names))
     for model_name, values in results["r2"].items():
         print(f"{model_name:<{width}} " + " ".join(f"{v:8.4f}" for v in values))
-    print("\nk-step prediction of the encoder latents (nominal coverage 68.3 % / 95.4 %)")
-    print(f"{'k':>4} {'NLL/dim':>9} {'cov 1σ':>8} {'cov 2σ':>8}")
-    for k, m in results["predictive"].items():
-        print(f"{k[2:]:>4} {m['nll']:9.4f} {100 * m['coverage_1sigma']:7.1f}% {100 * m['coverage_2sigma']:7.1f}%")
+    if results["predictive"]:
+        print("\nk-step prediction of held-out encoder latents (nominal coverage 68.3 % / 95.4 %)")
+        print(f"{'k':>4} {'NLL/dim':>9} {'cov 1σ':>8} {'cov 2σ':>8}")
+        for k, m in results["predictive"].items():
+            print(f"{k[2:]:>4} {m['nll']:9.4f} {100 * m['coverage_1sigma']:7.1f}% "
+                  f"{100 * m['coverage_2sigma']:7.1f}%")
     print(flush=True)
 
 
 # ---------------------------------------------------------------------------------------- plots
 @torch.no_grad()
 def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> list[Path]:
-    """Loss curves, readout and latent trajectories of a held-out episode, k-step predictions."""
+    """Loss curves; readout of a held-out episode and the latent space against the true state;
+    k-step predictions with 2-sigma bands (Kalman methods)."""
     from worldmodel import plots
     from worldmodel.kalman import Gaussian
 
     run_dir = cfg.run_dir
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    keys = [k for k in records[0] if k not in ("kind", "step", "lr", "elapsed_s")] if records else []
+    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s"})
     curves = {k: [r[k] for r in records if k in r] for k in keys}
     steps = {k: [r["step"] for r in records if k in r] for k in keys}
     paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
 
     y_train, names = readout_targets(cfg, train_data["state"])
-    w, c = fit_readout(filtered_means(model, train_data, cfg.eval.batch_size), y_train)
-    episode = {k: v[:1] for k, v in val_data.items()}
-    means = filtered_means(model, episode)[0]
-    y_val, _ = readout_targets(cfg, episode["state"])
-    paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", means.double() @ w + c, names=names,
-                                    title="linear readout of filtered means (held-out episode)"))
-    paths.append(plots.latent_scatter(filtered_means(model, val_data, cfg.eval.batch_size).reshape(-1, means.shape[-1]),
-                                      val_data["state"][..., 0].reshape(-1), run_dir / "latents.png", "theta"
-                                      if cfg.env == "pendulum" else "state[0]"))
-    device = next(model.parameters()).device
-    z = model.encode(episode["obs"].to(device))[0].float().cpu()
-    start = min(cfg.eval.burn_in * 2, len(z) - 2)
-    horizon = min(max(cfg.eval.ks) * 2, len(z) - 1 - start)
-    result = model.filter(episode["obs"][:, :start + 1].to(device), episode["action"][:, :start + 1].to(device))
-    belief = Gaussian(result.filtered.mean[:, -1], result.filtered.cov[:, -1])
-    latent_model = _latent_model(model)
-    pz = latent_model.observe(latent_model.rollout(belief, episode["action"][:, start:start + horizon].to(device)))
-    dims = min(3, z.shape[-1])
-    std = torch.diagonal(pz.cov[0], dim1=-2, dim2=-1).sqrt()
-    paths.append(plots.kstep_predictions(z[:start + 1 + horizon, :dims], pz.mean[0, :, :dims].cpu(),
-                                         std[:, :dims].cpu(), start, run_dir / "kstep.png",
-                                         names=[f"z[{i}]" for i in range(dims)]))
+    w, c = fit_readout(readout_features(model, train_data, cfg.eval.batch_size), y_train)
+    val_features = readout_features(model, val_data, cfg.eval.batch_size)
+    y_val, _ = readout_targets(cfg, val_data["state"][:1])
+    paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
+                                    title="linear readout of the latent features (held-out episode)"))
+    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]),
+                                      val_data["state"][..., 0].reshape(-1), run_dir / "latents.png",
+                                      "theta" if cfg.env == "pendulum" else "state[0]"))
+    if cfg.model.is_kalman:
+        device = next(model.parameters()).device
+        episode = {k: v[:1].to(device) for k, v in val_data.items()}
+        z = model.encode(episode["obs"])[0].float().cpu()
+        start = min(2 * cfg.eval.burn_in, len(z) - 2)
+        horizon = min(2 * max(cfg.eval.ks), len(z) - 1 - start)
+        filtered = model.filter(episode["obs"][:, :start + 1], episode["action"][:, :start + 1],
+                                episode["mask"][:, :start + 1]).filtered
+        belief = Gaussian(filtered.mean[:, -1], filtered.cov[:, -1])
+        pz = model.imagine(belief, episode["action"][:, start:start + horizon], observe=True)
+        dims = min(3, z.shape[-1])
+        std = torch.diagonal(pz.cov[0], dim1=-2, dim2=-1).sqrt()[:, :dims].cpu()
+        paths.append(plots.kstep_predictions(z[:start + 1 + horizon, :dims], pz.mean[0, :, :dims].cpu(), std, start,
+                                             run_dir / "kstep.png", names=[f"z[{i}]" for i in range(dims)]))
     return paths
 
 
@@ -782,6 +790,8 @@ def replay_filter(cfg: TrainConfig) -> Path:
     from worldmodel import plots
 
     model, stored, _ = _load_matching_run(cfg)
+    if not stored.model.is_kalman:
+        raise SystemExit(f"error: filter needs a Kalman method; run {str(cfg.run_dir)!r} used {stored.model.method!r}")
     run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
     fc = run_cfg.filter
     store = ensure_dataset(stored)
@@ -793,7 +803,7 @@ def replay_filter(cfg: TrainConfig) -> Path:
             raise SystemExit(f"error: --filter.episode must be in [0, {len(val_data['obs'])}), got {fc.episode}")
         episode = {k: v[fc.episode] for k, v in val_data.items()}
     length = len(episode["obs"])
-    observed = torch.ones(length, dtype=torch.bool)
+    observed = episode["mask"].clone()  # frames the env itself dropped stay dropped
     for a, b in zip(fc.drop[::2], fc.drop[1::2]):
         observed[a:b] = False
     if fc.drop_prob > 0:
@@ -804,13 +814,13 @@ def replay_filter(cfg: TrainConfig) -> Path:
     means, covs = [], []
     for t in range(length):
         frame = episode["obs"][t][None].to(device) if observed[t] else None
-        action = episode["action"][t - 1][None].to(device) if t > 0 else torch.zeros_like(episode["action"][0][None])
+        action = episode["action"][t - 1][None].to(device) if t > 0 else None  # the action since frame t-1
         belief = model.step(belief, frame, action)
         means.append(belief.mean[0].double().cpu())
         covs.append(belief.cov[0].double().cpu())
     mean, cov = torch.stack(means), torch.stack(covs)
     y_train, names = readout_targets(run_cfg, train_data["state"])
-    w, c = fit_readout(filtered_means(model, train_data, run_cfg.eval.batch_size), y_train)
+    w, c = fit_readout(readout_features(model, train_data, run_cfg.eval.batch_size), y_train)
     readout_std = torch.einsum("fd,tfg,gd->td", w, cov, w).clamp_min(0).sqrt()
     y, _ = readout_targets(run_cfg, episode["state"])
     path = plots.filter_replay(y, mean @ w + c, readout_std, observed, cfg.run_dir / "filter.png", names=names)
@@ -819,6 +829,7 @@ def replay_filter(cfg: TrainConfig) -> Path:
 
 
 def _live_episode(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """A fresh episode of the env under the OU policy, seeded by --filter.seed."""
     from worldmodel.datasets import ou_policy
     from worldmodel.envs import make_env
 
@@ -833,4 +844,4 @@ def _live_episode(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         obs, _, _, _, info = env.step(action)
     env.close()
     return {"obs": torch.from_numpy(np.stack(frames)), "action": torch.from_numpy(np.stack(actions)),
-            "state": torch.from_numpy(np.stack(states)).float()}
+            "state": torch.from_numpy(np.stack(states)).float(), "mask": torch.ones(len(frames), dtype=torch.bool)}
