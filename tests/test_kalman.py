@@ -215,10 +215,12 @@ def _factor(n, gen, batch=()):
     return torch.linalg.cholesky(_spd(*batch, n=n, gen=gen)).requires_grad_()
 
 
-@pytest.mark.parametrize("mode", ["sequential", "parallel", "stop_gradient_target"])
-def test_gradcheck_every_input(mode):
+@pytest.mark.parametrize("with_target", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_gradcheck_every_input(parallel, with_target):
     """gradcheck in float64 w.r.t. z, A, C, B, u, m0 and the Cholesky factors of Q, R, P0, with a
-    masked step and a NaN observation; "stop_gradient_target" passes a constant target."""
+    masked step and a NaN observation; ``with_target`` passes a constant likelihood target (the
+    stop-gradient path: z then enters only through the filter history)."""
     gen = torch.Generator().manual_seed(3)
     batch, steps, n, m, k = 2, 3, 3, 2, 1
     z = torch.randn(batch, steps, m, dtype=F64, generator=gen)
@@ -231,12 +233,12 @@ def test_gradcheck_every_input(mode):
     u = torch.randn(batch, steps, k, dtype=F64, generator=gen).requires_grad_()
     m0 = torch.randn(n, dtype=F64, generator=gen).requires_grad_()
     Lq, Lr, Lp = _factor(n, gen), _factor(m, gen, (batch, steps)), _factor(n, gen)
-    target = torch.randn(batch, steps, m, dtype=F64, generator=gen) if mode == "stop_gradient_target" else None
+    target = torch.randn(batch, steps, m, dtype=F64, generator=gen) if with_target else None
 
     def fn(z, A, C, B, u, m0, Lq, Lr, Lp):
         res = kalman_filter(
             z, A, Lq @ Lq.mT, C, Lr @ Lr.mT, m0, Lp @ Lp.mT, B, u, mask,
-            parallel=mode == "parallel", target=target,
+            parallel=parallel, target=target,
         )  # fmt: skip
         return res.log_likelihood, res.filtered.mean, res.predicted.cov
 
@@ -286,7 +288,8 @@ def test_float32_long_sequence_stays_finite_symmetric_pd(parallel):
     res = kalman_filter(z.float(), **{k: v.float() for k, v in sys.items()}, parallel=parallel)
     rel = ((res.log_likelihood.double() - ref.log_likelihood) / ref.log_likelihood).abs().max()
     assert rel < 1e-4
-    for belief in (res.filtered, res.predicted):
+    smoothed = rts_smoother(res, sys["A"].float(), sys["Q"].float(), parallel=parallel)
+    for belief in (res.filtered, res.predicted, smoothed):
         assert torch.isfinite(belief.mean).all() and torch.isfinite(belief.cov).all()
         assert (belief.cov - belief.cov.mT).abs().max() <= 1e-6 * belief.cov.abs().max()
         assert (torch.linalg.cholesky_ex(belief.cov).info == 0).all()
