@@ -125,14 +125,15 @@ def _update(
     observed: Tensor | None,
     target: Tensor | None,
     jitter: float,
+    eye: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One measurement update with a single Cholesky factorisation of S = C P C^T + R.
 
     With ``S = L L^T``, ``W = L^{-1} C P`` and ``v = L^{-1} e`` (e = z - C m): ``K = W^T L^{-1}``,
     ``m+ = m + W^T v``, ``P+ = (I - K C) P (I - K C)^T + K R K^T`` (Joseph form),
     ``log N(z) = -1/2 (|v|^2 + 2 sum log diag L + m log 2 pi)``.  Unobserved entries (``observed``
-    False) keep the prior and get log-likelihood 0.  ``target`` replaces ``z`` in the likelihood only.
-    Returns ``(mean, cov, log_lik, cholesky_info)``.
+    0, a float 0/1 tensor) keep the prior and get log-likelihood 0.  ``target`` replaces ``z`` in the
+    likelihood only; ``eye`` is the n x n identity.  Returns ``(mean, cov, log_lik, cholesky_info)``.
     """
     CP = C @ cov
     S = _sym(CP @ C.mT + R)
@@ -140,19 +141,19 @@ def _update(
         S = _add_jitter(S, jitter)
     L, info = torch.linalg.cholesky_ex(S)
     W = torch.linalg.solve_triangular(L, CP, upper=False)
-    v = torch.linalg.solve_triangular(L, (z - _mv(C, mean)).unsqueeze(-1), upper=False).squeeze(-1)
+    z_pred = _mv(C, mean)
+    v = torch.linalg.solve_triangular(L, (z - z_pred).unsqueeze(-1), upper=False).squeeze(-1)
     v_ll = v
     if target is not None:
-        v_ll = torch.linalg.solve_triangular(L, (target - _mv(C, mean)).unsqueeze(-1), upper=False).squeeze(-1)
+        v_ll = torch.linalg.solve_triangular(L, (target - z_pred).unsqueeze(-1), upper=False).squeeze(-1)
     log_lik = _gauss_log_prob(v_ll, L)
     if observed is not None:
-        obs = observed.to(W.dtype)
-        W = W * obs[..., None, None]
-        v = v * obs[..., None]
-        log_lik = log_lik * obs
+        W = W * observed[..., None, None]
+        v = v * observed[..., None]
+        log_lik = log_lik * observed
     K = torch.linalg.solve_triangular(L.mT, W, upper=True).mT  # (.., n, m) = P C^T S^{-1}
     mean = mean + (W.mT @ v.unsqueeze(-1)).squeeze(-1)
-    M = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device) - K @ C
+    M = eye - K @ C
     cov = _sym(M @ cov @ M.mT + K @ R @ K.mT)
     return mean, cov, log_lik, info
 
@@ -335,9 +336,11 @@ def update(
     if bool(missing.any()):
         observed = ~missing
         z = torch.where(observed[..., None], z, 0.0)
+        observed = observed.to(dtype)
+    eye = torch.eye(n, dtype=dtype, device=z.device)
     with torch.autocast(z.device.type, enabled=False):
         for jitter in _JITTERS:
-            out = _update(mean.to(dtype), cov.to(dtype), z, C, R, observed, None, jitter)
+            out = _update(mean.to(dtype), cov.to(dtype), z, C, R, observed, None, jitter, eye)
             if not bool((out[3] > 0).any()):
                 break
         else:
@@ -353,6 +356,9 @@ def _filter_sequential(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     batch, steps, m = z.shape
     n = A.shape[-1]
     per_step_R = R.dim() == 4
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    if observed is not None:
+        observed = observed.to(z.dtype)
     mean, cov = m0, P0
     pm, pc, fm, fc, lls, infos = [], [], [], [], [], []
     for t in range(steps):
@@ -368,6 +374,7 @@ def _filter_sequential(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
             None if observed is None else observed[:, t],
             None if target is None else target[:, t],
             jitter,
+            eye,
         )
         fm.append(mean)
         fc.append(cov)
