@@ -1,6 +1,6 @@
 """Data-path benchmark: collection vs store write speed, and window streaming through a DataLoader.
 
-    python bench/data.py [--episodes 40] [--T 200] [--length 16] [--batch-size 32] [--workers 2]
+    python bench/data.py [--episodes 40] [--T 200] [--length 16] [--batch-size 32] [--workers 2] [--pixel-noise 0.05]
 
 Prints frames/s for (1) env + policy stepping of the pixel pendulum, (2) RolloutStore.append of the
 same episodes, (3) SequenceWindows streamed by a DataLoader with ``--workers`` workers (frames =
@@ -75,15 +75,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--chunk-frames", type=int, default=None, help="frames per obs chunk (default: whole episode)")
+    parser.add_argument("--pixel-noise", type=float, default=0.0, help="i.i.d. pixel noise (worst case for compression)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    env = make_env("pendulum", image_size=args.image_size)
+    env = make_env("pendulum", image_size=args.image_size, pixel_noise=args.pixel_noise)
     episodes, collect_s = collect_in_memory(env, args.episodes, args.T)
     n_frames = args.episodes * args.T
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
-        store = RolloutStore.create(path, obs_shape=env.observation_space.shape, action_dim=1, state_dim=2, env_id="pendulum")
+        store = RolloutStore.create(path, obs_shape=env.observation_space.shape, action_dim=1, state_dim=2, env_id="pendulum",
+                                    chunk_frames=args.chunk_frames)
         start = time.perf_counter()
         for episode in episodes:
             store.append(**episode)
@@ -100,7 +103,7 @@ def main() -> None:
     for key, value in results.items():
         if key != "config":
             print(f"{key:>24}: {value:,.1f}")
-    out = Path(__file__).parent / "results" / "data.json"
+    out = Path(__file__).parent / "results" / f"data{'_noise' if args.pixel_noise else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 

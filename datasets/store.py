@@ -2,7 +2,7 @@
 
 Layout (one zarr v3 group):
 
-    obs     (N, T, H, W, C) uint8     chunk (1, T, H, W, C), blosc-zstd
+    obs     (N, T, H, W, C) uint8     chunk (1, T, H, W, C) (or (1, chunk_frames, ...)), blosc-zstd
     action  (N, T, a)       float32   chunk (1, T, a)
     state   (N, T, s)       float32   chunk (1, T, s)
     reward  (N, T)          float32   chunk (1, T)
@@ -76,8 +76,14 @@ class RolloutStore:
         seed: int | None = None,
         overwrite: bool = False,
         episode_length: int | None = None,
+        chunk_frames: int | None = None,
     ) -> "RolloutStore":
-        """Create an empty store. ``episode_length`` T is fixed by the first append unless given."""
+        """Create an empty store. ``episode_length`` T is fixed by the first append unless given.
+
+        ``chunk_frames``: frames per obs chunk (default: the whole episode, one chunk, fastest for
+        T of a few hundred). Chunks never span episodes; for long episodes (T in the thousands) a few
+        dozen frames per chunk keeps a random window from decoding the whole episode.
+        """
         path = Path(path)
         obs_shape = tuple(int(s) for s in obs_shape)
         if len(obs_shape) != 3 or min(obs_shape) < 1:
@@ -85,8 +91,9 @@ class RolloutStore:
         for name, value in (("action_dim", action_dim), ("state_dim", state_dim)):
             if int(value) != value or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if episode_length is not None and (int(episode_length) != episode_length or episode_length < 1):
-            raise ValueError(f"episode_length must be a positive int, got {episode_length!r}")
+        for name, value in (("episode_length", episode_length), ("chunk_frames", chunk_frames)):
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"store path {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
         try:
@@ -104,6 +111,7 @@ class RolloutStore:
             "action_dim": int(action_dim),
             "state_dim": int(state_dim),
             "episode_length": None if episode_length is None else int(episode_length),
+            "chunk_frames": None if chunk_frames is None else int(chunk_frames),
             "n_episodes": 0,
         })
         store = cls(path, group, read_only=False)
@@ -184,6 +192,8 @@ class RolloutStore:
         self.episode_length = T
         for name, (shape, dtype) in self._expected_shapes().items():
             chunks = (_LENGTH_CHUNK,) if name == "length" else (1, *shape)
+            if name == "obs" and self._group.attrs.get("chunk_frames"):
+                chunks = (1, min(int(self._group.attrs["chunk_frames"]), T), *shape[1:])
             self._arrays[name] = self._group.create_array(
                 name, shape=(0, *shape), chunks=chunks, dtype=dtype, compressors=_compressor(), fill_value=0, overwrite=True
             )
