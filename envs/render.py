@@ -40,14 +40,29 @@ class Canvas:
         if warp is not None:
             x, y = warp(x, y)
         self.x, self.y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        self.warped = warp is not None
         self.background = np.asarray(background, np.float32)
 
     def blank(self) -> np.ndarray:
         """A fresh (H, W, 3) float32 image filled with the background colour."""
         return np.broadcast_to(self.background, (self.height, self.width, 3)).copy()
 
-    def _coverage(self, distance: np.ndarray, radius: float, min_radius_px: float) -> np.ndarray:
-        radius = max(radius, min_radius_px * self.pixel)
+    def _window(self, points: np.ndarray, reach: float) -> tuple[slice, slice]:
+        """Rows and columns of the pixels within ``reach`` (world units) of the points' bounding box;
+        everything outside gets zero coverage, so drawing only there is exact and cheaper."""
+        if self.warped:
+            return slice(None), slice(None)
+        lo, hi = points.min(0) - reach, points.max(0) + reach
+        col = lambda x: x / self.pixel + self.width / 2 - 0.5  # fractional column of world x
+        row = lambda y: self.height / 2 - 0.5 - y / self.pixel
+        c0, c1 = int(np.floor(col(lo[0]))), int(np.ceil(col(hi[0]))) + 1
+        r0, r1 = int(np.floor(row(hi[1]))), int(np.ceil(row(lo[1]))) + 1
+        return slice(min(max(r0, 0), self.height), min(max(r1, 0), self.height)), slice(min(max(c0, 0), self.width), min(max(c1, 0), self.width))
+
+    def _radius(self, radius: float, min_radius_px: float) -> float:
+        return max(radius, min_radius_px * self.pixel)
+
+    def _coverage(self, distance: np.ndarray, radius: float) -> np.ndarray:
         return np.clip((radius - distance) / self.pixel + 0.5, 0.0, 1.0)
 
     @staticmethod
@@ -58,18 +73,22 @@ class Canvas:
 
     def disc(self, image: np.ndarray, center, radius: float, color: RGB, min_radius_px: float = 0.75) -> None:
         """Draw a filled disc (soft edge) in place."""
-        d = np.hypot(self.x - np.float32(center[0]), self.y - np.float32(center[1]))
-        self._composite(image, self._coverage(d, radius, min_radius_px), color)
+        radius = self._radius(radius, min_radius_px)
+        rows, cols = self._window(np.array([center], np.float64), radius + self.pixel)
+        d = np.hypot(self.x[rows, cols] - np.float32(center[0]), self.y[rows, cols] - np.float32(center[1]))
+        self._composite(image[rows, cols], self._coverage(d, radius), color)
 
     def capsule(self, image: np.ndarray, start, end, radius: float, color: RGB, min_radius_px: float = 0.75) -> None:
         """Draw a thick line segment with round caps (soft edge) in place."""
+        radius = self._radius(radius, min_radius_px)
+        rows, cols = self._window(np.array([start, end], np.float64), radius + self.pixel)
         sx, sy = np.float32(start[0]), np.float32(start[1])
         dx, dy = np.float32(end[0]) - sx, np.float32(end[1]) - sy
-        px, py = self.x - sx, self.y - sy
+        px, py = self.x[rows, cols] - sx, self.y[rows, cols] - sy
         length2 = dx * dx + dy * dy
         s = np.clip((px * dx + py * dy) / length2, 0.0, 1.0) if length2 > 0 else np.zeros_like(px)
         d = np.hypot(px - s * dx, py - s * dy)
-        self._composite(image, self._coverage(d, radius, min_radius_px), color)
+        self._composite(image[rows, cols], self._coverage(d, radius), color)
 
     def gaussian(self, image: np.ndarray, center, sigma: float, color: RGB) -> None:
         """Draw an isotropic Gaussian blob exp(-|p - c|^2 / (2 sigma^2)) as alpha, in place."""

@@ -345,3 +345,21 @@ def test_gymnasium_env_checker_passes(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the advice to normalise Box action ranges
         check_env(make_env(name, image_size=16).unwrapped)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (17, 23), (8, 8)])
+def test_windowed_drawing_equals_full_frame_drawing(size):
+    """Shapes are rasterised only near their bounding box; an identity warp forces full-frame drawing."""
+    from worldmodel.envs.render import Canvas
+
+    fast, full = Canvas(size, 1.2), Canvas(size, 1.2, warp=lambda x, y: (x, y))
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        p, q, r = rng.uniform(-1.6, 1.6, 2), rng.uniform(-1.6, 1.6, 2), rng.uniform(0, 0.3)
+        images = []
+        for canvas in (fast, full):
+            image = canvas.blank()
+            canvas.capsule(image, p, q, r, (1.0, 1.0, 1.0))
+            canvas.disc(image, q, 2 * r, (1.0, 0.5, 0.2))
+            images.append(canvas.to_uint8(image))
+        np.testing.assert_array_equal(images[0], images[1])
