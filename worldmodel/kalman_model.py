@@ -119,7 +119,9 @@ class KalmanLatentModel(nn.Module):
         super().__init__()
         state_dim = 2 * obs_dim if state_dim is None else state_dim
         if obs_dim < 1 or state_dim < 1 or action_dim < 0:
-            raise ValueError(f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}")
+            raise ValueError(
+                f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}"
+            )
         if spectral_bound is not None and not spectral_bound > 0:
             raise ValueError(f"spectral_bound must be positive or None, got {spectral_bound}")
         self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
@@ -193,7 +195,9 @@ class KalmanLatentModel(nn.Module):
             return torch.diag_embed(R)
         if R.shape == (*shape, L, L):
             return R
-        raise ValueError(f"R must have shape {(*shape, L, L)} (full) or {(*shape, L)} (variances), got {tuple(R.shape)}")
+        raise ValueError(
+            f"R must have shape {(*shape, L, L)} (full) or {(*shape, L)} (variances), got {tuple(R.shape)}"
+        )
 
     # ---- sequences ------------------------------------------------------------------------------
     @_full_precision
@@ -252,7 +256,10 @@ class KalmanLatentModel(nn.Module):
         S = self.state_dim
         mean, cov = belief
         if mean.dim() != 2 or mean.shape[-1] != S or cov.shape[-2:] != (S, S):
-            raise ValueError(f"belief must have mean (B, {S}) and cov (B, {S}, {S}), got {tuple(mean.shape)}, {tuple(cov.shape)}")
+            raise ValueError(
+                f"belief must have mean (B, {S}) and cov (B, {S}, {S}), "
+                f"got {tuple(mean.shape)}, {tuple(cov.shape)}"
+            )
         return Gaussian(mean, cov.expand(mean.shape[0], S, S))
 
     @_full_precision
