@@ -10,7 +10,8 @@ Layout (one zarr v3 group):
     length  (N,)            int64     chunk (1024,)  valid steps of each episode (<= T, rest is padding)
 
 group attrs: format, format_version, env_id, env_kwargs, seed, obs_shape, action_dim, state_dim,
-episode_length (T, fixed by the first append unless given at create) and ``n_episodes``.
+episode_length (T, fixed by the first append unless given at create), chunk_frames, ``n_episodes``,
+and user metadata set with ``update_attrs`` (``collect`` adds ``make_env``).
 
 ``action[t]`` is the action taken after observing ``obs[t]`` (RL convention); ``reward[t]`` is the
 reward it earned.
