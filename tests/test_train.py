@@ -110,7 +110,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 # ------------------------------------------------------------------------------------------- training runs
-TINY_MODEL = ["--model.image-size", "16"]
+TINY_MODEL = ["--model.image-size", "16", "--model.depth", "4", "--model.latent-dim", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,8 @@ def test_ddp_two_ranks_match_one_rank_first_step_loss(tiny):
     one, two = (read_metrics(tiny.root / "runs" / name / "metrics.jsonl")[0] for name in ("ddp1", "ddp2"))
     assert one["step"] == two["step"] == 1
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
-    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5, abs=1e-6)
+    # measured after the first update, whose DDP-averaged gradient differs in the last bits (Adam amplifies)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------- bad input
