@@ -24,11 +24,13 @@ class SequenceWindows(Dataset):
         mask   bool    (L,)     True = frame observed (False: dropped frame)
 
     Safe with DataLoader workers: only the path is pickled; each process opens the store read-only on
-    first use and caches the small per-episode arrays (action, state, reward, mask) it touches.
+    first use and caches the small per-episode arrays (action, state, reward, mask) of up to 4096
+    episodes it touches.
     The set of episodes is fixed at construction (episodes appended later are not seen).
     """
 
     _LOW_DIM = ("action", "state", "reward", "mask")
+    _MAX_CACHED_EPISODES = 4096  # bounds the per-process cache of small arrays
 
     def __init__(self, store: RolloutStore | str | os.PathLike, length: int, episodes=None, frame_skip: int = 1):
         if not isinstance(store, RolloutStore):
@@ -85,6 +87,8 @@ class SequenceWindows(Dataset):
         j, start = self._locate(index)
         episode, n_steps = int(self.episodes[j]), int(self.lengths[j])
         if episode not in self._cache:
+            if len(self._cache) >= self._MAX_CACHED_EPISODES:
+                self._cache.clear()
             self._cache[episode] = store.window(episode, 0, n_steps, keys=self._LOW_DIM)
         low = self._cache[episode]
         k, L = self.frame_skip, self.length
