@@ -42,7 +42,7 @@ def true_state(env: gymnasium.Env, observation) -> np.ndarray:
         return np.array(observation, dtype=np.float64).reshape(-1)
 
 
-class PixelObservation(gymnasium.Wrapper):
+class PixelObservation(gymnasium.Wrapper, gymnasium.utils.RecordConstructorArgs):
     """Replace the observation of an ``render_mode="rgb_array"`` env by its rendered frame resized to
     ``image_size`` (uint8 (H, W, 3); the full frame is scaled, so the aspect ratio may change).
 
@@ -53,7 +53,8 @@ class PixelObservation(gymnasium.Wrapper):
     def __init__(self, env: gymnasium.Env, image_size: int | tuple[int, int] = 64):
         if env.render_mode != "rgb_array":
             raise ValueError(f"PixelObservation needs an env made with render_mode='rgb_array', got {env.render_mode!r}")
-        super().__init__(env)
+        gymnasium.utils.RecordConstructorArgs.__init__(self, image_size=image_size)
+        gymnasium.Wrapper.__init__(self, env)
         self.size = image_shape(image_size)
         self.observation_space = spaces.Box(0, 255, (*self.size, 3), np.uint8)
 
@@ -73,7 +74,7 @@ class PixelObservation(gymnasium.Wrapper):
         return self._frame(), reward, terminated, truncated, info
 
 
-class ObservationNoise(gymnasium.Wrapper):
+class ObservationNoise(gymnasium.Wrapper, gymnasium.utils.RecordConstructorArgs):
     """Corrupt uint8 frames; the true state in ``info`` is untouched. Applied in this order:
 
     - ``pixel_noise`` = s: i.i.d. Gaussian pixel noise, obs + 255 s N(0, 1), clipped to [0, 255].
@@ -86,7 +87,8 @@ class ObservationNoise(gymnasium.Wrapper):
       replaced by an all-zero (black) frame; ``info["dropped"]`` says so (always present). The
       collector stores mask = not dropped, which the Kalman filter treats as a missing observation.
 
-    Noise is drawn from the wrapper's own generator, seeded by ``reset(seed=...)``.
+    Noise is drawn from the wrapper's own generator, seeded by ``reset(seed=...)``. Both wrappers record
+    their arguments, so ``gymnasium.make(env.spec)`` rebuilds a wrapped env.
     """
 
     def __init__(self, env: gymnasium.Env, pixel_noise: float = 0.0, correlated_noise: float = 0.0, drop_prob: float = 0.0):
@@ -96,7 +98,8 @@ class ObservationNoise(gymnasium.Wrapper):
         space = env.observation_space
         if not (isinstance(space, spaces.Box) and space.dtype == np.uint8):
             raise ValueError(f"ObservationNoise needs uint8 image observations, got {space!r}")
-        super().__init__(env)
+        gymnasium.utils.RecordConstructorArgs.__init__(self, pixel_noise=pixel_noise, correlated_noise=correlated_noise, drop_prob=drop_prob)
+        gymnasium.Wrapper.__init__(self, env)
         self.pixel_noise, self.correlated_noise, self.drop_prob = float(pixel_noise), float(correlated_noise), float(drop_prob)
         self._rng = None
 

@@ -4,6 +4,7 @@ import importlib.util
 import subprocess
 import sys
 
+import gymnasium
 import numpy as np
 import pytest
 
@@ -31,9 +32,11 @@ def test_deterministic_under_seed(name, noise):
     f1, s1 = rollout(env, actions, seed=3)
     f2, s2 = rollout(make_env(name, image_size=32, **noise), actions, seed=3)
     f3, s3 = rollout(env, actions, seed=4)
+    f4, s4 = rollout(gymnasium.make(env.spec), actions, seed=3)  # the spec (with wrappers) rebuilds the env
     assert f1.dtype == np.uint8 and f1.shape == (21, 32, 32, 3)
     np.testing.assert_array_equal(f1, f2)
     np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(f1, f4)
     assert not np.allclose(s1[0], s3[0])
 
 
