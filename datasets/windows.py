@@ -35,17 +35,18 @@ class SequenceWindows(Dataset):
     def __init__(self, store: RolloutStore | str | os.PathLike, length: int, episodes=None, frame_skip: int = 1):
         if not isinstance(store, RolloutStore):
             store = RolloutStore.open(store, read_only=True)
-        if int(frame_skip) != frame_skip or frame_skip < 1:
+        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        if not integral(frame_skip) or frame_skip < 1:
             raise ValueError(f"frame_skip must be a positive int, got {frame_skip!r}")
         self.path, self.frame_skip = store.path, int(frame_skip)
         T = store.episode_length or 0
-        span = (int(length) - 1) * self.frame_skip + 1 if int(length) == length else 0
-        if int(length) != length or length < 1 or span > T:
+        max_length = (T - 1) // self.frame_skip + 1 if T else 0
+        if not integral(length) or not 1 <= length <= max_length:
             raise ValueError(
-                f"length must be an int in [1, {(T - 1) // self.frame_skip + 1 if T else 0}] for episode_length={T} "
-                f"and frame_skip={self.frame_skip}, got {length!r}"
+                f"length must be an int in [1, {max_length}] for episode_length={T} and frame_skip={self.frame_skip}, "
+                f"got {length!r}"
             )
-        self.length, self.span = int(length), span
+        self.length, self.span = int(length), (int(length) - 1) * self.frame_skip + 1
         all_episodes = np.arange(len(store))
         episodes = all_episodes if episodes is None else np.asarray(episodes, np.int64).reshape(-1)
         if episodes.size and (episodes.min() < 0 or episodes.max() >= len(store)):

@@ -241,6 +241,8 @@ def test_windows_bad_arguments(tmp_path):
         SequenceWindows(store, length=0)
     with pytest.raises(ValueError, match="length must be an int in \\[1, 6\\]"):
         SequenceWindows(store, length=7, frame_skip=2)
+    with pytest.raises(ValueError, match="length must be"):
+        SequenceWindows(store, length=2.5)
     with pytest.raises(ValueError, match="frame_skip"):
         SequenceWindows(store, length=2, frame_skip=0)
     with pytest.raises(ValueError, match="episodes must be indices"):
