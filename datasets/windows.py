@@ -52,7 +52,7 @@ class SequenceWindows(Dataset):
         if episodes.size and (episodes.min() < 0 or episodes.max() >= len(store)):
             raise ValueError(f"episodes must be indices in [0, {len(store)}), got min {episodes.min()} max {episodes.max()}")
         lengths = store.lengths()[episodes] if episodes.size else np.zeros(0, np.int64)
-        counts = np.maximum(lengths - span + 1, 0)
+        counts = np.maximum(lengths - self.span + 1, 0)
         keep = counts > 0
         self.episodes, self.lengths = episodes[keep], lengths[keep]
         self._offsets = np.concatenate([[0], np.cumsum(counts[keep])])
