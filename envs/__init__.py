@@ -3,6 +3,18 @@
 ``make_env(name, image_size=64, **kwargs)`` builds any of them. Our simulated envs are registered
 with gymnasium under ``worldmodel/<Name>-v0`` (e.g. ``gymnasium.make("worldmodel/Pendulum-v0")``).
 Observations are uint8 (H, W, 3); ``info["state"]`` is a float64 vector, for evaluation only.
+
+    name          action                       info["state"]
+    pendulum      Box(-2, 2, (1,)) torque      (theta, theta_dot), theta = 0 hanging down
+    balls         none (shape (0,))            (x_1, y_1, .., x_n, y_n, vx_1, vy_1, .., vx_n, vy_n)
+    nlink         Box(-1, 1, (n,)) joint torques  (theta_1..theta_n, theta_dot_1..theta_dot_n), absolute
+    dot_figure8   none                         (x, y) on (cos phi, sin phi cos phi)
+    dot_square    none                         (x, y) on the square with corners (+-1, +-1)
+    dot_swirl     none                         (x, y) of a nonlinear 2-D system, seen through a swirl
+    cartpole, gym_pendulum, acrobot (or any rgb_array gymnasium id): the env's action space,
+                  its ``unwrapped.state`` (needs pygame for rendering)
+
+Noise: ``make_env(..., pixel_noise=s, correlated_noise=r, drop_prob=p)`` (see ``ObservationNoise``).
 """
 
 from __future__ import annotations
