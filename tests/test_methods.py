@@ -15,6 +15,15 @@ from worldmodel.methods import PRESETS, make
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only cost synchronisation (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
@@ -172,3 +181,76 @@ def test_every_preset_runs_forward_backward():
         out.loss.backward()
         assert torch.isfinite(out.loss) and set(out.logs) >= {"loss", "alignment", "entropy"}
         assert encoder.weight.grad.abs().sum() > 0, name
+
+
+# -- collapse: a tiny encoder trained on synthetic pairs / sequences -------------------------------
+SPHERE_PRESETS = ("simclr", "byol", "simsiam")  # collapse is measured on the unit sphere
+
+
+def synthetic_batch(name, mixing, g, n=64):
+    """Pairs (x, x + noise) of 4 Gaussian factors seen through `mixing` (8 x 4); sequences of two
+    damped 2-D rotations for the sequence presets; Laplace sources, square mixing, for ica."""
+    if name == "ica":
+        return (torch.distributions.Laplace(0.0, 1.0).sample((n, 1, 4)) @ mixing[:4].T).contiguous()
+    s = torch.randn(n, 4, generator=g)
+    if name.startswith("kalman") or name == "cpc":
+        c, si = 0.95 * math.cos(0.3), 0.95 * math.sin(0.3)
+        rot = torch.tensor([[c, -si], [si, c]])
+        steps = [s]
+        for _ in range(4):
+            s = torch.cat([s[:, :2] @ rot.T, s[:, 2:] @ rot], 1) + 0.3 * torch.randn(n, 4, generator=g)
+            steps.append(s)
+        s = torch.stack(steps, 1)
+    else:
+        s = torch.stack([s, s + 0.2 * torch.randn(n, 4, generator=g)], 1)
+    return s @ mixing.T
+
+
+def train_std_ratio(name, steps=200, **overrides):
+    """Latent std (mean over dims, held-out batch) after / before `steps` Adam steps."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    mixing = torch.randn(8, 4, generator=g)
+    if name == "ica":
+        encoder = nn.Linear(4, 4, bias=False)
+        loss = make(name, 4, encoder=encoder, **overrides)
+    else:
+        encoder = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        loss = make(name, 4, **overrides)
+    ema = None
+    if loss.target_ema is not None:  # what WorldModel does for byol / jepa
+        ema = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).requires_grad_(False)
+        ema.load_state_dict(encoder.state_dict())
+    opt = torch.optim.Adam([*encoder.parameters(), *loss.parameters()], lr=3e-3)
+
+    def latent_std(x):
+        with torch.no_grad():
+            z = encoder(x)
+            z = F.normalize(z, dim=-1) if name in SPHERE_PRESETS else z
+            return z.flatten(0, 1).std(0).mean().item()
+
+    held_out = synthetic_batch(name, mixing, torch.Generator().manual_seed(2), n=256)
+    before = latent_std(held_out)
+    for _ in range(steps):
+        x = synthetic_batch(name, mixing, g)
+        out = loss(encoder(x), target=None if ema is None else ema(x))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), encoder.parameters()):
+                    p_ema.lerp_(p, 1 - loss.target_ema)
+    return latent_std(held_out) / before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vicreg", "simclr", "kalman_knn"])
+def test_without_entropy_the_encoder_collapses(name):
+    assert train_std_ratio(name, entropy=None) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_no_preset_collapses(name):
+    assert train_std_ratio(name) > 0.2
