@@ -44,7 +44,9 @@ class EvalConfig:
     """Final evaluation: held-out linear readout R^2 and k-step predictive NLL / coverage."""
 
     ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "prediction horizons k to report"})
-    burn_in: int = field(default=5, metadata={"help": "filter steps before the first k-step prediction"})
+    burn_in: int = field(default=5, metadata={
+        "help": "first steps of every episode left out of readout fits and scores, and before the first k-step "
+                "prediction (filter warm-up)"})
     baselines: tuple[str, ...] = field(default=("untrained",), metadata={
         "help": "rows added to the readout table: 'untrained' (the initial encoder), a preset name of "
                 "worldmodel.methods (trained now with this config, e.g. vicreg) or a run directory"})
@@ -82,12 +84,12 @@ class TrainConfig:
     env: str = field(default="pendulum", metadata={"help": "environment of worldmodel.envs used to build the data"})
     env_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON keyword arguments of make_env"})
     train_episodes: int = field(default=200, metadata={"help": "episodes used for training (the first ones)"})
-    val_episodes: int = field(default=20, metadata={"help": "held-out episodes (after the training ones)"})
+    val_episodes: int = field(default=40, metadata={"help": "held-out episodes (after the training ones)"})
     episode_length: int = field(default=100, metadata={"help": "steps per collected episode"})
     window: int = field(default=32, metadata={"help": "training sequence length L"})
-    batch_size: int = field(default=32, metadata={"help": "global batch of windows per step (split over ranks)"})
+    batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the encoder (AdamW)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate of the encoder (AdamW)"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -95,7 +97,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of the model init, window sampling and data collection"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading windows"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training loss"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training loss (minutes of compilation on CPU)"})
     log_every: int = field(default=25, metadata={"help": "steps between metrics.jsonl records"})
     ckpt_every: int = field(default=250, metadata={"help": "steps between periodic checkpoints"})
     max_steps: int | None = field(default=None, metadata={
@@ -662,8 +664,11 @@ def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: di
     y_val, _ = readout_targets(cfg, val_data["state"])
 
     def r2(m: WorldModel) -> list[float]:
-        return [float(v) for v in linear_r2(readout_features(m, train_data, cfg.eval.batch_size), y_train,
-                                            readout_features(m, val_data, cfg.eval.batch_size), y_val)]
+        skip = cfg.eval.burn_in
+        return [float(v) for v in linear_r2(readout_features(m, train_data, cfg.eval.batch_size)[:, skip:],
+                                            y_train[:, skip:],
+                                            readout_features(m, val_data, cfg.eval.batch_size)[:, skip:],
+                                            y_val[:, skip:])]
 
     results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(model)}, "predictive": {}}
     device = next(model.parameters()).device
@@ -733,7 +738,8 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
 
     y_train, names = readout_targets(cfg, train_data["state"])
-    w, c = fit_readout(readout_features(model, train_data, cfg.eval.batch_size), y_train)
+    skip = cfg.eval.burn_in
+    w, c = fit_readout(readout_features(model, train_data, cfg.eval.batch_size)[:, skip:], y_train[:, skip:])
     val_features = readout_features(model, val_data, cfg.eval.batch_size)
     y_val, _ = readout_targets(cfg, val_data["state"][:1])
     paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
@@ -820,7 +826,8 @@ def replay_filter(cfg: TrainConfig) -> Path:
         covs.append(belief.cov[0].double().cpu())
     mean, cov = torch.stack(means), torch.stack(covs)
     y_train, names = readout_targets(run_cfg, train_data["state"])
-    w, c = fit_readout(readout_features(model, train_data, run_cfg.eval.batch_size), y_train)
+    skip = run_cfg.eval.burn_in
+    w, c = fit_readout(readout_features(model, train_data, run_cfg.eval.batch_size)[:, skip:], y_train[:, skip:])
     readout_std = torch.einsum("fd,tfg,gd->td", w, cov, w).clamp_min(0).sqrt()
     y, _ = readout_targets(run_cfg, episode["state"])
     path = plots.filter_replay(y, mean @ w + c, readout_std, observed, cfg.run_dir / "filter.png", names=names)
