@@ -16,7 +16,8 @@ and user metadata set with ``update_attrs`` (``collect`` adds ``make_env``).
 ``action[t]`` is the action taken after observing ``obs[t]`` (RL convention); ``reward[t]`` is the
 reward it earned.
 
-Atomic append: episode k = n_episodes is written to index k of every array (growing them first),
+Atomic append: episode k = n_episodes is written to index k of every array (growing their capacity
+geometrically first, so arrays may be allocated beyond n_episodes; unwritten chunks cost no disk),
 and only then committed by rewriting the group attrs with ``n_episodes = k + 1`` (zarr's local store
 writes every file to a temporary name and renames it into place, so each file is either old or new).
 Readers trust only episodes < n_episodes. A crash mid-append leaves at most an invisible partial
@@ -188,6 +189,13 @@ class RolloutStore:
                     f"corrupt rollout store at {str(self.path)!r}: array {name!r} has shape {array.shape} and dtype "
                     f"{array.dtype}, expected (>= {self._count}, {', '.join(map(str, shape))}) of {dtype}"
                 )
+        lengths = self.lengths()
+        if lengths.size and not (1 <= lengths.min() and lengths.max() <= self.episode_length):
+            first = int(np.argmax((lengths < 1) | (lengths > self.episode_length)))
+            raise ValueError(
+                f"corrupt rollout store at {str(self.path)!r}: episode {first} has length {lengths[first]} "
+                f"(n_episodes={self._count} claims episodes that were never written?)"
+            )
 
     def _create_arrays(self, T: int) -> None:
         self.episode_length = T
@@ -258,17 +266,15 @@ class RolloutStore:
         if self.episode_length is None:
             self._create_arrays(T)
         k = self._count
-        for name, value in arrays.items():
+        for name in (*arrays, "length"):  # grow capacity geometrically: few metadata rewrites
             array = self._array(name)
             if array.shape[0] < k + 1:
-                array.resize((k + 1, *array.shape[1:]))
+                array.resize((max(k + 1, 2 * array.shape[0], 8), *array.shape[1:]))
+        for name, value in arrays.items():
             if t < T:
                 value = np.concatenate([value, np.zeros((T - t, *value.shape[1:]), value.dtype)])
-            array[k] = value
-        lengths = self._array("length")
-        if lengths.shape[0] < k + 1:
-            lengths.resize((k + 1,))
-        lengths[k] = t
+            self._array(name)[k] = value
+        self._array("length")[k] = t
         self._group.attrs["n_episodes"] = k + 1  # the commit: one atomic metadata write
         self._count = k + 1
         return k

@@ -130,9 +130,22 @@ def test_open_missing_corrupt_and_unknown_version(tmp_path):
     edit_attrs(n_episodes="three")
     with pytest.raises(ValueError, match="corrupt.*n_episodes"):
         RolloutStore.open(path)
-    edit_attrs(n_episodes=5)  # claims more episodes than the arrays hold
+    edit_attrs(n_episodes=5)  # claims more episodes than were written
+    with pytest.raises(ValueError, match="corrupt.*episode 1 has length 0"):
+        RolloutStore.open(path)
+    edit_attrs(n_episodes=50)  # more than the arrays can hold
     with pytest.raises(ValueError, match="corrupt.*array 'obs' has shape"):
         RolloutStore.open(path)
+    edit_attrs()
+    obs_meta = path / "obs" / "zarr.json"
+    original_obs = obs_meta.read_text()
+    meta = json.loads(original_obs)
+    meta["shape"][1] += 1  # inconsistent episode length
+    obs_meta.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="corrupt.*array 'obs' has shape"):
+        RolloutStore.open(path)
+    obs_meta.write_text(original_obs)
+    RolloutStore.open(path)  # intact again
     edit_attrs(format="something-else")
     with pytest.raises(ValueError, match="not a ldm-worldmodel/rollouts store"):
         RolloutStore.open(path)
