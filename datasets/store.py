@@ -96,6 +96,8 @@ class RolloutStore:
         for name, value in (("episode_length", episode_length), ("chunk_frames", chunk_frames)):
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"store path {str(path)!r} is a file, not a directory")
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"store path {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
         try:

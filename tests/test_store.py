@@ -62,6 +62,14 @@ def test_round_trip_and_metadata(tmp_path):
         reopened.episode(4)
     with pytest.raises(PermissionError):
         reopened.append(**fake_episode(5))
+    writable = RolloutStore.open(tmp_path / "s.zarr")
+    writable.update_attrs(note="hello", env_kwargs={"a": 1})
+    assert RolloutStore.open(tmp_path / "s.zarr").meta["note"] == "hello"
+    with pytest.raises(ValueError, match="layout"):
+        writable.update_attrs(n_episodes=10)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        new_store(tmp_path / "file")
     # episodes are compressed, one chunk file per episode for obs
     obs_chunks = [f for f in (tmp_path / "s.zarr" / "obs").rglob("*") if f.is_file() and f.name != "zarr.json"]
     assert len(obs_chunks) == 4
