@@ -121,3 +121,9 @@ def test_bad_input_raises():
         E.kde(torch.randn(3, 4), exclude_self=True)
     with pytest.raises(ValueError, match="square"):
         E.jacobian(torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("estimator", [E.logdet, E.knn, lambda x: E.knn(x, clip_quantile=0.9)])
+def test_leading_dims_are_independent_sample_sets(estimator):
+    x = torch.randn(3, 20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(estimator(x), torch.stack([estimator(s) for s in x]))

@@ -17,25 +17,28 @@ __all__ = ["logdet", "kde", "knn", "plugin", "jacobian", "pairwise_sq_dists"]
 
 
 def _check_samples(x: Tensor, name: str, min_n: int) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name}: x must be (N, D), got shape {tuple(x.shape)}")
-    if x.shape[0] < min_n:
-        raise ValueError(f"{name}: needs at least {min_n} samples, got N={x.shape[0]}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: x must be (..., N, D), got shape {tuple(x.shape)}")
+    if x.shape[-2] < min_n:
+        raise ValueError(f"{name}: needs at least {min_n} samples, got N={x.shape[-2]}")
 
 
 def logdet(x: Tensor, eps: float = 1e-4) -> Tensor:
-    """Gaussian plug-in entropy of x (N, D): H = 1/2 logdet(Cov + eps I) + D/2 log(2 pi e).
+    """Gaussian plug-in entropy of x (..., N, D) -> (...): H = 1/2 logdet(Cov + eps I) + D/2 log(2 pi e).
 
-    Cov is the unbiased sample covariance. Exact for a Gaussian as N -> inf (bias O(D^2/N)).
+    Cov is the unbiased sample covariance (leading dims are independent sample sets). Exact for a Gaussian as N -> inf (bias O(D^2/N)).
     VICReg's variance/covariance terms are its second-order Taylor expansion around Cov = I
     (Bardes et al. 2022, "VICReg", ICLR; Mikulasch & Zenke 2026, LDM, arXiv 2605.03517).
     """
     _check_samples(x, "logdet", 2)
-    n, d = x.shape
-    xc = x - x.mean(dim=0)
-    cov = xc.T @ xc / (n - 1) + eps * torch.eye(d, dtype=x.dtype, device=x.device)
+    n, d = x.shape[-2:]
+    xc = x - x.mean(dim=-2, keepdim=True)
+    cov = xc.transpose(-1, -2) @ xc / (n - 1) + eps * torch.eye(d, dtype=x.dtype, device=x.device)
     chol, info = torch.linalg.cholesky_ex(cov)
-    log_det = 2 * chol.diagonal().log().sum() if not bool(info) else torch.linalg.slogdet(cov)[1]
+    if bool(info.any()):  # singular without eps: fall back to the LU route
+        log_det = torch.linalg.slogdet(cov)[1]
+    else:
+        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return 0.5 * log_det + 0.5 * d * math.log(2 * math.pi * math.e)
 
 
@@ -74,7 +77,7 @@ def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
 
 
 def knn(x: Tensor, k: int = 3, clip_quantile: float | None = None) -> Tensor:
-    """Kozachenko-Leonenko k-nearest-neighbour entropy of x (N, D):
+    """Kozachenko-Leonenko k-nearest-neighbour entropy of x (..., N, D) -> (...):
 
         H = psi(N) - psi(k) + log V_D + D/N sum_i log eps_i,   V_D = pi^(D/2) / Gamma(D/2 + 1),
 
@@ -84,17 +87,17 @@ def knn(x: Tensor, k: int = 3, clip_quantile: float | None = None) -> Tensor:
     beyond it), which keeps outliers from dominating the gradient; it biases the value downwards.
     """
     _check_samples(x, "knn", k + 1)
-    n, d = x.shape
-    xc = x - x.mean(dim=0).detach()
+    n, d = x.shape[-2:]
+    xc = x - x.mean(dim=-2, keepdim=True).detach()
     sq = pairwise_sq_dists(xc, xc)
     sq = sq.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), math.inf)
-    sq_k = sq.topk(k, dim=1, largest=False).values[:, -1]
+    sq_k = sq.topk(k, dim=-1, largest=False).values[..., -1]
     log_eps = 0.5 * sq_k.clamp_min(torch.finfo(x.dtype).tiny ** 0.5).log()
     if clip_quantile is not None:
-        log_eps = log_eps.clamp_max(torch.quantile(log_eps.detach(), clip_quantile))
+        log_eps = torch.minimum(log_eps, torch.quantile(log_eps.detach(), clip_quantile, dim=-1, keepdim=True))
     log_unit_ball = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
     digamma = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64)).tolist()
-    return digamma[0] - digamma[1] + log_unit_ball + d * log_eps.mean()
+    return digamma[0] - digamma[1] + log_unit_ball + d * log_eps.mean(-1)
 
 
 def plugin(z: Tensor, target: Tensor | None = None) -> Tensor:

@@ -181,8 +181,10 @@ class LDMLoss(nn.Module):
 
     def _sample_entropy(self, z: Tensor, mask: Tensor | None) -> Tensor:
         estimate = _SAMPLE_ESTIMATORS[self.entropy]
+        if self.mi and mask is None:  # all steps at once: (T, B, d) -> (T,)
+            return estimate(rearrange(z, "b t d -> t b d"), **self.entropy_kwargs).mean()
         if self.mi:
-            steps = [z[:, t] if mask is None else z[:, t][mask[:, t]] for t in range(z.shape[1])]
+            steps = [z[:, t][mask[:, t]] for t in range(z.shape[1])]
             return torch.stack([estimate(x, **self.entropy_kwargs) for x in steps]).mean()
         w = self._window(z)
         windows = rearrange(z.unfold(1, w, 1), "b n d w -> (b n) (w d)")
