@@ -214,3 +214,24 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
         train.main(tiny("empty", "--data", str(tmp_path / "empty.zarr")))
     with pytest.raises(SystemExit, match="no run at"):
         train.main(["eval", *tiny("missing")])
+
+
+@pytest.mark.slow
+def test_streamed_windows_equal_in_memory_windows(tiny):
+    from worldmodel.datasets import SequenceWindows
+    from worldmodel.training import ensure_dataset, load_split, train_batches
+
+    _, cfg = train.parse_args(tiny("stream"))
+    store = ensure_dataset(cfg)
+    train_data, _ = load_split(store, cfg)
+    windows = SequenceWindows(store, cfg.window, episodes=range(cfg.train_episodes))
+    sampler = WindowSampler(len(windows), cfg.batch_size, cfg.seed)
+    memory = list(train_batches(cfg, windows, train_data, sampler, start=2, stop=5))
+    streamed = list(train_batches(dataclasses.replace(cfg, num_workers=1), windows, train_data, sampler, 2, 5))
+    assert len(memory) == len(streamed) == 3
+    for a, b in zip(memory, streamed):
+        for key in ("obs", "action", "state", "mask"):
+            assert torch.equal(a[key], b[key]), key
+    # and they are the windows SequenceWindows itself returns for the sampled indices of step 3
+    first = [windows[i] for i in sampler(3)]
+    assert torch.equal(memory[0]["obs"], torch.stack([w["obs"] for w in first]))

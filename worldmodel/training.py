@@ -453,6 +453,8 @@ def _prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
             _log(f"run {str(run_dir)!r} already finished {ckpt['step']} steps")
     elif cfg.resume:
         _log(f"no checkpoint in {str(run_dir)!r}; starting from scratch")
+    elif ckpt_path.is_file():
+        _log(f"note: starting {str(run_dir)!r} over (its checkpoint is replaced; --resume would continue it)")
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -516,7 +518,7 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     batches = train_batches(cfg, windows, train_data, sampler, start, stop_at)
     metrics_path = cfg.run_dir / "metrics.jsonl"
     sums: dict[str, float] = {}
-    count, t0, step = 0, time.time(), start
+    count, t0, t_log, step = 0, time.time(), time.time(), start
     bar = tqdm(total=stop_at, initial=start, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
 
     def save(at: int) -> None:
@@ -546,7 +548,10 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
                 record = _reduce_mean({k: v / count for k, v in sums.items()})
                 if val_batch is not None:
                     record["val_loss"] = _validation_loss(model, val_batch, device)
-                record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(time.time() - t0, 3))
+                now = time.time()
+                record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(now - t0, 3),
+                              frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
+                t_log = now
                 if rank == 0:
                     _append_jsonl(metrics_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
@@ -732,7 +737,7 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
 
     run_dir = cfg.run_dir
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s"})
+    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"})
     curves = {k: [r[k] for r in records if k in r] for k in keys}
     steps = {k: [r["step"] for r in records if k in r] for k in keys}
     paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
