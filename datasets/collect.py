@@ -159,6 +159,8 @@ def collect(
         raise ValueError(f"seed={seed} differs from the seed {store.meta['seed']} this store was collected with")
     if store.episode_length not in (None, T):
         raise ValueError(f"T={T} differs from the store's episode_length {store.episode_length}")
+    if store.episode_length is None:
+        store.set_episode_length(T)
     if store.meta.get("seed") is None:
         store.update_attrs(seed=seed)
     if tuple(env.observation_space.shape) != store.obs_shape:

@@ -120,7 +120,7 @@ class RolloutStore:
         })
         store = cls(path, group, read_only=False)
         if episode_length is not None:
-            store._create_arrays(int(episode_length))
+            store.set_episode_length(int(episode_length))
         return store
 
     @classmethod
@@ -198,6 +198,14 @@ class RolloutStore:
                 f"corrupt rollout store at {str(self.path)!r}: episode {first} has length {lengths[first]} "
                 f"(n_episodes={self._count} claims episodes that were never written?)"
             )
+
+    def set_episode_length(self, T: int) -> None:
+        """Fix the episode length T of an empty store (otherwise the first append fixes it)."""
+        if self.episode_length is not None:
+            raise ValueError(f"episode_length is already {self.episode_length}")
+        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+            raise ValueError(f"T must be a positive int, got {T!r}")
+        self._create_arrays(int(T))
 
     def _create_arrays(self, T: int) -> None:
         self.episode_length = T

@@ -334,6 +334,28 @@ def test_policies_are_seeded_smooth_and_in_bounds():
     assert len(unclipped) > 0.9 * len(traces["ou"])
 
 
+def test_collect_keeps_early_terminated_episodes_with_their_length(tmp_path):
+    import gymnasium
+
+    class Terminating(gymnasium.Wrapper):  # episode i ends after 3 + 2 i steps
+        def reset(self, **kw):
+            self.t, self.limit = 0, 3 + 2 * (kw["seed"] % 3)
+            return self.env.reset(**kw)
+
+        def step(self, action):
+            obs, r, term, trunc, info = self.env.step(action)
+            self.t += 1
+            return obs, r, self.t >= self.limit, trunc, info
+
+    env = Terminating(make_env("pendulum", image_size=8))
+    store = collect(env, ou_policy(env), 6, 8, tmp_path / "t.zarr", seed=0, progress=False)
+    lengths = store.lengths()
+    assert store.episode_length == 8 and set(lengths) <= {3, 5, 7} and len(set(lengths)) > 1
+    assert all(len(store.episode(i)["obs"]) == n for i, n in enumerate(lengths))
+    windows = SequenceWindows(store, length=4)
+    assert len(windows) == sum(max(n - 3, 0) for n in lengths)
+
+
 def test_collect_uncontrolled_env_with_frame_drops(tmp_path):
     env = make_env("balls", image_size=16, drop_prob=0.5)
     store = collect(env, random_policy(env), 2, 20, tmp_path / "balls.zarr", seed=0, progress=False)
