@@ -167,6 +167,8 @@ def collect(
         raise ValueError(f"env observation shape {env.observation_space.shape} differs from the store's {store.obs_shape}")
     space = env.action_space
     a_dim = action_dim(space)
+    if a_dim != store.action_dim:
+        raise ValueError(f"env action width {a_dim} differs from the store's action_dim {store.action_dim}")
     start = len(store)
     for episode in tqdm(range(start, n_episodes), initial=start, total=n_episodes, disable=not progress, desc="collect", unit="ep"):
         env_seed, policy_seed = episode_seeds(seed, episode)

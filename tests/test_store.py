@@ -311,6 +311,8 @@ def test_collect_resumes_to_the_uninterrupted_result(tmp_path):
     np.testing.assert_array_equal(rebuilt.reset(seed=episode_seeds(3, 0)[0])[0], full.episode(0)["obs"][0])
     with pytest.raises(ValueError, match="seed=4 differs"):
         collect(env, ou_policy(env), 5, 10, tmp_path / "part.zarr", seed=4, progress=False)
+    with pytest.raises(ValueError, match="action width 2 differs"):
+        collect(make_env("nlink", image_size=16), random_policy(env), 5, 10, tmp_path / "part.zarr", seed=3, progress=False)
     with pytest.raises(ValueError, match="T=11 differs"):
         collect(env, ou_policy(env), 5, 11, tmp_path / "part.zarr", seed=3, progress=False)
 
