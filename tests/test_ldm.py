@@ -175,3 +175,12 @@ def test_bad_input_raises_clear_errors():
         LDMLoss(factorized(), "kde", mi=True)
     with pytest.raises(ValueError, match="entropy_kwargs"):
         LDMLoss(plane(), "logdet", entropy_kwargs={"k": 3})
+
+
+def test_sphere_entropies_are_measured_on_the_sphere():
+    z = torch.randn(50, 2, 3, generator=torch.Generator().manual_seed(0))
+    out = make("simclr", 3, entropy="logdet", mi=True)(z)
+    x = torch.nn.functional.normalize(z, dim=-1)
+    ref = (E.logdet(x[:, 0]) + E.logdet(x[:, 1])) / 2 / 3
+    torch.testing.assert_close(out.entropy, ref)
+    torch.testing.assert_close(make("simclr", 3, entropy="logdet", mi=True)(10 * z).loss, out.loss)  # scale-free

@@ -72,6 +72,11 @@ class TransitionModel(nn.Module):
         """True when log k(a, b) = log k(b, a) (no network between context and target)."""
         return self.networks is None
 
+    def project(self, z: Tensor) -> Tensor:
+        """Latents on the model's support, where entropies are measured: the unit sphere for the
+        vmf kernel (so sphere + logdet/knn estimate an entropy on the sphere), else unchanged."""
+        return nn.functional.normalize(z, dim=-1, eps=1e-8) if self.kernel == "vmf" else z
+
     def predict(self, context: Tensor, step: int = 1) -> Tensor:
         """The kernel centre for z_{t+step} given z_t = context (..., d)."""
         if not 1 <= step <= self.steps:

@@ -172,6 +172,8 @@ class LDMLoss(nn.Module):
             if self.encoder is None:
                 raise ValueError("entropy='jacobian' needs the linear encoder: make('ica', dim, encoder=...)")
             return estimators.jacobian(self.encoder.weight).to(z.dtype)
+        if self.kind == "transition":
+            z = self.latent_model.project(z)
         if self.gather:
             z = gather(z)
             mask = None if mask is None else gather(mask.to(torch.uint8)).bool()
