@@ -144,6 +144,8 @@ def test_bad_input_raises_clear_errors():
         vicreg(torch.randn(8, 3))
     with pytest.raises(ValueError, match=r"z must be a float tensor"):
         vicreg(torch.ones(8, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="latent dimension 4 does not match"):
+        make("byol", 3)(torch.randn(8, 2, 4))
     with pytest.raises(ValueError, match="needs T >= 2"):
         vicreg(torch.randn(8, 1, 3))
     with pytest.raises(ValueError, match="needs T >= 3"):

@@ -65,6 +65,7 @@ class LDMLoss(nn.Module):
         encoder: the invertible linear encoder (module with a square `.weight`) for `jacobian`.
             Not registered as a submodule: its owner holds (and saves) its parameters.
         gather: gather latents over ranks for batch estimators when torch.distributed is on.
+        dim: the latent dimension d, if fixed (`make` sets it); forward then checks z against it.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class LDMLoss(nn.Module):
         target_ema: float | None = None,
         encoder: nn.Module | None = None,
         gather: bool = True,
+        dim: int | None = None,
     ):
         super().__init__()
         if entropy is not None and entropy not in ENTROPIES:
@@ -112,7 +114,7 @@ class LDMLoss(nn.Module):
             raise ValueError(f"target_ema must be in [0, 1) and needs entropy='plugin', got {target_ema}")
         self.latent_model = latent_model
         self.entropy, self.mi, self.entropy_kwargs = entropy, bool(mi), options
-        self.window, self.target_ema, self.gather = window, target_ema, gather
+        self.window, self.target_ema, self.gather, self.dim = window, target_ema, gather, dim
         object.__setattr__(self, "encoder", encoder)
 
     def forward(
@@ -227,6 +229,8 @@ class LDMLoss(nn.Module):
         if not isinstance(z, Tensor) or z.dim() != 3 or not z.is_floating_point():
             raise ValueError(f"z must be a float tensor (B, T, d), got {_describe(z)}")
         B, T, d = z.shape
+        if self.dim is not None and d != self.dim:
+            raise ValueError(f"z: latent dimension {d} does not match this loss (dim={self.dim})")
         if self.kind == "transition" and T < self.latent_model.steps + 1:
             raise ValueError(
                 f"z: this latent model pairs z_t with z_(t+k) for k <= {self.latent_model.steps}, "

@@ -85,7 +85,7 @@ def make(name: str, dim: int, **overrides) -> LDMLoss:
     if preset is None:
         valid = {"sim_coeff", "std_coeff", "cov_coeff", "gather"}
         _reject_unknown(name, overrides, valid)
-        return VICRegLoss(**overrides)
+        return VICRegLoss(dim=dim, **overrides)
     entropy = overrides.pop("entropy", preset.entropy)
     model_options = _model_options(preset.model)
     estimator_options = _ESTIMATOR_OPTIONS.get(entropy, set())
@@ -103,7 +103,7 @@ def make(name: str, dim: int, **overrides) -> LDMLoss:
     defaults = {**preset.loss_kwargs, "mi": preset.mi} if entropy == preset.entropy else {}
     options = {**defaults, **{k: v for k, v in overrides.items() if k not in model_options}}
     entropy_kwargs = {k: options.pop(k) for k in list(options) if k in estimator_options}
-    return LDMLoss(latent_model, entropy, entropy_kwargs=entropy_kwargs, **options)
+    return LDMLoss(latent_model, entropy, entropy_kwargs=entropy_kwargs, dim=dim, **options)
 
 
 def _reject_unknown(name: str, overrides: dict, valid: set[str]) -> None:
@@ -125,8 +125,15 @@ class VICRegLoss(LDMLoss):
     alignment = -sim_coeff * invariance, entropy = -(std_coeff * variance + cov_coeff * covariance).
     """
 
-    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gather: bool = True):
-        super().__init__(plane(), entropy=None, gather=gather)
+    def __init__(
+        self,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        gather: bool = True,
+        dim: int | None = None,
+    ):
+        super().__init__(plane(), entropy=None, gather=gather, dim=dim)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
     def forward(self, z: Tensor, u=None, mask=None, target=None, R=None) -> LossOutput:
