@@ -18,6 +18,11 @@
 `make(name, dim, **overrides)` forwards overrides to the latent model (e.g. sigma, beta, kind,
 hidden, steps, source, or KalmanLatentModel's action_dim, state_dim, ...), to the estimator (eps;
 k, clip_quantile) and to LDMLoss (entropy, mi, window, target_ema, encoder, gather).
+
+The paper's 8-combination ablation (plane/sphere x logdet/kde x LDM/MI) is
+make("vicreg" | "simclr", dim, entropy="logdet" | "kde", mi=False | True). Pair presets model
+z_1 -> z_2; the symmetrised BYOL/SimSiam loss is the mean of loss(z, target=t) and
+loss(z.flip(1), target=t.flip(1)).
 """
 
 from __future__ import annotations
