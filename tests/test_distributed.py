@@ -53,8 +53,8 @@ def worker(rank, world, port, out_dir):
                     g /= world
                 loss.gather = False  # reference: one process with the whole batch
                 ref_value, ref_grads = loss_and_grads(encoder, loss, x)
-                diff = max([abs(value - ref_value).item()] + [(g - r).abs().max().item() for g, r in zip(grads, ref_grads)])
-                report[(name, str(dtype))] = diff
+                diffs = [(value - ref_value).abs()] + [(g - r).abs().max() for g, r in zip(grads, ref_grads)]
+                report[(name, str(dtype))] = max(d.item() for d in diffs)
         # gather of mismatched shapes is a clear error on every rank
         try:
             gather(torch.zeros(rank + 1, 2))

@@ -26,7 +26,8 @@ def _check_samples(x: Tensor, name: str, min_n: int) -> None:
 def logdet(x: Tensor, eps: float = 1e-4) -> Tensor:
     """Gaussian plug-in entropy of x (..., N, D) -> (...): H = 1/2 logdet(Cov + eps I) + D/2 log(2 pi e).
 
-    Cov is the unbiased sample covariance (leading dims are independent sample sets). Exact for a Gaussian as N -> inf (bias O(D^2/N)).
+    Cov is the unbiased sample covariance (leading dims are independent sample sets). Exact for a
+    Gaussian as N -> inf (bias O(D^2/N)).
     VICReg's variance/covariance terms are its second-order Taylor expansion around Cov = I
     (Bardes et al. 2022, "VICReg", ICLR; Mikulasch & Zenke 2026, LDM, arXiv 2605.03517).
     """

@@ -36,11 +36,11 @@ from worldmodel import entropy as estimators
 from worldmodel.distributed import gather
 from worldmodel.latent_models import FactorizedModel, TransitionModel
 
-__all__ = ["LossOutput", "LDMLoss", "ENTROPIES"]
+__all__ = ["LossOutput", "LDMLoss", "ENTROPIES", "ESTIMATOR_OPTIONS"]
 
 ENTROPIES = ("logdet", "kde", "knn", "plugin", "jacobian")
 _SAMPLE_ESTIMATORS = {"logdet": estimators.logdet, "knn": estimators.knn}
-_ESTIMATOR_OPTIONS = {"logdet": {"eps"}, "knn": {"k", "clip_quantile"}}
+ESTIMATOR_OPTIONS = {"logdet": {"eps"}, "knn": {"k", "clip_quantile"}}
 
 
 class LossOutput(NamedTuple):
@@ -102,11 +102,11 @@ class LDMLoss(nn.Module):
         if entropy == "kde" and not mi and not latent_model.symmetric:
             raise ValueError("joint kde (mi=False) needs a symmetric latent model (plane or sphere)")
         options = dict(entropy_kwargs or {})
-        unknown = set(options) - _ESTIMATOR_OPTIONS.get(entropy, set())
+        unknown = set(options) - ESTIMATOR_OPTIONS.get(entropy, set())
         if unknown:
             raise ValueError(
                 f"entropy_kwargs {sorted(unknown)} not valid for entropy={entropy!r}; "
-                f"valid: {sorted(_ESTIMATOR_OPTIONS.get(entropy, set()))}"
+                f"valid: {sorted(ESTIMATOR_OPTIONS.get(entropy, set()))}"
             )
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -210,7 +210,8 @@ class LDMLoss(nn.Module):
             return estimators.kde(model.log_kernel(x, x), exclude_self=True)
         terms = []
         for k in range(1, model.steps + 1):  # per (t, k): contexts z_t vs all targets z_{t+k}
-            log_kernel = model.log_kernel(rearrange(z[:, :-k], "b t d -> t b d"), rearrange(z[:, k:], "b t d -> t b d"), k)
+            contexts, targets = rearrange(z[:, :-k], "b t d -> t b d"), rearrange(z[:, k:], "b t d -> t b d")
+            log_kernel = model.log_kernel(contexts, targets, k)
             if mask is not None:
                 rows = rearrange(mask[:, :-k], "b t -> t b 1")
                 cols = rearrange(mask[:, k:], "b t -> t 1 b")
@@ -249,7 +250,9 @@ class LDMLoss(nn.Module):
                 raise ValueError(f"target must have z's shape {tuple(z.shape)}, got {_describe(target)}")
         observed = z if mask is None else z[mask]
         if not bool(torch.isfinite(observed).all()):
-            raise ValueError("z contains non-finite values (NaN/inf) at observed steps; pass mask=False for missing frames")
+            raise ValueError(
+                "z contains non-finite values (NaN/inf) at observed steps; pass mask (False = missing frame)"
+            )
         if target is not None and not bool(torch.isfinite(target if mask is None else target[mask]).all()):
             raise ValueError("target contains non-finite values (NaN/inf) at observed steps")
         return z

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from worldmodel.distributed import gather
 from worldmodel.latent_models import KalmanLatentModel, factorized, plane, predictor, sphere
-from worldmodel.ldm import _ESTIMATOR_OPTIONS, LDMLoss, LossOutput
+from worldmodel.ldm import ESTIMATOR_OPTIONS, LDMLoss, LossOutput
 
 __all__ = ["make", "PRESETS", "VICRegLoss"]
 
@@ -93,7 +93,7 @@ def make(name: str, dim: int, **overrides) -> LDMLoss:
         return VICRegLoss(dim=dim, **overrides)
     entropy = overrides.pop("entropy", preset.entropy)
     model_options = _model_options(preset.model)
-    estimator_options = _ESTIMATOR_OPTIONS.get(entropy, set())
+    estimator_options = ESTIMATOR_OPTIONS.get(entropy, set())
     _reject_unknown(name, overrides, model_options | estimator_options | _LOSS_OPTIONS - {"entropy"})
 
     model_kwargs = {**preset.model_kwargs, **{k: v for k, v in overrides.items() if k in model_options}}
