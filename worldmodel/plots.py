@@ -43,23 +43,34 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 
 def loss_curves(steps: dict[str, Any], curves: dict[str, Any], path: str | Path, title: str = "training") -> Path:
-    """One panel per curve: ``curves[name]`` (N,) plotted against ``steps[name]`` (N,).
-
-    Curves that are positive everywhere get a log y-axis.
-    """
+    """Training curves: ``curves[name]`` (N,) against ``steps[name]`` (N,), one panel per name, with
+    ``val_<name>`` drawn in the panel of ``<name>``. Positive curves spanning > 1 decade get a log axis."""
     if not curves:
         raise ValueError("curves must contain at least one series")
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], curves.items()):
-        y, x = _np(values).reshape(-1), _np(steps[name]).reshape(-1)
-        if x.shape != y.shape:
-            raise ValueError(f"steps[{name!r}] and curves[{name!r}] must have the same length, got {x.shape}, {y.shape}")
-        ax.plot(x, y, lw=1.4)
-        if len(y) and np.all(y[np.isfinite(y)] > 0):
-            ax.set_yscale("log")
+    panels: dict[str, list[str]] = {}
+    for name in curves:
+        base = name[4:] if name.startswith("val_") and name[4:] in curves else name
+        panels.setdefault(base, []).append(name)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    for ax, (panel, names) in zip(axes.flat, panels.items()):
+        for name in names:
+            y, x = _np(curves[name]).reshape(-1), _np(steps[name]).reshape(-1)
+            if x.shape != y.shape:
+                raise ValueError(f"steps[{name!r}] and curves[{name!r}] must have the same length, got {x.shape}, "
+                                 f"{y.shape}")
+            ax.plot(x, y, lw=1.4, label="validation" if name != panel else "train")
+            finite = y[np.isfinite(y)]
+            if len(finite) and finite.min() > 0 and finite.max() > 10 * finite.min():
+                ax.set_yscale("log")
+        if len(names) > 1:
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
-        ax.set_title(name)
+        ax.set_title(panel)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     return _save(fig, path)
 

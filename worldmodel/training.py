@@ -577,11 +577,12 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
         return cfg.run_dir
     if rank == 0 and final_eval:
         model.eval()
-        results = evaluate(model, cfg, train_data, val_data)
+        features = split_features(model, cfg, train_data, val_data)
+        results = evaluate(model, cfg, train_data, val_data, features)
         print_eval_table(results)
         _append_jsonl(metrics_path, {"kind": "eval", "step": step, **results})
         if cfg.plots:
-            write_plots(model, cfg, train_data, val_data)
+            write_plots(model, cfg, train_data, val_data, features)
         _log(f"wrote {str(cfg.run_dir)!r}")
     return cfg.run_dir
 
@@ -660,25 +661,32 @@ def fit_readout(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return w, my - mx @ w
 
 
+def split_features(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> tuple[torch.Tensor, ...]:
+    """readout_features of the train and val episodes (computed once, shared by eval and plots)."""
+    return readout_features(model, train_data, cfg.eval.batch_size), readout_features(model, val_data,
+                                                                                      cfg.eval.batch_size)
+
+
 @torch.no_grad()
-def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> dict[str, Any]:
-    """Held-out readout R^2 of the trained model and of the baselines; k-step NLL / coverage (Kalman)."""
+def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict,
+             features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Held-out readout R^2 of the trained model and of the baselines; k-step NLL / coverage (Kalman).
+    ``features``: the model's split_features, if already computed."""
     from worldmodel.evaluation import linear_r2, predictive_metrics
 
     y_train, names = readout_targets(cfg, train_data["state"])
     y_val, _ = readout_targets(cfg, val_data["state"])
+    skip = cfg.eval.burn_in
 
-    def r2(m: WorldModel) -> list[float]:
-        skip = cfg.eval.burn_in
-        return [float(v) for v in linear_r2(readout_features(m, train_data, cfg.eval.batch_size)[:, skip:],
-                                            y_train[:, skip:],
-                                            readout_features(m, val_data, cfg.eval.batch_size)[:, skip:],
-                                            y_val[:, skip:])]
+    def r2(f_train: torch.Tensor, f_val: torch.Tensor) -> list[float]:
+        return [float(v) for v in linear_r2(f_train[:, skip:], y_train[:, skip:], f_val[:, skip:], y_val[:, skip:])]
 
-    results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(model)}, "predictive": {}}
+    features = features or split_features(model, cfg, train_data, val_data)
+    results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(*features)}, "predictive": {}}
     device = next(model.parameters()).device
     for baseline in cfg.eval.baselines:
-        results["r2"][baseline] = r2(_baseline_model(baseline, cfg, device))
+        results["r2"][baseline] = r2(*split_features(_baseline_model(baseline, cfg, device), cfg, train_data,
+                                                     val_data))
     if cfg.model.is_kalman:
         z = encode_episodes(model, val_data, cfg.eval.batch_size).to(device)
         pred = predictive_metrics(model.latent_model, z, val_data["action"].to(device), horizon=max(cfg.eval.ks),
@@ -729,23 +737,25 @@ def print_eval_table(results: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------- plots
 @torch.no_grad()
-def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> list[Path]:
+def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
     """Loss curves; readout of a held-out episode and the latent space against the true state;
-    k-step predictions with 2-sigma bands (Kalman methods)."""
+    k-step predictions with 2-sigma bands (Kalman methods). ``features``: as in ``evaluate``."""
     from worldmodel import plots
     from worldmodel.kalman import Gaussian
 
     run_dir = cfg.run_dir
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"})
+    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"},
+                  key=lambda k: (k not in ("loss", "val_loss"), k))
     curves = {k: [r[k] for r in records if k in r] for k in keys}
     steps = {k: [r["step"] for r in records if k in r] for k in keys}
     paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
 
     y_train, names = readout_targets(cfg, train_data["state"])
     skip = cfg.eval.burn_in
-    w, c = fit_readout(readout_features(model, train_data, cfg.eval.batch_size)[:, skip:], y_train[:, skip:])
-    val_features = readout_features(model, val_data, cfg.eval.batch_size)
+    train_features, val_features = features or split_features(model, cfg, train_data, val_data)
+    w, c = fit_readout(train_features[:, skip:], y_train[:, skip:])
     y_val, _ = readout_targets(cfg, val_data["state"][:1])
     paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
                                     title="linear readout of the latent features (held-out episode)"))
@@ -786,11 +796,12 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     store = ensure_dataset(stored)
     train_data, val_data = load_split(store, stored)
     run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
-    results = evaluate(model, run_cfg, train_data, val_data)
+    features = split_features(model, run_cfg, train_data, val_data)
+    results = evaluate(model, run_cfg, train_data, val_data, features)
     print_eval_table(results)
     _append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "eval", "step": ckpt["step"], **results})
     if cfg.plots:
-        write_plots(model, run_cfg, train_data, val_data)
+        write_plots(model, run_cfg, train_data, val_data, features)
     return results
 
 
