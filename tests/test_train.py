@@ -158,6 +158,15 @@ def test_default_outputs_and_exact_resume(tiny):
     losses = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "train"}
     assert {r["step"]: r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"} == losses
 
+    # eval re-scores the checkpoint (same numbers) and appends; filter replays with dropped frames
+    results = train.main(["eval", *tiny("full")])
+    evals = [r for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "eval"]
+    assert len(evals) == 2 and evals[1]["r2"] == results["r2"]
+    assert evals[1]["r2"]["kalman"] == pytest.approx(evals[0]["r2"]["kalman"], abs=1e-9)
+    path = train.main(["filter", *tiny("full", "--filter.drop", "8", "14", "--filter.episode", "1")])
+    assert path == full / "filter.png" and path.stat().st_size > 0
+    assert train.main(["filter", *tiny("full", "--live", "--filter.length", "12")]).stat().st_size > 0
+
 
 def _run_script(args: list[str]) -> subprocess.Popen:
     """Start a script from the repository root (same thread count as this process: bitwise comparable)."""
@@ -207,6 +216,8 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
     train.main(tiny("base", "--max-steps", "1"))  # also builds the shared dataset
     with pytest.raises(SystemExit, match="another config.*lr"):
         train.main(tiny("base", "--resume", "--lr", "0.5"))
+    with pytest.raises(SystemExit, match="another config.*model.latent_dim"):
+        train.main(["eval", *tiny("base", "--model.latent-dim", "6")])
     with pytest.raises(SystemExit, match="16x16 images.*image_size=32"):
         train.main(tiny("wrong-size", "--model.image-size", "32"))
     RolloutStore.create(tmp_path / "empty.zarr", obs_shape=(16, 16, 3), action_dim=1, state_dim=2)
