@@ -20,7 +20,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,13 @@ class EvalConfig:
         "help": "training steps of preset baselines (none = same as --steps)"})
     batch_size: int = field(default=32, metadata={"help": "episodes per forward pass when encoding"})
 
+    def __post_init__(self):
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"eval.ks must be a non-empty list of horizons >= 1, got {self.ks}")
+        if self.burn_in < 0 or self.batch_size < 1:
+            raise ValueError(f"eval.burn_in must be >= 0 and eval.batch_size >= 1, got {self.burn_in}, "
+                             f"{self.batch_size}")
+
 
 @dataclass
 class FilterConfig:
@@ -66,6 +72,12 @@ class FilterConfig:
         "help": "dropped-frame ranges as start stop pairs, e.g. 40 60 (frames start..stop-1 are withheld)"})
     drop_prob: float = field(default=0.0, metadata={"help": "probability of dropping each further frame"})
     seed: int = field(default=1234, metadata={"help": "seed of live episodes and random frame drops"})
+
+    def __post_init__(self):
+        if len(self.drop) % 2:
+            raise ValueError(f"filter.drop takes start stop pairs, got {self.drop}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"filter.drop_prob must be in [0, 1), got {self.drop_prob}")
 
 
 # fields that do not change what is trained: a resumed run may change them freely
@@ -80,7 +92,8 @@ class TrainConfig:
     name: str = field(default="pendulum-kalman", metadata={"help": "run name: files go to <out_dir>/<name>/"})
     out_dir: str = field(default="runs", metadata={"help": "parent directory of runs"})
     data: str = field(default="data/pendulum.zarr", metadata={
-        "help": "rollout store; built with the env and an OU policy if missing or short of episodes"})
+        "help": "rollout store; built with the env and an Ornstein-Uhlenbeck policy if missing (or topped up "
+                "if it was built so and is short of episodes)"})
     env: str = field(default="pendulum", metadata={"help": "environment of worldmodel.envs used to build the data"})
     env_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON keyword arguments of make_env"})
     train_episodes: int = field(default=200, metadata={"help": "episodes used for training (the first ones)"})
@@ -96,8 +109,11 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, window sampling and data collection"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading windows"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training loss (minutes of compilation on CPU)"})
+    num_workers: int = field(default=0, metadata={
+        "help": "0: train from the episodes loaded into memory; N > 0: stream windows from the store with N "
+                "DataLoader workers (same batches; for data sets larger than memory)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training loss (minutes of compilation on CPU)"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl records"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between periodic checkpoints"})
     max_steps: int | None = field(default=None, metadata={
@@ -110,11 +126,12 @@ class TrainConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self):
-        positive = ("train_episodes", "episode_length", "window", "batch_size", "steps", "log_every", "ckpt_every")
+        positive = ("train_episodes", "val_episodes", "episode_length", "window", "batch_size", "steps", "log_every",
+                    "ckpt_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("val_episodes", "warmup", "num_workers"):
+        for name in ("warmup", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.window > self.episode_length:
@@ -123,8 +140,6 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
-        if len(self.filter.drop) % 2:
-            raise ValueError(f"filter.drop takes start stop pairs, got {self.filter.drop}")
 
     @property
     def run_dir(self) -> Path:
@@ -217,10 +232,6 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- data
-def _image_size(cfg: TrainConfig) -> int:
-    return int(cfg.model.image_size)
-
-
 def ensure_dataset(cfg: TrainConfig):
     """Open ``cfg.data``, building it (or topping it up) with ``collect`` and an OU policy if it holds
     fewer than train_episodes + val_episodes episodes. Raises SystemExit on an incompatible store."""
@@ -228,7 +239,7 @@ def ensure_dataset(cfg: TrainConfig):
     from worldmodel.envs import make_env
 
     needed = cfg.train_episodes + cfg.val_episodes
-    size = _image_size(cfg)
+    size = cfg.model.image_size
     path = Path(cfg.data)
     store = None
     if path.exists():
@@ -508,12 +519,10 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
 
     windows = SequenceWindows(store, cfg.window, episodes=range(cfg.train_episodes))
     sampler = WindowSampler(len(windows), cfg.batch_size, cfg.seed, rank, world)
-    val_batch = None
-    if cfg.val_episodes:
-        val_windows = SequenceWindows(store, cfg.window, episodes=range(cfg.train_episodes, len(train_data["obs"]) +
-                                                                         len(val_data["obs"])))
-        val_batch = window_batch(val_windows, val_data, WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1,
-                                                                      rank, world)(0), cfg.train_episodes)
+    val_windows = SequenceWindows(store, cfg.window, episodes=range(cfg.train_episodes,
+                                                                    cfg.train_episodes + cfg.val_episodes))
+    val_batch = window_batch(val_windows, val_data, WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1,
+                                                                  rank, world)(0), cfg.train_episodes)
     stop_at = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
     batches = train_batches(cfg, windows, train_data, sampler, start, stop_at)
     metrics_path = cfg.run_dir / "metrics.jsonl"
@@ -534,6 +543,9 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             batch = next(batches)
             model.train()
             out = step_fn(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
+            if not torch.isfinite(out.loss):
+                raise SystemExit(f"error: non-finite loss {float(out.loss)} at step {step}; the last periodic checkpoint "
+                                 f"is kept (try a lower --lr or --grad-clip)")
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.grad_clip > 0:
@@ -546,8 +558,7 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             count += 1
             if step == 1 or step % cfg.log_every == 0 or step == stop_at:
                 record = _reduce_mean({k: v / count for k, v in sums.items()})
-                if val_batch is not None:
-                    record["val_loss"] = _validation_loss(model, val_batch, device)
+                record["val_loss"] = _validation_loss(model, val_batch, device)
                 now = time.time()
                 record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(now - t0, 3),
                               frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
@@ -856,7 +867,7 @@ def _live_episode(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     from worldmodel.datasets import ou_policy
     from worldmodel.envs import make_env
 
-    env = make_env(cfg.env, image_size=_image_size(cfg), **cfg.env_kwargs)
+    env = make_env(cfg.env, image_size=cfg.model.image_size, **cfg.env_kwargs)
     policy = ou_policy(env)
     policy.reset(np.random.default_rng(cfg.filter.seed))
     obs, info = env.reset(seed=cfg.filter.seed)
