@@ -220,6 +220,8 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
         train.main(["eval", *tiny("base", "--model.latent-dim", "6")])
     with pytest.raises(SystemExit, match="16x16 images.*image_size=32"):
         train.main(tiny("wrong-size", "--model.image-size", "32"))
+    with pytest.raises(SystemExit, match="1-dimensional actions; pass --model.action-dim 1"):
+        train.main(tiny("no-actions", "--model.action-dim", "0"))
     RolloutStore.create(tmp_path / "empty.zarr", obs_shape=(16, 16, 3), action_dim=1, state_dim=2)
     with pytest.raises(SystemExit, match="is empty"):
         train.main(tiny("empty", "--data", str(tmp_path / "empty.zarr")))

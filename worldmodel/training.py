@@ -239,7 +239,6 @@ def ensure_dataset(cfg: TrainConfig):
     from worldmodel.envs import make_env
 
     needed = cfg.train_episodes + cfg.val_episodes
-    size = cfg.model.image_size
     path = Path(cfg.data)
     store = None
     if path.exists():
@@ -247,13 +246,10 @@ def ensure_dataset(cfg: TrainConfig):
             store = RolloutStore.open(path)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"error: cannot use the dataset at {str(path)!r}: {err}") from None
-        if tuple(store.obs_shape[:2]) != (size, size):
-            raise SystemExit(f"error: the dataset {str(path)!r} holds {store.obs_shape[0]}x{store.obs_shape[1]} images "
-                             f"but the model expects image_size={size}; pass --data with another path (it is built) "
-                             f"or --model.image-size {store.obs_shape[0]}")
+        _check_store(store, cfg)
         if len(store) >= needed:
             return store
-    env = make_env(cfg.env, image_size=size, **cfg.env_kwargs)
+    env = make_env(cfg.env, image_size=cfg.model.image_size, **cfg.env_kwargs)
     if store is not None and (store.meta.get("env_id") != env.spec.id or store.meta.get("seed") != cfg.seed):
         env.close()
         what = "is empty (0 episodes)" if len(store) == 0 else f"has {len(store)} episodes"
@@ -269,7 +265,23 @@ def ensure_dataset(cfg: TrainConfig):
         raise SystemExit(f"error: cannot extend the dataset at {str(path)!r}: {err}; pass a new --data path") from None
     finally:
         env.close()
+    _check_store(store, cfg)
     return store
+
+
+def _check_store(store, cfg: TrainConfig) -> None:
+    """SystemExit unless the store's frames and actions fit the model config."""
+    (height, width, channels), model = store.obs_shape, cfg.model
+    where = f"the dataset {str(store.path)!r}"
+    if (height, width) != (model.image_size, model.image_size):
+        raise SystemExit(f"error: {where} holds {height}x{width} images but the model expects image_size="
+                         f"{model.image_size}; pass --data with another path (it is built) or --model.image-size "
+                         f"{height}")
+    if channels != model.channels:
+        raise SystemExit(f"error: {where} holds {channels}-channel images; pass --model.channels {channels}")
+    if store.action_dim != model.action_dim:
+        raise SystemExit(f"error: {where} holds {store.action_dim}-dimensional actions; pass --model.action-dim "
+                         f"{store.action_dim}")
 
 
 def load_split(store, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
