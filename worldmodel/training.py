@@ -659,7 +659,8 @@ def _batched(fn, model: WorldModel, data: dict[str, torch.Tensor], batch_size: i
     """cat_i fn(obs, action, mask) over batches of whole episodes, moved to the CPU as float32."""
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(data["obs"]), batch_size):
+    # a bar only on interactive terminals (disable=None), removed when done
+    for i in tqdm(range(0, len(data["obs"]), batch_size), desc="encode", leave=False, disable=None, unit="batch"):
         part = {k: v[i:i + batch_size].to(device) for k, v in data.items() if k in ("obs", "action", "mask")}
         out.append(fn(part["obs"], part["action"], part["mask"]).float().cpu())
     return torch.cat(out)
