@@ -383,7 +383,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_model(cfg: TrainConfig, device: torch.device) -> WorldModel:
     """The run's WorldModel with the seeded initialisation (identical on every rank)."""
     torch.manual_seed(cfg.seed)
-    return WorldModel.from_config(cfg.model).to(device)
+    try:
+        return WorldModel.from_config(cfg.model).to(device)
+    except ValueError as err:
+        raise SystemExit(f"error: cannot build the model: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -554,7 +557,10 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             batch = next(batches)
             model.train()
-            out = step_fn(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
+            try:
+                out = step_fn(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
+            except ValueError as err:  # bad input by the library's convention, e.g. a method/window mismatch
+                raise SystemExit(f"error: method {cfg.model.method!r} cannot train on these windows: {err}") from err
             if not torch.isfinite(out.loss):
                 raise SystemExit(f"error: non-finite loss {float(out.loss)} at step {step}; the last periodic checkpoint "
                                  f"is kept (try a lower --lr or --grad-clip)")
