@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -67,8 +66,10 @@ def test_flags_round_trip_every_field_type():
 
 def test_train_config_round_trips_through_flags_and_json():
     cfg = TrainConfig()
-    changed = dataclasses.replace(cfg, name="x", steps=7, lr=3e-4, max_steps=2, progress=False,
+    changed = dataclasses.replace(cfg, name="x", steps=7, lr=1.5e-3, max_steps=2, progress=False,
                                   env_kwargs={"friction": 0.0},
+                                  model=dataclasses.replace(cfg.model, latent_dim=5, state_dim=7, heteroscedastic=True,
+                                                            method_kwargs={"q_std": 0.1}),
                                   eval=dataclasses.replace(cfg.eval, ks=(1, 3), baselines=()),
                                   filter=dataclasses.replace(cfg.filter, drop=(4, 8)))
     command, parsed = train.parse_args(config_to_argv(changed))
@@ -86,7 +87,7 @@ def test_train_config_round_trips_through_flags_and_json():
     (["--filter.drop", "3"], "start stop pairs"),
     (["eval", "--out-dir", "/nonexistent-runs"], "no run at"),
 ])
-def test_invalid_config_exits_with_message(argv, message, capsys):
+def test_invalid_config_exits_with_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         train.parse_args(argv)
 
