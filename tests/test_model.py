@@ -230,11 +230,11 @@ def test_ema_target_encoder_is_used_and_updated():
     model = WorldModel.from_config(ModelConfig(**SMALL, method_kwargs={"target_ema": 0.5}))
     assert model.target_encoder is not None
     frames, actions = _data(batch=4, steps=6)
-    base = float(model.loss(frames, actions).loss)
+    base = float(model.loss(frames, actions).loss.detach())
     with torch.no_grad():
         for p in model.target_encoder.parameters():
             p.add_(0.3)
-    assert float(model.loss(frames, actions).loss) != pytest.approx(base)
+    assert float(model.loss(frames, actions).loss.detach()) != pytest.approx(base)
     online = next(model.encoder.parameters())
     target = next(model.target_encoder.parameters())
     expected = 0.5 * target.detach() + 0.5 * online.detach()
@@ -302,3 +302,24 @@ def test_save_load_round_trip_and_config_mismatch(tmp_path):
     torch.save(ckpt, tmp_path / "tampered.pt")
     with pytest.raises(ValueError, match="does not match"):
         WorldModel.load(tmp_path / "tampered.pt")
+
+
+def test_multistep_term_matches_k_step_predictive_nll():
+    """The k-step training term equals the count-weighted mean of evaluation.predictive_metrics' NLLs."""
+    from worldmodel.evaluation import predictive_metrics
+
+    model = _model(torch.float64, multistep_horizon=4)
+    frames, actions = _data(steps=9)
+    actions = actions.double()
+    with torch.no_grad():
+        z = model.encode(frames)
+        term = model._multistep_log_likelihood(z, shift_actions(actions), None, None, z)
+        nll = predictive_metrics(model.latent_model, z, actions, horizon=4, burn_in=0)["nll"]
+    counts = [9 - k for k in (2, 3, 4)]
+    ref = sum(c * n for c, n in zip(counts, nll[1:])) / sum(counts)
+    assert float(-term) == pytest.approx(ref, rel=1e-9)
+    model.train()
+    out = model.loss(frames, actions.float().double())
+    assert "multistep" in out.logs and math.isfinite(out.logs["loss"])
+    with pytest.raises(ValueError, match="multistep"):
+        ModelConfig(**SMALL, method="vicreg", multistep_horizon=3)
