@@ -103,20 +103,40 @@ def test_fused_gradcheck_through_every_output(layout):
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("joseph", [False, True])
-def test_covariance_recursion_update_forms_agree_and_differentiate(joseph):
-    """The standard update P - W^T W and the Joseph form give the same recursion, and the shared reverse
-    pass is the derivative of both."""
+@pytest.mark.parametrize("form", ["joint", "standard", "joseph"])
+def test_covariance_recursion_forms_agree_and_differentiate(form):
+    """The joint factorisation, the standard update P - W^T W and the Joseph form give the same
+    recursion, and the shared reverse pass is the derivative of each."""
     _, sys = make_system(batch=1, steps=5, n=4, m=3, k=0, seed=15)
     sym = {k: 0.5 * (sys[k] + sys[k].mT) for k in ("Q", "R", "P0")}
     args = (sys["A"], sym["Q"], sys["C"], sym["R"], sym["P0"])
-    outs = kalman._CovarianceRecursion.apply(*args, 5, joseph)
-    ref = kalman._CovarianceRecursion.apply(*args, 5, not joseph)
-    for got, want in zip(outs[:4], ref[:4]):
+    outs = kalman._CovarianceRecursion.apply(*args, 5, form)
+    ref = kalman._CovarianceRecursion.apply(*args, 5, "standard" if form == "joint" else "joint")
+    for got, want in zip(outs[:5], ref[:5]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
     def fn(A, Q, C, R, P0):  # the recursion takes symmetric Q, R, P0, as kalman_filter passes them
         sym_Q, sym_R, sym_P0 = (0.5 * (x + x.mT) for x in (Q, R, P0))
-        return kalman._CovarianceRecursion.apply(A, sym_Q, C, sym_R, sym_P0, 5, joseph)[:4]
+        return kalman._CovarianceRecursion.apply(A, sym_Q, C, sym_R, sym_P0, 5, form)[:4]
 
     inputs = [x.clone().requires_grad_() for x in args]
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("joint_max_dim", [0, 1000])
+def test_fused_forms_through_kalman_filter(monkeypatch, joint_max_dim):
+    """kalman_filter gives the step-wise result whichever covariance form the fused path picks."""
+    monkeypatch.setattr(kalman, "_JOINT_MAX_DIM", joint_max_dim)
+    z, sys = make_system(batch=3, steps=6, n=5, m=3, k=1, seed=16)
+    _assert_close(kalman_filter(z, **sys), _run("sequential", z, sys), 1e-10)
+
+
+def test_singular_filtered_covariance_falls_back_to_joseph_form():
+    """A state with zero variance makes P_{t|t} singular: the joint factorisation cannot factor it, the
+    fused filter switches to the Joseph form and still matches the step-wise filter."""
+    z, sys = make_system(batch=2, steps=5, n=3, m=2, k=0, seed=17)
+    keep = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    sys.update(A=keep @ sys["A"] @ keep, Q=keep @ sys["Q"] @ keep, P0=keep @ sys["P0"] @ keep)
+    res = kalman_filter(z, **sys)
+    assert torch.isfinite(res.log_likelihood).all()
+    _assert_close(res, _run("sequential", z, sys), 1e-10)

@@ -42,6 +42,8 @@ from torch import Tensor
 __all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# the fused filter factorises the joint (z_t, h_t) covariance up to this n + m (see _joint_recursion)
+_JOINT_MAX_DIM = 64
 # relative diagonal jitters tried, in order, when a Cholesky factorisation fails
 _JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
 
@@ -409,13 +411,87 @@ def _mm_add(bias: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     return torch.baddbmm(bias, a, b, alpha=alpha)
 
 
+def _rmul(Y: Tensor, M: Tensor) -> Tensor:
+    """``Y_t @ M`` for a stack ``Y`` (..., T, a, b) and a matrix ``M`` (b, c) or (B, b, c) constant in time;
+    a shared ``M`` folds the time axis into one matrix product."""
+    return Y @ M if M.dim() == 2 else Y @ M.unsqueeze(-3)
+
+
+def _lmul(M: Tensor, Y: Tensor) -> Tensor:
+    """``M @ Y_t`` for a matrix ``M`` constant in time (see ``_rmul``)."""
+    return (Y.mT @ M.mT).mT if M.dim() == 2 else M.unsqueeze(-3) @ Y
+
+
+def _tsum(X: Tensor, Y: Tensor) -> Tensor:
+    """``sum_t X_t @ Y_t`` over the time axis (dim -3) as one matrix product [X_1 .. X_T] [Y_1; ..; Y_T]."""
+    if X.dim() > 3:
+        return (X @ Y).sum(-3)
+    steps, a, k = X.shape
+    return X.permute(1, 0, 2).reshape(a, steps * k) @ Y.reshape(steps * k, Y.shape[-1])
+
+
+def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
+    """P_{t|t-1} = A P A^T + Q, S = C P_{t|t-1} C^T + R = L L^T, W = L^{-1} C P_{t|t-1} and
+    P_{t|t} = P_{t|t-1} - W^T W (``joseph``: (I - K C) P_{t|t-1} (I - K C)^T + K R K^T), symmetrised.
+    Returns the stacks (dim -3) P_{t|t-1}, P_{t|t}, X = S^{-1} C P_{t|t-1} (= K^T), S, L and the info."""
+    At, Ct = A.mT, C.mT
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    P = P0
+    Pps, Pfs, WTs, Ls, Ss, infos = [], [], [], [], [], []
+    for _ in range(steps):
+        Pp = _mm_add(Q, A @ P, At)
+        U = C @ Pp
+        S = _mm_add(R, U, Ct)
+        L, info = torch.linalg.cholesky_ex(S)
+        WT = torch.linalg.solve_triangular(L.mT, U.mT, upper=True, left=False)  # (L^{-1} U)^T
+        if joseph:
+            KT = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
+            M = eye - KT.mT @ C
+            P = _mm_add(M @ Pp @ M.mT, KT.mT @ R, KT)
+        else:
+            P = _mm_add(Pp, WT, WT.mT, alpha=-1.0)
+        P = _sym(P)
+        Pps.append(Pp), Pfs.append(P), WTs.append(WT), Ls.append(L), Ss.append(S), infos.append(info)
+    Pp, Pf, WT, L, S = (torch.stack(x, -3) for x in (Pps, Pfs, WTs, Ls, Ss))
+    X = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
+    return _sym(Pp), Pf, X, S, L, torch.stack(infos, -1)
+
+
+def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
+    """The same recursion with one Cholesky factorisation per step, of the joint covariance of (z_t, h_t):
+
+        J = G P_{t-1|t-1} G^T + J0 = [[S, C P_{t|t-1}], [P_{t|t-1} C^T, P_{t|t-1}]],  G = [C A; A],
+        J0 = [[C Q C^T + R, C Q], [Q C^T, Q]],   chol(J) = [[L, 0], [W^T, L_f]],
+
+    where L L^T = S, W = L^{-1} C P_{t|t-1} and L_f L_f^T = P_{t|t-1} - W^T W = P_{t|t} (the Schur
+    complement): the filtered covariance comes out as a Cholesky factor, positive definite by
+    construction, and the step carries that factor (P G^T = L_f (G L_f)^T): 3 matrix ops per step.
+    Info i in 1..m: S is not positive definite; i > m: P_{t|t} is singular (use ``_covariance_recursion``)."""
+    m = C.shape[-2]
+    G = torch.cat([C @ A, A], -2)
+    CQ = C @ Q
+    J0 = torch.cat([torch.cat([_mm_add(R, CQ, C.mT), CQ], -1), torch.cat([CQ.mT, Q], -1)], -2)
+    Y = G @ P0
+    Gt = G.mT
+    Js, Ljs, infos = [], [], []
+    for t in range(steps):
+        J = _mm_add(J0, Y, Gt if t == 0 else Y.mT)
+        Lj, info = torch.linalg.cholesky_ex(J)
+        Y = G @ Lj[..., m:, m:]
+        Js.append(J), Ljs.append(Lj), infos.append(info)
+    J, Lj = torch.stack(Js, -3), torch.stack(Ljs, -3)
+    L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
+    X = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
+    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, torch.stack(infos, -1)
+
+
 class _CovarianceRecursion(torch.autograd.Function):
     """P_{t-1|t-1} -> P_{t|t-1} = A P A^T + Q -> P_{t|t} for t = 1..T, with one Cholesky factor per step.
 
     With U = C P_{t|t-1}, S = U C^T + R = L L^T and W = L^{-1} U: P_{t|t} = P_{t|t-1} - W^T W, symmetrised
     (``joseph=True``: (I - K C) P (I - K C)^T + K R K^T with K^T = S^{-1} U, slower, for hard cases).
-    Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t}, X_t = S_t^{-1} U_t (= K_t^T), S_t, and the
-    Cholesky info ``(..., T)``.  Inputs are 2-D (shared) or all batched ``(B, ., .)``; Q, R, P0 symmetric.
+    Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t}, X_t = S_t^{-1} U_t (= K_t^T), S_t, its
+    Cholesky factor L_t (no gradient: use S_t) and the Cholesky info ``(..., T)``.  Inputs are 2-D (shared) or all batched ``(B, ., .)``; Q, R, P0 symmetric.
 
     Reverse pass (both update forms have the same derivative since the gain is optimal): with G the
     gradient reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U gives g_U = -2 X G, g_S = X G X^T;
@@ -425,74 +501,79 @@ class _CovarianceRecursion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, Q, C, R, P0, steps: int, joseph: bool):
+    def forward(ctx, A, Q, C, R, P0, steps: int, form: str):
         ctx.set_materialize_grads(False)
-        At, Ct = A.mT, C.mT
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        P = P0
-        APs, Pps, Pfs, WTs, Xs, Ls, Ss, infos = [], [], [], [], [], [], [], []
-        for _ in range(steps):
-            AP = A @ P
-            Pp = _mm_add(Q, AP, At)
-            U = C @ Pp
-            S = _mm_add(R, U, Ct)
-            L, info = torch.linalg.cholesky_ex(S)
-            WT = torch.linalg.solve_triangular(L.mT, U.mT, upper=True, left=False)  # (L^{-1} U)^T
-            if joseph:
-                X = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
-                M = eye - X.mT @ C
-                P = _mm_add(M @ Pp @ M.mT, X.mT @ R, X)
-                Xs.append(X)
-            else:
-                P = _mm_add(Pp, WT, WT.mT, alpha=-1.0)
-            P = _sym(P)
-            APs.append(AP), Pps.append(Pp), Pfs.append(P), WTs.append(WT), Ls.append(L), Ss.append(S)
-            infos.append(info)
-        Pp, Pf, L, S = (torch.stack(x, -3) for x in (Pps, Pfs, Ls, Ss))
-        if joseph:
-            X = torch.stack(Xs, -3)
-        else:
-            X = torch.linalg.solve_triangular(L.mT, torch.stack(WTs, -3).mT, upper=True)
-        ctx.save_for_backward(A, C, torch.stack(APs, -3), Pp, X, L)
-        return _sym(Pp), Pf, X, S, torch.stack(infos, -1)
+        run = _joint_recursion if form == "joint" else _covariance_recursion
+        Pp, Pf, X, S, L, info = run(A, Q, C, R, P0, steps, form == "joseph")
+        P_prev = torch.cat([P0.unsqueeze(-3), Pf[..., :-1, :, :]], -3)
+        ctx.save_for_backward(A, C, _lmul(A, P_prev), Pp, X, L)
+        ctx.mark_non_differentiable(L, info)
+        return Pp, Pf, X, S, L, info
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gPp_out, gPf_out, gX_out, gS_out, _):
+    def backward(ctx, gPp_out, gPf_out, gX_out, gS_out, _L, _info):
         A, C, AP, Pp, X, L = ctx.saved_tensors
-        Ce, Ae = C.unsqueeze(-3), A.unsqueeze(-3)
-        U = Ce @ Pp
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         # everything that does not depend on the carried gradient, batched over time
         gS_pre = _sym(gS_out) if gS_out is not None else torch.zeros_like(L)
         V = torch.zeros_like(X)
         if gX_out is not None:
             V = torch.cholesky_inverse(L) @ gX_out  # S^{-1} g_X
-            gS_pre = gS_pre - _sym(V @ X.mT)
-        M = eye - Ce.mT @ X  # I - K C (transposed: I - C^T K^T)
-        c = _sym(Ce.mT @ gS_pre @ Ce + Ce.mT @ V)
-        if gPp_out is not None:
-            c = c + _sym(gPp_out)
-        N = Ae.mT @ M
-        d = Ae.mT @ c @ Ae
-        # the only sequential part, G_t = gradient reaching P_{t|t}: G_{t-1} = gPf_{t-1} + N_t G_t N_t^T + d_t
-        gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * Pp.shape[-3]
-        Ns, ds = N.unbind(-3), d.unbind(-3)
+            gS_pre = _sym(gS_pre - V @ X.mT)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        M_T = eye - _rmul(X.mT, C)  # (I - K C)^T
+        c = _lmul(C.mT, _rmul(gS_pre, C) + V)  # C^T g_S C + C^T V, symmetrised below
+        c = _sym(c) if gPp_out is None else _sym(c + gPp_out)
+        N_T = _rmul(M_T, A)  # (A^T (I - K C))^T
+        d = _lmul(A.mT, _rmul(c, A))  # A^T c A
+        # the only sequential part, on G_t = the gradient reaching P_{t|t}:
+        # G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
+        steps = Pp.shape[-3]
+        gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * steps
+        N_Ts, ds = N_T.unbind(-3), d.unbind(-3)
         Gs, carried = [], None
-        for t in range(Pp.shape[-3] - 1, -1, -1):
+        for t in range(steps - 1, -1, -1):
             G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
-            if G is None:
-                G = torch.zeros_like(Pp[..., t, :, :])
-            Gs.append(G)
-            carried = _mm_add(ds[t], Ns[t] @ G, Ns[t].mT)
+            Gs.append(torch.zeros_like(ds[t]) if G is None else G)
+            carried = _mm_add(ds[t], N_Ts[t].mT @ Gs[-1], N_Ts[t])
         G = torch.stack(Gs[::-1], -3)
         XG = X @ G
-        gS = XG @ X.mT + gS_pre
-        gU = gS @ Ce - 2.0 * XG + V
-        gPp = M @ G @ M.mT + c
-        gA = 2.0 * (gPp @ AP).sum(-3)
-        gC = (gS @ U + gU @ Pp).sum(-3)
+        gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
+        gU = _rmul(gS, C) + V - 2.0 * XG
+        gPp = (M_T.mT @ G) @ M_T + c
+        gA = 2.0 * _tsum(gPp, AP)
+        gC = _tsum(gS, _lmul(C, Pp)) + _tsum(gU, Pp)
         return gA, gPp.sum(-3), gC, gS.sum(-3), carried, None, None
+
+
+class _InnovationLogLik(torch.autograd.Function):
+    """log N(e_t; 0, S_t) per sequence and step, ``(B, T)``, from the residuals ``e`` ``(B, T, m)`` and the
+    factors ``L`` of ``S = L L^T`` (``(T, m, m)`` shared or ``(B, T, m, m)``); ``S`` is passed only to carry
+    the gradient: g_S = -1/2 g (S^{-1} - nu nu^T) and g_e = -g nu, with nu = S^{-1} e."""
+
+    @staticmethod
+    def forward(ctx, e, S, L):
+        shared = L.dim() == 3
+        # shared factors: one (T, m, m) \ (T, m, B) solve for all sequences
+        w = torch.linalg.solve_triangular(L, e.permute(1, 2, 0) if shared else e[..., None], upper=False)
+        sq = w.square().sum(-2).mT if shared else w.square().sum((-2, -1))
+        ctx.save_for_backward(L, w)
+        return -0.5 * (sq + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + e.shape[-1] * _LOG_2PI)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        L, w = ctx.saved_tensors
+        nu = torch.linalg.solve_triangular(L.mT, w, upper=True)  # S^{-1} e
+        S_inv = torch.cholesky_inverse(L)
+        if L.dim() == 3:  # nu (T, m, B), g (B, T)
+            g_nu = nu * g.mT[:, None, :]
+            gS = 0.5 * (g_nu @ nu.mT - g.sum(0)[:, None, None] * S_inv)
+            return -g_nu.permute(2, 0, 1), gS, None
+        nu = nu[..., 0]
+        g_nu = nu * g[..., None]
+        gS = 0.5 * (g_nu[..., :, None] * nu[..., None, :] - g[..., None, None] * S_inv)
+        return -g_nu, gS, None
 
 
 class _LinearRecursion(torch.autograd.Function):
@@ -543,12 +624,16 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
         A, Q, C, R, P0 = (x if x.dim() == 3 else x.expand(batch, *x.shape) for x in (A, Q, C, R, P0))
     shared = A.dim() == 2
     R = _sym(R)
-    P_pred, P_filt, X, S, info = _CovarianceRecursion.apply(A, _sym(Q), C, R, _sym(P0), steps, False)
-    if bool((torch.linalg.cholesky_ex(P_filt.detach()).info > 0).any()):  # lost definiteness: Joseph form
-        P_pred, P_filt, X, S, info = _CovarianceRecursion.apply(A, _sym(Q), C, R, _sym(P0), steps, True)
+    Q, P0 = _sym(Q), _sym(P0)
+    # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU)
+    form = "joint" if n + m <= _JOINT_MAX_DIM else "standard"
+    P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form)
+    if form == "standard" and not bool((info > 0).any()):  # P - W^T W lost definiteness: Joseph form
+        info = info + (torch.linalg.cholesky_ex(P_filt.detach()).info > 0)
+    if bool((info > 0).any()):  # (joint: a singular filtered covariance) the Joseph form copes with it
+        P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph")
     if bool((info > 0).any()):
         return None, False
-    L = torch.linalg.cholesky_ex(S)[0]
 
     def obs(x):  # C x for x (B, T, n)
         return x @ C.mT if shared else (C[:, None] @ x[..., None])[..., 0]
@@ -566,12 +651,7 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     p_mean = before @ A.mT if shared else (A[:, None] @ before[..., None])[..., 0]
     if bu is not None:
         p_mean = p_mean + bu
-    e = (z if target is None else target) - obs(p_mean)
-    if shared:  # (T, m, m) factors against (T, m, B) residuals: one batched solve
-        sq = torch.linalg.solve_triangular(L, e.permute(1, 2, 0), upper=False).square().sum(1).mT
-    else:
-        sq = torch.linalg.solve_triangular(L, e[..., None], upper=False).square().sum((-2, -1))
-    step_ll = -0.5 * (sq + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + m * _LOG_2PI)
+    step_ll = _InnovationLogLik.apply((z if target is None else target) - obs(p_mean), S, L)
     covs = (P_filt, P_pred) if not shared else (P_filt.expand(batch, -1, -1, -1), P_pred.expand(batch, -1, -1, -1))
     result = FilterResult(Gaussian(f_mean, covs[0]), Gaussian(p_mean, covs[1]), *_sum_steps(step_ll))
     return result, True
