@@ -1,6 +1,6 @@
 """Train, evaluate and replay a latent world model (LDM with an exact Kalman prior).
 
-    python train.py                       # build data/pendulum.zarr if missing, train, evaluate, plot
+    python train.py                       # build data/pendulum-f0.5.zarr if missing, train, evaluate, plot
     python train.py --method vicreg --name vicreg --steps 500
     python train.py --resume              # continue an interrupted run (exactly)
     python train.py eval --name NAME      # readout R^2 + k-step NLL/coverage table, appended to metrics.jsonl

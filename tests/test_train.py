@@ -111,7 +111,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 # ------------------------------------------------------------------------------------------- training runs
-TINY_MODEL = ["--model.image-size", "16", "--model.depth", "4", "--model.latent-dim", "4"]
+TINY_MODEL = ["--model.image-size", "16", "--model.pool", "1", "--model.depth", "4", "--model.latent-dim", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +221,8 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
         train.main(["eval", *tiny("base", "--model.latent-dim", "6")])
     with pytest.raises(SystemExit, match="16x16 images.*image_size=32"):
         train.main(tiny("wrong-size", "--model.image-size", "32"))
+    with pytest.raises(SystemExit, match="built with make_env.*friction.*0.5.*asks for.*friction.*0.1"):
+        train.main(tiny("other-env", "--env-kwargs", '{"friction": 0.1}'))
     with pytest.raises(SystemExit, match="1-dimensional actions; pass --model.action-dim 1"):
         train.main(tiny("no-actions", "--model.action-dim", "0"))
     RolloutStore.create(tmp_path / "empty.zarr", obs_shape=(16, 16, 3), action_dim=1, state_dim=2)

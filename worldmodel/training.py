@@ -91,22 +91,24 @@ class TrainConfig:
 
     name: str = field(default="pendulum-kalman", metadata={"help": "run name: files go to <out_dir>/<name>/"})
     out_dir: str = field(default="runs", metadata={"help": "parent directory of runs"})
-    data: str = field(default="data/pendulum.zarr", metadata={
+    data: str = field(default="data/pendulum-f0.5.zarr", metadata={
         "help": "rollout store; built with the env and an Ornstein-Uhlenbeck policy if missing (or topped up "
                 "if it was built so and is short of episodes)"})
     env: str = field(default="pendulum", metadata={"help": "environment of worldmodel.envs used to build the data"})
-    env_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON keyword arguments of make_env"})
+    env_kwargs: dict = field(default_factory=lambda: {"friction": 0.5}, metadata={
+        "help": "JSON keyword arguments of make_env (friction 0.5: few full rotations, so theta_dot is linearly "
+                "recoverable from a linear-Gaussian filter)"})
     train_episodes: int = field(default=200, metadata={"help": "episodes used for training (the first ones)"})
     val_episodes: int = field(default=40, metadata={"help": "held-out episodes (after the training ones)"})
     episode_length: int = field(default=100, metadata={"help": "steps per collected episode"})
     window: int = field(default=32, metadata={"help": "training sequence length L"})
     batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
-    steps: int = field(default=600, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate of the encoder (AdamW)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = off)"})
+    grad_clip: float = field(default=10.0, metadata={"help": "max global gradient norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, window sampling and data collection"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     num_workers: int = field(default=0, metadata={
@@ -114,14 +116,14 @@ class TrainConfig:
                 "DataLoader workers (same batches; for data sets larger than memory)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training loss (minutes of compilation on CPU)"})
-    log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl records"})
-    ckpt_every: int = field(default=100, metadata={"help": "steps between periodic checkpoints"})
+    log_every: int = field(default=25, metadata={"help": "steps between metrics.jsonl records"})
+    ckpt_every: int = field(default=250, metadata={"help": "steps between periodic checkpoints"})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop (with a checkpoint) at this step without changing the schedule; continue with --resume"})
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pool=2))
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
@@ -282,6 +284,11 @@ def _check_store(store, cfg: TrainConfig) -> None:
     if store.action_dim != model.action_dim:
         raise SystemExit(f"error: {where} holds {store.action_dim}-dimensional actions; pass --model.action-dim "
                          f"{store.action_dim}")
+    built = store.meta.get("make_env")  # recorded by collect for envs from worldmodel.envs.make_env
+    wanted = {"name": cfg.env, "kwargs": {"image_size": model.image_size, **cfg.env_kwargs}}
+    if built is not None and built != json.loads(json.dumps(wanted)):
+        raise SystemExit(f"error: {where} was built with make_env({built['name']!r}, **{built['kwargs']}) but this run "
+                         f"asks for make_env({cfg.env!r}, **{wanted['kwargs']}); pass another --data path")
 
 
 def load_split(store, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
