@@ -485,6 +485,13 @@ def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
     return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, torch.stack(infos, -1)
 
 
+def _cholesky_inverse(L: Tensor, cache: dict) -> Tensor:
+    """S^{-1} from S = L L^T, computed once per filter call for the reverse passes (not in the recursion)."""
+    if cache.get("L") is not L:
+        cache.update(L=L, S_inv=torch.cholesky_inverse(L))
+    return cache["S_inv"]
+
+
 class _CovarianceRecursion(torch.autograd.Function):
     """P_{t-1|t-1} -> P_{t|t-1} = A P A^T + Q -> P_{t|t} for t = 1..T, with one Cholesky factor per step.
 
@@ -501,24 +508,24 @@ class _CovarianceRecursion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, Q, C, R, P0, steps: int, form: str):
+    def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict):
         ctx.set_materialize_grads(False)
         run = _joint_recursion if form == "joint" else _covariance_recursion
         Pp, Pf, X, S, L, info = run(A, Q, C, R, P0, steps, form == "joseph")
-        P_prev = torch.cat([P0.unsqueeze(-3), Pf[..., :-1, :, :]], -3)
-        ctx.save_for_backward(A, C, _lmul(A, P_prev), Pp, X, L)
+        ctx.save_for_backward(A, C, P0, Pf, Pp, X, L)
+        ctx.cache = cache  # S^{-1}, shared with the likelihood's reverse pass
         ctx.mark_non_differentiable(L, info)
         return Pp, Pf, X, S, L, info
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gPp_out, gPf_out, gX_out, gS_out, _L, _info):
-        A, C, AP, Pp, X, L = ctx.saved_tensors
+        A, C, P0, Pf, Pp, X, L = ctx.saved_tensors
         # everything that does not depend on the carried gradient, batched over time
         gS_pre = _sym(gS_out) if gS_out is not None else torch.zeros_like(L)
         V = torch.zeros_like(X)
         if gX_out is not None:
-            V = torch.cholesky_inverse(L) @ gX_out  # S^{-1} g_X
+            V = _cholesky_inverse(L, ctx.cache) @ gX_out  # S^{-1} g_X
             gS_pre = _sym(gS_pre - V @ X.mT)
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         M_T = eye - _rmul(X.mT, C)  # (I - K C)^T
@@ -541,9 +548,10 @@ class _CovarianceRecursion(torch.autograd.Function):
         gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
         gU = _rmul(gS, C) + V - 2.0 * XG
         gPp = (M_T.mT @ G) @ M_T + c
-        gA = 2.0 * _tsum(gPp, AP)
-        gC = _tsum(gS, _lmul(C, Pp)) + _tsum(gU, Pp)
-        return gA, gPp.sum(-3), gC, gS.sum(-3), carried, None, None
+        need = ctx.needs_input_grad
+        gA = 2.0 * _tsum(gPp, _lmul(A, torch.cat([P0.unsqueeze(-3), Pf[..., :-1, :, :]], -3))) if need[0] else None
+        gC = _tsum(gS, _lmul(C, Pp)) + _tsum(gU, Pp) if need[2] else None
+        return gA, gPp.sum(-3) if need[1] else None, gC, gS.sum(-3) if need[3] else None, carried, None, None, None
 
 
 class _InnovationLogLik(torch.autograd.Function):
@@ -552,12 +560,13 @@ class _InnovationLogLik(torch.autograd.Function):
     the gradient: g_S = -1/2 g (S^{-1} - nu nu^T) and g_e = -g nu, with nu = S^{-1} e."""
 
     @staticmethod
-    def forward(ctx, e, S, L):
+    def forward(ctx, e, S, L, cache: dict):
         shared = L.dim() == 3
         # shared factors: one (T, m, m) \ (T, m, B) solve for all sequences
         w = torch.linalg.solve_triangular(L, e.permute(1, 2, 0) if shared else e[..., None], upper=False)
         sq = w.square().sum(-2).mT if shared else w.square().sum((-2, -1))
         ctx.save_for_backward(L, w)
+        ctx.cache = cache
         return -0.5 * (sq + 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + e.shape[-1] * _LOG_2PI)
 
     @staticmethod
@@ -565,15 +574,15 @@ class _InnovationLogLik(torch.autograd.Function):
     def backward(ctx, g):
         L, w = ctx.saved_tensors
         nu = torch.linalg.solve_triangular(L.mT, w, upper=True)  # S^{-1} e
-        S_inv = torch.cholesky_inverse(L)
+        S_inv = _cholesky_inverse(L, ctx.cache)
         if L.dim() == 3:  # nu (T, m, B), g (B, T)
             g_nu = nu * g.mT[:, None, :]
             gS = 0.5 * (g_nu @ nu.mT - g.sum(0)[:, None, None] * S_inv)
-            return -g_nu.permute(2, 0, 1), gS, None
+            return -g_nu.permute(2, 0, 1), gS, None, None
         nu = nu[..., 0]
         g_nu = nu * g[..., None]
         gS = 0.5 * (g_nu[..., :, None] * nu[..., None, :] - g[..., None, None] * S_inv)
-        return -g_nu, gS, None
+        return -g_nu, gS, None, None
 
 
 class _LinearRecursion(torch.autograd.Function):
@@ -627,11 +636,12 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     Q, P0 = _sym(Q), _sym(P0)
     # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU)
     form = "joint" if n + m <= _JOINT_MAX_DIM else "standard"
-    P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form)
+    cache: dict = {}
+    P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
     if form == "standard" and not bool((info > 0).any()):  # P - W^T W lost definiteness: Joseph form
         info = info + (torch.linalg.cholesky_ex(P_filt.detach()).info > 0)
     if bool((info > 0).any()):  # (joint: a singular filtered covariance) the Joseph form copes with it
-        P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph")
+        P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph", cache)
     if bool((info > 0).any()):
         return None, False
 
@@ -651,7 +661,7 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     p_mean = before @ A.mT if shared else (A[:, None] @ before[..., None])[..., 0]
     if bu is not None:
         p_mean = p_mean + bu
-    step_ll = _InnovationLogLik.apply((z if target is None else target) - obs(p_mean), S, L)
+    step_ll = _InnovationLogLik.apply((z if target is None else target) - obs(p_mean), S, L, cache)
     covs = (P_filt, P_pred) if not shared else (P_filt.expand(batch, -1, -1, -1), P_pred.expand(batch, -1, -1, -1))
     result = FilterResult(Gaussian(f_mean, covs[0]), Gaussian(p_mean, covs[1]), *_sum_steps(step_ll))
     return result, True
