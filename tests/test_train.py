@@ -160,9 +160,11 @@ def test_default_outputs_and_exact_resume(tiny):
     assert {r["step"]: r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"} == losses
 
     # eval re-scores the checkpoint (same numbers) and appends; filter replays with dropped frames
-    results = train.main(["eval", *tiny("full")])
+    results = train.main(["eval", *tiny("full", "--eval.baselines", "untrained", "vicreg", "--baseline-steps", "2")])
     evals = [r for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "eval"]
-    assert len(evals) == 2 and evals[1]["r2"] == results["r2"]
+    assert len(evals) == 2 and evals[1]["r2"] == results["r2"] and list(results["r2"]) == ["kalman", "untrained",
+                                                                                           "vicreg"]
+    assert torch.load(full / "baseline-vicreg" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert evals[1]["r2"]["kalman"] == pytest.approx(evals[0]["r2"]["kalman"], abs=1e-9)
     path = train.main(["filter", *tiny("full", "--filter.drop", "8", "14", "--filter.episode", "1")])
     assert path == full / "filter.png" and path.stat().st_size > 0

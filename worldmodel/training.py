@@ -735,20 +735,29 @@ def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: di
     return results
 
 
+# ModelConfig fields a preset baseline shares with the run (the encoder and the data it reads)
+_ENCODER_FIELDS = ("encoder", "image_size", "channels", "depth", "pool", "norm", "input_dim", "hidden", "layers",
+                   "latent_dim", "action_dim")
+
+
 def _baseline_model(baseline: str, cfg: TrainConfig, device: torch.device) -> WorldModel:
     """'untrained' (the seeded initial model), a finished run directory, or a preset trained now."""
     if baseline == "untrained":
         return build_model(cfg, device).eval()
     if (Path(baseline) / "checkpoint.pt").is_file():
         return load_run(baseline, str(device))[0]
+    shared = {k: getattr(cfg.model, k) for k in _ENCODER_FIELDS}  # same encoder; method settings default
     try:
-        model_cfg = dataclasses.replace(cfg.model, method=baseline)
+        model_cfg = ModelConfig(**shared, method=baseline)
     except ValueError as err:
         raise SystemExit(f"error: --eval.baselines entry {baseline!r} is neither 'untrained', a run directory "
                          f"nor a method: {err}") from None
     sub = dataclasses.replace(
         cfg, name=f"{cfg.name}/baseline-{baseline}", resume=True, max_steps=None, model=model_cfg,
         steps=cfg.eval.baseline_steps or cfg.steps)
+    previous = sub.run_dir / "checkpoint.pt"
+    if previous.is_file() and config_difference(TrainConfig.from_dict(load_checkpoint(previous)["train_config"]), sub):
+        sub = dataclasses.replace(sub, resume=False)  # a baseline of other settings: train it again
     _log(f"training baseline {baseline!r} for {sub.steps} steps in {str(sub.run_dir)!r}")
     with torch.enable_grad():  # evaluate() runs under no_grad
         train(sub, final_eval=False)
