@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--chunk-frames", type=int, default=None, help="frames per obs chunk (default: whole episode)")
+    parser.add_argument("--compression-level", type=int, default=2, help="blosc-zstd level of the store")
     parser.add_argument("--pixel-noise", type=float, default=0.0, help="i.i.d. pixel noise (worst case for compression)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
         store = RolloutStore.create(path, obs_shape=env.observation_space.shape, action_dim=1, state_dim=2, env_id="pendulum",
-                                    chunk_frames=args.chunk_frames)
+                                    chunk_frames=args.chunk_frames, compression_level=args.compression_level)
         start = time.perf_counter()
         for episode in episodes:
             store.append(**episode)
