@@ -76,14 +76,18 @@ def test_round_trip_and_metadata(tmp_path):
 
 
 def test_time_chunked_store_round_trips(tmp_path):
-    store = new_store(tmp_path / "s.zarr", chunk_frames=5)
+    store = new_store(tmp_path / "s.zarr", chunk_frames=5, compression_level=4)
     for i in range(2):
         store.append(**fake_episode(i))
     reopened = RolloutStore.open(tmp_path / "s.zarr")
-    assert reopened._array("obs").chunks == (1, 5, *OBS)
+    obs = reopened._array("obs")
+    assert obs.chunks == (1, 5, *OBS)
+    assert (obs.compressors[0].cname.value, obs.compressors[0].clevel) == ("zstd", 4)
     assert_episode_equal(reopened.episode(1), fake_episode(1))
     with pytest.raises(ValueError, match="chunk_frames must be a positive int"):
         new_store(tmp_path / "t.zarr", chunk_frames=0)
+    with pytest.raises(ValueError, match="compression_level"):
+        new_store(tmp_path / "t.zarr", compression_level=0)
 
 
 def test_split_is_by_episode_and_deterministic(tmp_path):
