@@ -31,6 +31,8 @@ The parallel-in-time filter and smoother use the associative-scan formulation of
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -404,6 +406,33 @@ def _sum_steps(step_ll: Tensor) -> tuple[Tensor, Tensor]:
 # a handful of matrix ops per step instead of ~40 recorded ones.
 
 
+@contextlib.contextmanager
+def _calling_thread_only(device: torch.device):
+    """Run CPU work on the calling thread. The filter is a chain of small matrix ops that intra-op
+    threads do not speed up, and on a busy machine every parallel region waits for its slowest thread
+    (10x slower end to end with 2 threads on a loaded 2-core machine); the count is restored after."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_calling_thread(backward):
+    """Decorate an autograd.Function backward to run under ``_calling_thread_only``."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with _calling_thread_only(ctx.saved_tensors[0].device):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 def _mm_add(bias: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     """``bias + alpha * a @ b`` for matrices or stacks of matrices (one fused BLAS call)."""
     if a.dim() == 2:
@@ -519,6 +548,7 @@ class _CovarianceRecursion(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_on_calling_thread
     def backward(ctx, gPp_out, gPf_out, gX_out, gS_out, _L, _info):
         A, C, P0, Pf, Pp, X, L = ctx.saved_tensors
         # everything that does not depend on the carried gradient, batched over time
@@ -571,6 +601,7 @@ class _InnovationLogLik(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_on_calling_thread
     def backward(ctx, g):
         L, w = ctx.saved_tensors
         nu = torch.linalg.solve_triangular(L.mT, w, upper=True)  # S^{-1} e
@@ -603,6 +634,7 @@ class _LinearRecursion(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_on_calling_thread
     def backward(ctx, g):
         F, x0, out = ctx.saved_tensors
         shared = F.dim() == 3
@@ -804,7 +836,8 @@ def kalman_filter(
         ValueError naming the argument for wrong shapes, non-finite parameters (NaN in ``z`` is allowed)
         or covariances (Q, R, P0) that are not symmetric positive semi-definite.
     """
-    with torch.autocast(z.device.type if isinstance(z, Tensor) else "cpu", enabled=False):
+    device = z.device if isinstance(z, Tensor) else torch.device("cpu")
+    with torch.autocast(device.type, enabled=False), _calling_thread_only(device):
         args = _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target)
         fused = not parallel and args[8] is None and args[4].dim() < 4  # all observed, one R per sequence
         for jitter in _JITTERS:
