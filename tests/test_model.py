@@ -73,26 +73,51 @@ def test_sequence_encoder_folds_batch_and_time_and_marks_nan_frames():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["batch", "whiten"])
-def test_latent_norm_standardises_and_uses_running_stats_in_eval(dtype, kind):
+def test_latent_norm_standardises_with_batch_renormalisation(dtype, kind):
     g = torch.Generator().manual_seed(1)
     mix = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.3, -1.0, 3.0]], dtype=dtype)
-    z = (torch.randn(64, 20, 3, generator=g, dtype=dtype) @ mix + 5.0)
+    z = (torch.randn(64, 20, 3, generator=g, dtype=dtype) @ mix + 5.0).requires_grad_(True)
     norm = LatentNorm(3, kind, momentum=1.0, eps=0.0).to(dtype)
-    out = norm(z).reshape(-1, 3)
-    cov = torch.cov(out.T)
+    out = norm(z)
+    flat = out.detach().reshape(-1, 3)
+    cov = flat.T @ flat / len(flat)  # running statistics: population (1/N) moments of the last batch
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    assert torch.allclose(out.mean(0), torch.zeros(3, dtype=dtype), atol=tol)
+    assert torch.allclose(flat.mean(0), torch.zeros(3, dtype=dtype), atol=tol)
     if kind == "batch":
-        assert torch.allclose(cov.diagonal(), torch.ones(3, dtype=dtype), atol=tol)
-        corr = torch.corrcoef(z.reshape(-1, 3).T)
+        corr = torch.corrcoef(z.detach().reshape(-1, 3).T)
         assert torch.allclose(cov, corr, atol=tol)  # standardised, correlations kept
     else:
         assert torch.allclose(cov, torch.eye(3, dtype=dtype), atol=tol)
-    norm.eval()  # momentum 1: the running statistics are the last batch's
-    assert torch.allclose(norm(z).reshape(-1, 3), out, atol=tol)
-    z_nan = z.clone()
+    # the gradient flows through the batch statistics: sum over the batch of normalised values is
+    # constant (0), so its gradient vanishes; with the (fixed) running statistics of eval it does not
+    out.sum().backward()
+    assert z.grad.abs().max() < 1e-3 if dtype == torch.float32 else z.grad.abs().max() < 1e-9
+    norm.eval()
+    z.grad = None
+    evaluated = norm(z)
+    assert torch.allclose(evaluated.detach(), out.detach(), atol=tol)  # eval = train forward value
+    evaluated.sum().backward()
+    assert z.grad.abs().max() > 0.1
+    z_nan = z.detach().clone()
     z_nan[0, 0] = float("nan")
     assert torch.isnan(norm(z_nan)[0, 0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_latent_norm_running_statistics_are_bias_corrected_population_moments(dtype):
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(4, 5, 2, generator=g, dtype=dtype) + shift for shift in (3.0, -1.0, 0.5)]
+    norm = LatentNorm(2, "whiten", momentum=0.5).to(dtype)
+    for b in batches:
+        norm(b)
+    weights = torch.tensor([0.25, 0.5, 1.0], dtype=dtype)
+    weights = weights / weights.sum()  # bias-corrected EMA weights of the three batches
+    flat = [b.reshape(-1, 2) for b in batches]
+    mean = sum(w * f.mean(0) for w, f in zip(weights, flat))
+    cov = sum(w * f.T @ f / len(f) for w, f in zip(weights, flat)) - torch.outer(mean, mean)
+    got_mean, got_cov = norm.statistics()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(got_mean, mean, atol=tol) and torch.allclose(got_cov, cov, atol=tol)
 
 
 # ---- WorldModel: filtering ---------------------------------------------------------------------
@@ -254,7 +279,7 @@ def test_heteroscedastic_noise_is_per_frame():
         belief = model.step(belief, frames[:, t], None if t == 0 else actions[:, t - 1])
     assert torch.allclose(belief.mean, res.filtered.mean[:, 2], atol=1e-5)
     model.train()
-    assert math.isfinite(float(model.loss(frames, actions).loss))
+    assert math.isfinite(float(model.loss(frames, actions).loss.detach()))
 
 
 def test_mlp_encoder_world_model():

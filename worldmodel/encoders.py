@@ -146,23 +146,51 @@ class SequenceEncoder(nn.Module):
 
 
 class LatentNorm(nn.Module):
-    """Normalises latents (B, T, d) by batch statistics in training and running statistics in eval.
+    """Normalises latents (B, T, d) to zero mean and unit (co)variance; no learned parameters.
 
-    kind="batch": per-dimension standardisation (z - mu) / sigma (BatchNorm without affine);
-    kind="whiten": Cholesky whitening L^{-1} (z - mu) with Cov = L L^T, so the batch covariance is I;
-    kind="none": identity. Fixing the latent scale removes the trivial collapse of the stop-gradient
-    Kalman objective (a plug-in with a detached target has no entropy term that would prevent it).
-    Statistics use observed, finite rows only (mask (B, T) True = observed) and are gathered over
-    ranks under torch.distributed, so DDP sees the statistics of the global batch.
+    kind="batch": per-dimension standardisation (z - mu) / sigma; kind="whiten": Cholesky whitening
+    L^{-1} (z - mu) with Cov = L L^T; kind="none": identity. Fixing the latent scale removes the trivial
+    collapse of the stop-gradient Kalman objective (a plug-in with a detached target has no entropy term
+    that would prevent it).
+
+    Batch renormalisation (Ioffe 2017): in training the output *value* uses the running statistics,
+    exactly as in eval (so the latent model is fit to the latents it later filters), while the
+    *gradient* flows through the batch statistics (which is what stops the encoder from collapsing):
+    out = y_batch + SG[y_running - y_batch]. The running statistics are bias-corrected exponential
+    averages of the batch mean and of the uncentred second moment E[z z^T], so Cov = E[z z^T] - mu mu^T
+    estimates the population covariance rather than the (smaller) average within-batch covariance of
+    time-correlated windows. Statistics use observed, finite rows only (mask (B, T) True = observed)
+    and are gathered over ranks under torch.distributed (DDP sees the global batch).
     """
 
-    def __init__(self, dim: int, kind: str = "batch", momentum: float = 0.01, eps: float = 1e-4):
+    def __init__(self, dim: int, kind: str = "batch", momentum: float = 0.02, eps: float = 1e-4):
         super().__init__()
         if kind not in ("batch", "whiten", "none"):
             raise ValueError(f"kind must be 'batch', 'whiten' or 'none', got {kind!r}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.kind, self.momentum, self.eps = kind, momentum, eps
         self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_cov", torch.eye(dim))
+        self.register_buffer("running_moment", torch.zeros(dim, dim))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """Running (mean (d,), covariance (d, d)); (0, I) before the first training batch."""
+        n = int(self.num_batches)
+        if n == 0:
+            return self.running_mean.clone(), torch.eye(len(self.running_mean), dtype=self.running_mean.dtype,
+                                                        device=self.running_mean.device)
+        correction = 1.0 - (1.0 - self.momentum) ** n
+        mean = self.running_mean / correction
+        return mean, self.running_moment / correction - torch.outer(mean, mean)
+
+    def _normalise(self, z: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+        x = z - mean.to(z.dtype)
+        cov = cov.to(z.dtype)
+        if self.kind == "batch":
+            return x / (cov.diagonal() + self.eps).sqrt()
+        chol = torch.linalg.cholesky(cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
+        return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d)."""
@@ -172,25 +200,23 @@ class LatentNorm(nn.Module):
         if missing.any():  # normalise zeros in their place (NaN must not reach the backward pass)
             return self(z.masked_fill(missing[..., None], 0.0), mask=~missing if mask is None else mask & ~missing)\
                 .masked_fill(missing[..., None], float("nan"))
-        if self.training:
-            rows = rearrange(z, "b t d -> (b t) d")
-            keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
-            if mask is not None:
-                keep = keep & rearrange(mask, "b t -> (b t)")
-            rows = gather(rows[keep])
-            if rows.shape[0] < 2:
-                raise ValueError("LatentNorm needs at least 2 observed latents in a training batch")
-            mean = rows.mean(0)
-            centred = rows - mean
-            cov = centred.mT @ centred / (rows.shape[0] - 1)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), self.momentum)
-        else:
-            mean, cov = self.running_mean.to(z.dtype), self.running_cov.to(z.dtype)
-        x = z - mean
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        if self.kind == "batch":
-            return x / (cov.diagonal() + self.eps).sqrt()
-        chol = torch.linalg.cholesky(cov + self.eps * eye)
-        return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
+        if not self.training:
+            return self._normalise(z, *self.statistics())
+        rows = rearrange(z, "b t d -> (b t) d")
+        if mask is not None:
+            rows = rows[rearrange(mask, "b t -> (b t)")]
+        rows = gather(rows)
+        if rows.shape[0] < 2:
+            raise ValueError("LatentNorm needs at least 2 observed latents in a training batch")
+        mean = rows.mean(0)
+        centred = rows - mean
+        cov = centred.mT @ centred / (rows.shape[0] - 1)
+        with torch.no_grad():
+            moment = rows.mT @ rows / rows.shape[0]
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_moment.lerp_(moment.to(self.running_moment.dtype), self.momentum)
+            self.num_batches += 1
+        batch = self._normalise(z, mean, cov)
+        with torch.no_grad():
+            running = self._normalise(z, *self.statistics())
+        return batch + (running - batch.detach())
