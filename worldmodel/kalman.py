@@ -482,7 +482,7 @@ def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
         P = _sym(P)
         Pps.append(Pp), Pfs.append(P), WTs.append(WT), Ls.append(L), Ss.append(S), infos.append(info)
     Pp, Pf, WT, L, S = (torch.stack(x, -3) for x in (Pps, Pfs, WTs, Ls, Ss))
-    X = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
+    X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
     return _sym(Pp), Pf, X, S, L, torch.stack(infos, -1)
 
 
@@ -502,16 +502,20 @@ def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
     J0 = torch.cat([torch.cat([_mm_add(R, CQ, C.mT), CQ], -1), torch.cat([CQ.mT, Q], -1)], -2)
     Y = G @ P0
     Gt = G.mT
-    Js, Ljs, infos = [], [], []
-    for t in range(steps):
-        J = _mm_add(J0, Y, Gt if t == 0 else Y.mT)
-        Lj, info = torch.linalg.cholesky_ex(J)
-        Y = G @ Lj[..., m:, m:]
-        Js.append(J), Ljs.append(Lj), infos.append(info)
-    J, Lj = torch.stack(Js, -3), torch.stack(Ljs, -3)
+    # written in place into (..., T, m + n, m + n) buffers: no per-step allocation, no stacking
+    J = J0.new_empty(*J0.shape[:-2], steps, *J0.shape[-2:])
+    Lj = torch.empty_like(J)
+    info = torch.empty(J.shape[:-2], dtype=torch.int32, device=J.device)
+    for t, (J_t, Lj_t, info_t) in enumerate(zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1))):
+        if J_t.dim() == 2:
+            torch.addmm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
+        else:
+            torch.baddbmm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
+        torch.linalg.cholesky_ex(J_t, out=(Lj_t, info_t))
+        Y = G @ Lj_t[..., m:, m:]
     L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
-    X = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
-    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, torch.stack(infos, -1)
+    X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
+    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, info
 
 
 def _cholesky_inverse(L: Tensor, cache: dict) -> Tensor:

@@ -1,4 +1,4 @@
-"""This machine's ceilings, measured under the same pinning as the peers (torch, float32).
+"""This machine's ceilings, measured under the same pinning and clock (process CPU time) as the peers.
 
 - ``sgemm_gflops``: a 1024 x 1024 x 1024 matmul, the machine's dense peak;
 - ``bmm_gflops[(B, d)]``: a batched (B, d, d) @ (B, d, d) matmul, the rate a filter built from small
@@ -13,23 +13,23 @@ import torch
 
 
 def per_call(fn, min_time=0.05, reps=5) -> float:
-    """Median over ``reps`` of the mean time of a loop that runs at least ``min_time`` seconds."""
+    """Median over ``reps`` of the mean CPU time of a loop that runs at least ``min_time`` seconds."""
     fn()
     n, t = 1, 0.0
     while True:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(n):
             fn()
-        t = time.perf_counter() - t0
+        t = time.process_time() - t0
         if t >= min_time:
             break
         n *= 2
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(n):
             fn()
-        times.append((time.perf_counter() - t0) / n)
+        times.append((time.process_time() - t0) / n)
     return sorted(times)[len(times) // 2]
 
 

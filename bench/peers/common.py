@@ -78,6 +78,11 @@ def cov_flops(d: int, m: int) -> float:
     return 4 * d**3 + 4 * m * d**2 + 4 * m**2 * d + m**3 / 3 + 4 * d**2 + 4 * m * d
 
 
+def mean_flops(d: int, m: int) -> float:
+    """The per-sequence part of a step once the covariances are known: A m, C m, K e, L^-1 e."""
+    return 4 * d**2 + 4 * m * d + m**2
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
     """(wall seconds, process CPU seconds, result) of one call."""
     w0, c0 = time.perf_counter(), time.process_time()
