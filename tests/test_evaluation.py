@@ -79,7 +79,8 @@ def test_optimal_assignment_matches_brute_force(shape):
         score = rng.normal(size=shape)
         cols = optimal_assignment(score)
         assert len(set(cols)) == shape[0]
-        best = max(sum(score[i, p[i]] for i in range(shape[0])) for p in itertools.permutations(range(shape[1]), shape[0]))
+        perms = itertools.permutations(range(shape[1]), shape[0])
+        best = max(sum(score[i, p[i]] for i in range(shape[0])) for p in perms)
         assert math.isclose(sum(score[i, c] for i, c in enumerate(cols)), best, rel_tol=1e-12)
 
 

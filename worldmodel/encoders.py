@@ -153,14 +153,13 @@ class LatentNorm(nn.Module):
     collapse of the stop-gradient Kalman objective (a plug-in with a detached target has no entropy term
     that would prevent it).
 
-    Batch renormalisation (Ioffe 2017): in training the output *value* uses the running statistics,
-    exactly as in eval (so the latent model is fit to the latents it later filters), while the
-    *gradient* flows through the batch statistics (which is what stops the encoder from collapsing):
-    out = y_batch + SG[y_running - y_batch]. The running statistics are bias-corrected exponential
-    averages of the batch mean and of the uncentred second moment E[z z^T], so Cov = E[z z^T] - mu mu^T
-    estimates the population covariance rather than the (smaller) average within-batch covariance of
-    time-correlated windows. Statistics use observed, finite rows only (mask (B, T) True = observed)
-    and are gathered over ranks under torch.distributed (DDP sees the global batch).
+    Training normalises with the statistics of the batch (their gradient is what stops the encoder
+    from collapsing); eval (filtering, stepping, evaluation) with running statistics. These are
+    bias-corrected exponential averages of the batch mean and of the uncentred second moment E[z z^T],
+    so Cov = E[z z^T] - mu mu^T estimates the population covariance, not the smaller average
+    within-batch covariance of time-correlated windows (which would mis-scale the latents in eval).
+    Statistics use observed, finite rows only (mask (B, T) True = observed) and are gathered over
+    ranks under torch.distributed (DDP sees the global batch).
     """
 
     def __init__(self, dim: int, kind: str = "batch", momentum: float = 0.02, eps: float = 1e-4):
@@ -216,7 +215,4 @@ class LatentNorm(nn.Module):
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_moment.lerp_(moment.to(self.running_moment.dtype), self.momentum)
             self.num_batches += 1
-        batch = self._normalise(z, mean, cov)
-        with torch.no_grad():
-            running = self._normalise(z, *self.statistics())
-        return batch + (running - batch.detach())
+        return self._normalise(z, mean, cov)

@@ -33,6 +33,11 @@ def _as_2d(x: Any, name: str) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _as_labels(y: Any) -> Tensor:
+    """Integer class labels (N,) as a CPU int64 tensor."""
+    return torch.as_tensor(y.detach() if isinstance(y, Tensor) else np.asarray(y)).long().cpu().reshape(-1)
+
+
 def pendulum_targets(state: Any) -> Tensor:
     """Pendulum state (..., 2) = (theta, theta_dot) -> readout targets (..., 3) = (sin theta, cos theta, theta_dot)."""
     s = torch.as_tensor(state)
@@ -233,8 +238,7 @@ def linear_probe_accuracy(features_train: Any, labels_train: Any, features_test:
     features: (N, F); labels: (N,) integer classes.
     """
     xtr, xte = _as_2d(features_train, "features_train"), _as_2d(features_test, "features_test")
-    ytr = torch.as_tensor(np.asarray(labels_train) if not isinstance(labels_train, Tensor) else labels_train).long().cpu().reshape(-1)
-    yte = torch.as_tensor(np.asarray(labels_test) if not isinstance(labels_test, Tensor) else labels_test).long().cpu().reshape(-1)
+    ytr, yte = _as_labels(labels_train), _as_labels(labels_test)
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise ValueError("features and labels must have the same number of rows")
     classes = num_classes if num_classes is not None else int(max(ytr.max(), yte.max())) + 1

@@ -42,7 +42,8 @@ class ModelConfig:
     image_size: int = field(default=64, metadata={"help": "H = W of the frames (conv encoder)"})
     channels: int = field(default=3, metadata={"help": "C of the frames (conv encoder)"})
     depth: int = field(default=16, metadata={"help": "conv encoder width multiplier: widths depth*(1,2,4,8)"})
-    pool: int = field(default=1, metadata={"help": "average-pool the frames by this factor before the convs"})
+    pool: int = field(default=2, metadata={
+        "help": "average-pool the frames by this factor before the convs (2: a cheap first stage)"})
     norm: str = field(default="layer", metadata={"help": "conv encoder norm: layer, group or none"})
     input_dim: int = field(default=0, metadata={"help": "observation size (mlp encoder)"})
     hidden: int = field(default=256, metadata={"help": "hidden width (mlp encoder)"})
@@ -161,7 +162,8 @@ class WorldModel(nn.Module):
             raise ValueError(f"frames must have shape {lead}{', '.join(map(str, item))}) for this config "
                              f"(image_size={cfg.image_size}, channels={cfg.channels}), got {tuple(frames.shape)}")
 
-    def _latents(self, frames: Tensor, mask: Tensor | None = None, target: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _latents(self, frames: Tensor, mask: Tensor | None = None,
+                 target: bool = False) -> tuple[Tensor, Tensor | None]:
         """frames (B, T, ...) -> normalised latents z (B, T, L) (NaN where a frame is NaN) and the
         per-frame observation-noise variances (B, T, L) (heteroscedastic) or None."""
         self._check_frames(frames, 2)
