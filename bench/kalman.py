@@ -260,6 +260,7 @@ def report(result: dict) -> str:
            f"Ratios are peer time / `{OURS}` time: > 1 means ours is faster. "
            "Forward-only peers (numpy, filterpy) are compared on their forward time in the fwd+bwd table too "
            "(they cannot give gradients), which favours them.\n"]
+    out += summary(result)
     for grad in (False, True):
         title = "forward + backward" if grad else "forward"
         out.append(f"\n## {title}: ratio peer / ours (ours in ms)\n")
@@ -329,6 +330,45 @@ def report(result: dict) -> str:
     for k, v in result["versions"].items():
         out.append(f"- {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
     return "\n".join(out) + "\n"
+
+
+def summary(result: dict) -> list[str]:
+    """The world-model point for every implementation, and where a peer beats ours."""
+    idx = _index(result["records"])
+    w = WORLD_POINT
+    key = lambda name, grad: (name, w["d"], w["m"], w["B"], w["T"], grad)  # noqa: E731
+    ours = {g: idx.get(key(OURS, g)) for g in (False, True)}
+    out = [f"\n## World-model point: B={w['B']}, T={w['T']}, d={w['d']}, m={w['m']}\n",
+           "| implementation | fwd ms | fwd+bwd ms | ratio fwd | ratio fwd+bwd | loglik rel. err | NaN/inf |",
+           "|---|---|---|---|---|---|---|"]
+    for name in IMPLS:
+        recs = {g: idx.get(key(name, g)) for g in (False, True)}
+        if recs[False] is None and recs[True] is None:
+            continue
+        cells = []
+        for g in (False, True):
+            r = recs[g]
+            cells.append(f"{r['time_s'] * 1e3:.2f}" if r and "time_s" in r else ("n/a" if g else "skip"))
+        for g in (False, True):
+            r = recs[g] or (recs[False] if g else None)
+            cells.append(_fmt_ratio(r, ours[g]) if name != OURS else "1")
+        r = recs[False] or recs[True]
+        err = f"{r['loglik_rel_err']:.1e}" if "loglik_rel_err" in r else "-"
+        out.append(f"| {IMPLS[name][-1]} (`{name}`) | " + " | ".join(cells) + f" | {err} | {r.get('nonfinite', '-')} |")
+    out.append("\nn/a: no backward pass (forward-only peers are compared on their forward time in the ratio).\n")
+    wins = []
+    for (name, d, m, B, T, grad), o in sorted(idx.items()):
+        if name != OURS or "time_s" not in o:
+            continue
+        for peer in IMPLS:
+            r = idx.get((peer, d, m, B, T, grad))
+            if r is None and grad and not IMPLS[peer][2]:  # forward-only peer: its forward time
+                r = idx.get((peer, d, m, B, T, False))
+            if peer.startswith("ours") or not r or "time_s" not in r or r["time_s"] >= o["time_s"]:
+                continue
+            wins.append(f"{peer} {'fwd+bwd' if grad else 'fwd'} d={d},m={m},B={B},T={T} ({o['time_s'] / r['time_s']:.2f}x)")
+    out.append(f"Points where a peer is faster than `{OURS}` ({len(wins)}): " + ("; ".join(wins) if wins else "none") + "\n")
+    return out
 
 
 def plot(result: dict, path: Path) -> None:

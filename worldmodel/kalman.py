@@ -506,14 +506,12 @@ def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
     J = J0.new_empty(*J0.shape[:-2], steps, *J0.shape[-2:])
     Lj = torch.empty_like(J)
     info = torch.empty(J.shape[:-2], dtype=torch.int32, device=J.device)
-    for t, (J_t, Lj_t, info_t) in enumerate(zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1))):
-        if J_t.dim() == 2:
-            torch.addmm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
-        else:
-            torch.baddbmm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
-        torch.linalg.cholesky_ex(J_t, out=(Lj_t, info_t))
-        Y = G @ Lj_t[..., m:, m:]
     L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
+    add_mm, mm = (torch.addmm, torch.mm) if G.dim() == 2 else (torch.baddbmm, torch.bmm)
+    for t, (J_t, Lj_t, info_t, Lf_t) in enumerate(zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1), Lf.unbind(-3))):
+        add_mm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
+        torch.linalg.cholesky_ex(J_t, out=(Lj_t, info_t))
+        Y = mm(G, Lf_t)
     X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
     return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, info
 

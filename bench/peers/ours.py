@@ -2,9 +2,10 @@
 
 Variants: ``seq`` / ``par`` (sequential or associative-scan filter, the parameters shared over the
 batch as a world model has them), ``seq_batched`` (the same parameters expanded to ``(B, n, n)``, which
-forces a separate covariance recursion per sequence: the dense work the batched peers do), and
-``seq_compiled`` / ``par_compiled``: ``torch.compile`` applied to the per-step function (the
-sequential step, or the scan's combine operator), never to the unrolled time loop.
+forces a separate covariance recursion per sequence: the dense work the batched peers do),
+``seq_compiled``: ``torch.compile`` applied to one filter step (the public ``predict`` then ``update``
+maths, ``_predict`` + ``_update``), looped over time in Python, and ``par_compiled``: the parallel filter
+with ``torch.compile`` applied to the scan's combine operator. Never compiled: an unrolled time loop.
 """
 import sys
 
@@ -20,31 +21,44 @@ def build(problem, variant, grad):
     import torch
     from worldmodel import kalman
 
-    if variant.endswith("_compiled"):
-        for name in kalman.__dict__.get("_COMPILED_STEPS", ("_predict", "_update", "_filtering_combine")):
-            fn = getattr(kalman, name)
-            if not hasattr(fn, "_torchdynamo_orig_callable"):
-                setattr(kalman, name, torch.compile(fn, dynamic=False))
-    parallel = variant.startswith("par")
     f32 = {k: torch.tensor(problem[k], dtype=torch.float32) for k in ("z", "A", "Q", "C", "R", "m0", "P0")}
-    B = f32["z"].shape[0]
+    B, T, _ = f32["z"].shape
     if variant == "seq_batched":
         for k in ("A", "Q", "C", "R", "P0"):
             f32[k] = f32[k].expand(B, *f32[k].shape).contiguous()
         f32["m0"] = f32["m0"].expand(B, -1).contiguous()
+    if variant == "par_compiled" and not hasattr(kalman._filtering_combine, "_torchdynamo_orig_callable"):
+        kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=False)
     names = ("z", "A", "Q", "C", "R", "m0", "P0")
+    eye = torch.eye(f32["A"].shape[-1])
+
+    def step(mean, cov, z_t, A, Q, C, R):
+        mean, cov = kalman._predict(mean, cov, A, Q, None)
+        mean, cov, ll, _ = kalman._update(mean, cov, z_t, C, R, None, None, 0.0, eye)
+        return mean, cov, ll
+
+    compiled_step = torch.compile(step, dynamic=False) if variant == "seq_compiled" else None
 
     def run():
         leaves = [f32[k].clone().requires_grad_(grad and k in ("z", "A", "Q", "C", "R")) for k in names]
-        res = kalman.kalman_filter(*leaves, parallel=parallel)
-        grads = torch.autograd.grad(res.log_likelihood.sum(), leaves[:5]) if grad else ()
-        return res, grads
+        if compiled_step is None:
+            res = kalman.kalman_filter(*leaves, parallel=variant.startswith("par"))
+            ll, outs = res.log_likelihood, (res.filtered.mean, res.filtered.cov)
+        else:
+            z, A, Q, C, R, mean, cov = leaves
+            ll, means, covs = 0.0, [], []
+            for z_t in z.unbind(1):
+                mean, cov, ll_t = compiled_step(mean, cov, z_t, A, Q, C, R)
+                ll = ll + ll_t
+                means.append(mean), covs.append(cov)
+            outs = (torch.stack(means, 1), torch.stack(covs, -3))
+        grads = torch.autograd.grad(ll.sum(), leaves[:5]) if grad else ()
+        return ll, outs, grads
 
     def summarise(out):
-        res, grads = out
-        tensors = (res.log_likelihood, res.filtered.mean, res.filtered.cov, *grads)
-        bad = sum(int((~torch.isfinite(x)).sum()) for x in tensors)
-        return {"loglik": res.log_likelihood.detach().double().tolist(), "nonfinite": bad}
+        ll, outs, grads = out
+        bad = sum(int((~torch.isfinite(x)).sum()) for x in (ll, *outs, *grads))
+        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad}
 
     return run, summarise
 
