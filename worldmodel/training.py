@@ -524,7 +524,11 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     model = build_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:
+            raise SystemExit(f"error: the checkpoint in {str(cfg.run_dir)!r} does not fit this model (written by "
+                             f"another version?): {err}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) != world:
             raise SystemExit(f"error: checkpoint was written by {len(ckpt['rng'])} ranks, this run has {world}")
