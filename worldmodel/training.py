@@ -123,7 +123,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(pool=2))
+    model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
