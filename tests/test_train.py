@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def _assert_same_params(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_outputs_and_exact_resume(tiny):
+def test_default_outputs_and_exact_resume(tiny, capsys):
     full = train.main(tiny("full", "--plots"))
     for name in ("metrics.jsonl", "checkpoint.pt", "config.json", "loss.png", "readout.png", "kstep.png"):
         assert (full / name).stat().st_size > 0, name
@@ -166,8 +167,11 @@ def test_default_outputs_and_exact_resume(tiny):
                                                                                            "vicreg"]
     assert torch.load(full / "baseline-vicreg" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert evals[1]["r2"]["kalman"] == pytest.approx(evals[0]["r2"]["kalman"], abs=1e-9)
+    capsys.readouterr()
     path = train.main(["filter", *tiny("full", "--filter.drop", "8", "14", "--filter.episode", "1")])
     assert path == full / "filter.png" and path.stat().st_size > 0
+    gap = re.search(r"(\d+) dropped frames.*match the batch filter to (\S+) ", capsys.readouterr().out)
+    assert gap and int(gap[1]) == 6 and float(gap[2]) < 1e-4  # online step() == batch filter(), with drops
     assert train.main(["filter", *tiny("full", "--live", "--filter.length", "12")]).stat().st_size > 0
 
 
