@@ -141,7 +141,11 @@ def main(argv=None) -> int:
                     help="time used for the ratios: process CPU time (robust on a shared machine) or wall")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="no run: combine the records of earlier kalman.json files (later files win) into one report")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.quick:
         args.grid = "quick"
     args.reps = max(5, args.reps or (5 if args.quick else 7))
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     Bs, ds = sorted({1} | {c["B"] for c in configs}), sorted({c["d"] for c in configs})
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp, "c.json"), Path(tmp, "c.out")
-        spec.write_text(json.dumps({"B": Bs, "d": ds}))
+        spec.write_text(json.dumps({"B": Bs, "d": ds, "min_time": 0.02 if args.quick else 0.05}))
         env = thread_env(args.threads)
         subprocess.run([sys.executable, str(HERE / "peers" / "ceilings.py"), str(spec), str(out)], env=env, check=True,
                        preexec_fn=lambda: os.sched_setaffinity(0, args.cpus))
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
             log(f"  {name:<18} skipped: {why}")
             continue
         mine = [c for c in subset(configs, which) if not (dense and c in big)]
-        spec = dict(impl=name, variant=variant, seed=args.seed, reps=args.reps, warmup=3, budget_s=args.budget,
+        spec = dict(impl=name, variant=variant, seed=args.seed, reps=args.reps, warmup=2 if args.quick else 3,
+                    budget_s=args.budget,
                     modes=[False, True] if has_grad else [False], configs=mine, limit_s=args.limit)
         records += run_child(module, spec, args, log)
 
@@ -232,6 +237,31 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - a plot failure must not lose the numbers
         print(f"plot failed: {exc}")
     print(f"wrote {args.out}/kalman.json, kalman.md, kalman.png in {time.time() - t_start:.0f} s")
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One report from several runs (e.g. the compile-heavy variants run at another time than the rest)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(results[-1])
+    recs = {}
+    for res in results:
+        for r in res["records"]:
+            recs[(r["impl"], r["d"], r["m"], r["B"], r["T"], r["grad"])] = r
+    merged["records"] = list(recs.values())
+    merged["versions"] = {k: v for res in results for k, v in res["versions"].items()}
+    merged["ceilings"] = dict(merged["ceilings"], bmm_gflops={
+        k: v for res in results for k, v in res["ceilings"]["bmm_gflops"].items()})
+    ran = {r["impl"] for r in merged["records"]}
+    merged["skipped_impls"] = {k: v for res in results for k, v in res["skipped_impls"].items() if k not in ran}
+    merged["merged_from"] = [str(p) for p in paths]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kalman.json").write_text(json.dumps(merged, indent=1))
+    md = report(merged) + "\nMerged from " + ", ".join(f"`{p}`" for p in paths) + \
+        " (runs at different times: ratios across them carry the machine's load difference).\n"
+    (out / "kalman.md").write_text(md)
+    print(md)
+    plot(merged, out / "kalman.png")
     return 0
 
 
@@ -293,6 +323,8 @@ def report(result: dict) -> str:
             if not r or "time_s" not in r:
                 continue
             bmm_B, bmm_1 = ceil["bmm_gflops"].get(f"{B},{d}"), ceil["bmm_gflops"].get(f"1,{d}")
+            if not bmm_B or not bmm_1:
+                continue
             dense = B * T * cov_flops(d, m) / r["time_s"] / 1e9
             if name == "ours_seq":
                 work = (T * cov_flops(d, m) + B * T * mean_flops(d, m)) / r["time_s"] / 1e9

@@ -578,11 +578,15 @@ class _CovarianceRecursion(torch.autograd.Function):
         G = torch.stack(Gs[::-1], -3)
         XG = X @ G
         gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
-        gU = _rmul(gS, C) + V - 2.0 * XG
+        gSC = _rmul(gS, C)
         gPp = (M_T.mT @ G) @ M_T + c
         need = ctx.needs_input_grad
-        gA = 2.0 * _tsum(gPp, _lmul(A, torch.cat([P0.unsqueeze(-3), Pf[..., :-1, :, :]], -3))) if need[0] else None
-        gC = _tsum(gS, _lmul(C, Pp)) + _tsum(gU, Pp) if need[2] else None
+        gA = gC = None
+        if need[0]:  # 2 sum_t g_Pp_t A P_{t-1|t-1}
+            gPpA = _rmul(gPp, A)
+            gA = 2.0 * (_tsum(gPpA[..., 1:, :, :], Pf[..., :-1, :, :]) + gPpA[..., 0, :, :] @ P0)
+        if need[2]:  # sum_t g_S_t U_t + g_U_t P_t = sum_t (2 g_S C + V - 2 X G)_t P_{t|t-1}, g_U = g_S C + V - 2 X G
+            gC = _tsum(2.0 * gSC + V - 2.0 * XG, Pp)
         return gA, gPp.sum(-3) if need[1] else None, gC, gS.sum(-3) if need[3] else None, carried, None, None, None
 
 

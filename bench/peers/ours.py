@@ -28,7 +28,7 @@ def build(problem, variant, grad):
             f32[k] = f32[k].expand(B, *f32[k].shape).contiguous()
         f32["m0"] = f32["m0"].expand(B, -1).contiguous()
     if variant == "par_compiled" and not hasattr(kalman._filtering_combine, "_torchdynamo_orig_callable"):
-        kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=False)
+        kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=True)  # one graph for all scan levels
     names = ("z", "A", "Q", "C", "R", "m0", "P0")
     eye = torch.eye(f32["A"].shape[-1])
 
