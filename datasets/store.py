@@ -84,9 +84,10 @@ class RolloutStore:
     ) -> "RolloutStore":
         """Create an empty store. ``episode_length`` T is fixed by the first append unless given.
 
-        ``chunk_frames``: frames per obs chunk (default: the whole episode, one chunk, fastest for
-        T of a few hundred). Chunks never span episodes; for long episodes (T in the thousands) a few
-        dozen frames per chunk keeps a random window from decoding the whole episode.
+        ``chunk_frames``: frames per obs chunk (default: the whole episode, one chunk per episode).
+        Chunks never span episodes. A random window decodes every chunk it touches, so for frames that
+        compress badly (pixel noise) or long episodes, ~20-50 frames per chunk streams about twice as
+        fast (bench/data.py --chunk-frames).
         ``compression_level``: blosc-zstd level 1-9; 2 balances write speed on noisy frames (about 1.5x
         level 3) against window decoding speed on clean ones (level 1 decodes markedly slower).
         """
