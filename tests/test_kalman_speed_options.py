@@ -124,10 +124,11 @@ def test_covariance_recursion_forms_agree_and_differentiate(form):
 
 
 @pytest.mark.parametrize("joint_max_dim", [0, 1000])
-def test_fused_forms_through_kalman_filter(monkeypatch, joint_max_dim):
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_forms_through_kalman_filter(monkeypatch, joint_max_dim, batched):
     """kalman_filter gives the step-wise result whichever covariance form the fused path picks."""
     monkeypatch.setattr(kalman, "_JOINT_MAX_DIM", joint_max_dim)
-    z, sys = make_system(batch=3, steps=6, n=5, m=3, k=1, seed=16)
+    z, sys = make_system(batch=3, steps=6, n=5, m=3, k=1, batched=batched, seed=16)
     _assert_close(kalman_filter(z, **sys), _run("sequential", z, sys), 1e-10)
 
 

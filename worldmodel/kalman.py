@@ -44,7 +44,8 @@ from torch import Tensor
 __all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-# the fused filter factorises the joint (z_t, h_t) covariance up to this n + m (see _joint_recursion)
+# the fused filter factorises the joint (z_t, h_t) covariance up to this n + m (a quarter of it for a
+# batch of recursions; see _joint_recursion and _filter_fused)
 _JOINT_MAX_DIM = 64
 # relative diagonal jitters tried, in order, when a Cholesky factorisation fails
 _JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
@@ -672,8 +673,9 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     shared = A.dim() == 2
     R = _sym(R)
     Q, P0 = _sym(Q), _sym(P0)
-    # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU)
-    form = "joint" if n + m <= _JOINT_MAX_DIM else "standard"
+    # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU
+    # for one recursion; batched LAPACK factorises matrix by matrix, so a batch of recursions gains less)
+    form = "joint" if n + m <= (_JOINT_MAX_DIM if shared else _JOINT_MAX_DIM // 4) else "standard"
     cache: dict = {}
     P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
     if form == "standard" and not bool((info > 0).any()):  # P - W^T W lost definiteness: Joseph form
