@@ -413,20 +413,22 @@ def plot(result: dict, path: Path) -> None:
     for row, grad in enumerate((False, True)):
         sub = [r for r in recs if r["grad"] == grad]
         B_ref = 16 if any(r["B"] == 16 for r in sub) else max((r["B"] for r in sub), default=16)
-        for name in IMPLS:
+        for i, name in enumerate(IMPLS):
+            style = dict(marker="o", label=name, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
             mine = [r for r in sub if r["impl"] == name and r["B"] == B_ref]
             d_ref = 32 if any(r["d"] == 32 for r in mine) else None
             vs_t = sorted((r["T"], r["time_s"]) for r in mine if r["d"] == d_ref)
             T_ref = min((r["T"] for r in mine), default=64)
             vs_d = sorted((r["d"], r["time_s"]) for r in mine if r["T"] == T_ref)
             if vs_t:
-                axes[row, 0].plot(*zip(*vs_t), marker="o", label=name)
+                axes[row, 0].plot(*zip(*vs_t), **style)
             if vs_d:
-                axes[row, 1].plot(*zip(*vs_d), marker="o", label=name)
+                axes[row, 1].plot(*zip(*vs_d), **style)
         what = "forward + backward" if grad else "forward"
         axes[row, 0].set(xscale="log", yscale="log", xlabel="T", ylabel="seconds", title=f"{what}: d = m = 32, B = {B_ref}")
         axes[row, 1].set(xscale="log", yscale="log", xlabel="d (= m)", ylabel="seconds", title=f"{what}: T = 64, B = {B_ref}")
-    axes[0, 0].legend(fontsize=7)
+    for ax in axes.flat:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
