@@ -185,7 +185,10 @@ def test_dropped_frames_widen_covariance_and_never_crash(dtype):
         a = model.step(belief, None, actions[:, 0])
         b = model.step(belief, dropped[:, 5], actions[:, 0])
         assert torch.allclose(a.mean, b.mean) and torch.allclose(a.cov, b.cov)
-    model.train()
+    model.train()  # online filtering of one frame also works in training mode (running statistics)
+    with torch.no_grad():
+        c = model.step(model.init_belief(1), frames[:1, 0])
+    assert torch.allclose(c.mean, full.filtered.mean[:1, 0], atol=1e-5)
     out = model.loss(dropped, actions)
     out.loss.backward()
     assert math.isfinite(float(out.loss.detach()))

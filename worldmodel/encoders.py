@@ -191,15 +191,17 @@ class LatentNorm(nn.Module):
         chol = torch.linalg.cholesky(cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
         return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
 
-    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d)."""
+    def forward(self, z: Tensor, mask: Tensor | None = None, running: bool = False) -> Tensor:
+        """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d). running=True uses the running statistics even
+        in training mode (online filtering of single frames)."""
         if self.kind == "none":
             return z
         missing = ~torch.isfinite(z).all(-1)
         if missing.any():  # normalise zeros in their place (NaN must not reach the backward pass)
-            return self(z.masked_fill(missing[..., None], 0.0), mask=~missing if mask is None else mask & ~missing)\
-                .masked_fill(missing[..., None], float("nan"))
-        if not self.training:
+            observed = ~missing if mask is None else mask & ~missing
+            return self(z.masked_fill(missing[..., None], 0.0), observed, running).masked_fill(missing[..., None],
+                                                                                              float("nan"))
+        if running or not self.training:
             return self._normalise(z, *self.statistics())
         rows = rearrange(z, "b t d -> (b t) d")
         if mask is not None:

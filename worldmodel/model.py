@@ -162,10 +162,11 @@ class WorldModel(nn.Module):
             raise ValueError(f"frames must have shape {lead}{', '.join(map(str, item))}) for this config "
                              f"(image_size={cfg.image_size}, channels={cfg.channels}), got {tuple(frames.shape)}")
 
-    def _latents(self, frames: Tensor, mask: Tensor | None = None,
-                 target: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _latents(self, frames: Tensor, mask: Tensor | None = None, target: bool = False,
+                 running: bool = False) -> tuple[Tensor, Tensor | None]:
         """frames (B, T, ...) -> normalised latents z (B, T, L) (NaN where a frame is NaN) and the
-        per-frame observation-noise variances (B, T, L) (heteroscedastic) or None."""
+        per-frame observation-noise variances (B, T, L) (heteroscedastic) or None. running=True
+        normalises with the running statistics also in training mode."""
         self._check_frames(frames, 2)
         encoder, norm = (self.target_encoder, self.target_norm) if target else (self.encoder, self.latent_norm)
         out = encoder(frames)
@@ -174,7 +175,7 @@ class WorldModel(nn.Module):
         if self.config.heteroscedastic:
             variances = nn.functional.softplus(out[..., L:]) + 1e-4
             variances = torch.nan_to_num(variances, nan=1.0)
-        return norm(z, mask), variances
+        return norm(z, mask, running), variances
 
     def encode(self, frames: Tensor) -> Tensor:
         """Latents z (B, T, L) of frames (B, T, H, W, C) (or (B, T, input_dim) for the mlp encoder)."""
@@ -313,7 +314,7 @@ class WorldModel(nn.Module):
             self._check_frames(frame, 1)
             if frame.shape[0] != batch:
                 raise ValueError(f"frame batch {frame.shape[0]} differs from the belief's {batch}")
-            z, var = self._latents(frame[:, None])
+            z, var = self._latents(frame[:, None], running=True)
             z_t, variances = z[:, 0], None if var is None else var[:, 0]
         return self.latent_model.step(belief, z_t, action, R_t=variances)
 
