@@ -25,6 +25,14 @@ uses the Joseph form ``(I - K C) P (I - K C)^T + K R K^T`` and every covariance 
 explicit inverse is formed.  Should a Cholesky factorisation fail (float32 round-off on an
 ill-conditioned system), the computation is repeated with a small relative diagonal jitter.
 
+Speed: when every step is observed and R is one matrix per sequence (the world-model case),
+``kalman_filter`` runs a fused sequential filter (``_filter_fused``). Its covariance recursion does not
+depend on z, so with shared parameters it runs once for the whole batch; for small n + m each step is a
+single Cholesky factorisation of the joint covariance of (z_t, h_t), which yields S's factor, the gain
+and a Cholesky factor of P_{t|t} at once; the covariance recursion, the mean recursion and the
+innovation likelihood are single autograd nodes with hand-written reverse passes (checked against
+autograd on the step-wise filter by gradcheck). Missing steps or per-step R use the step-wise filter.
+
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
 """
@@ -487,7 +495,7 @@ def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
     return _sym(Pp), Pf, X, S, L, torch.stack(infos, -1)
 
 
-def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
+def _joint_recursion(A, Q, C, R, P0, steps: int):
     """The same recursion with one Cholesky factorisation per step, of the joint covariance of (z_t, h_t):
 
         J = G P_{t-1|t-1} G^T + J0 = [[S, C P_{t|t-1}], [P_{t|t-1} C^T, P_{t|t-1}]],  G = [C A; A],
@@ -509,7 +517,8 @@ def _joint_recursion(A, Q, C, R, P0, steps: int, _joseph: bool = False):
     info = torch.empty(J.shape[:-2], dtype=torch.int32, device=J.device)
     L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
     add_mm, mm = (torch.addmm, torch.mm) if G.dim() == 2 else (torch.baddbmm, torch.bmm)
-    for t, (J_t, Lj_t, info_t, Lf_t) in enumerate(zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1), Lf.unbind(-3))):
+    steps_views = zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1), Lf.unbind(-3))
+    for t, (J_t, Lj_t, info_t, Lf_t) in enumerate(steps_views):
         add_mm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
         torch.linalg.cholesky_ex(J_t, out=(Lj_t, info_t))
         Y = mm(G, Lf_t)
@@ -525,25 +534,30 @@ def _cholesky_inverse(L: Tensor, cache: dict) -> Tensor:
 
 
 class _CovarianceRecursion(torch.autograd.Function):
-    """P_{t-1|t-1} -> P_{t|t-1} = A P A^T + Q -> P_{t|t} for t = 1..T, with one Cholesky factor per step.
+    """P_{t-1|t-1} -> P_{t|t-1} = A P A^T + Q -> P_{t|t} for t = 1..T, one Cholesky factorisation per step.
 
-    With U = C P_{t|t-1}, S = U C^T + R = L L^T and W = L^{-1} U: P_{t|t} = P_{t|t-1} - W^T W, symmetrised
-    (``joseph=True``: (I - K C) P (I - K C)^T + K R K^T with K^T = S^{-1} U, slower, for hard cases).
-    Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t}, X_t = S_t^{-1} U_t (= K_t^T), S_t, its
-    Cholesky factor L_t (no gradient: use S_t) and the Cholesky info ``(..., T)``.  Inputs are 2-D (shared) or all batched ``(B, ., .)``; Q, R, P0 symmetric.
+    ``form``: ``joint`` (``_joint_recursion``), ``standard`` (P_{t|t} = P_{t|t-1} - W^T W) or ``joseph``
+    (Joseph form, for singular or hard cases). Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t},
+    X_t = S_t^{-1} U_t (= K_t^T, U = C P_{t|t-1}), S_t, its Cholesky factor L_t (no gradient: the
+    gradient goes through S_t) and the Cholesky info ``(..., T)``. Inputs are 2-D (shared) or all
+    batched ``(B, ., .)``; Q, R, P0 symmetric.
 
-    Reverse pass (both update forms have the same derivative since the gain is optimal): with G the
-    gradient reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U gives g_U = -2 X G, g_S = X G X^T;
-    X = S^{-1} U adds g_U += S^{-1} g_X, g_S -= sym(S^{-1} g_X X^T); then U = C P and S = U C^T + R
-    give g_P(t|t-1) = sym(G + C^T g_U), g_C += g_S U + g_U P, g_R += g_S, and P_{t|t-1} = A P A^T + Q
-    gives g_Q += g_P, g_A += 2 g_P A P, and g_P(t-1|t-1) = A^T g_P A.
+    Reverse pass (one derivative for every form, since the gain is optimal): with G_t the gradient
+    reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U and X = S^{-1} U give g_S = X G X^T + g_S',
+    g_U = g_S C + V - 2 X G with V = S^{-1} g_X and g_S' = sym(g_S(out) - V X^T), hence
+    g_{P_{t|t-1}} = M G M^T + c, M = I - K C, c = sym(C^T (g_S' C + V)) (+ its own output gradient).
+    The only sequential part is G_{t-1} = g_{P_{t-1|t-1}}(out) + A^T g_{P_{t|t-1}} A, two products per
+    step; then g_Q = sum g_{P_{t|t-1}}, g_R = sum g_S, g_A = 2 sum g_{P_{t|t-1}} A P_{t-1|t-1},
+    g_C = sum g_S U + g_U P_{t|t-1}, all batched over time.
     """
 
     @staticmethod
     def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict):
         ctx.set_materialize_grads(False)
-        run = _joint_recursion if form == "joint" else _covariance_recursion
-        Pp, Pf, X, S, L, info = run(A, Q, C, R, P0, steps, form == "joseph")
+        if form == "joint":
+            Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
+        else:
+            Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
         ctx.save_for_backward(A, C, P0, Pf, Pp, X, L)
         ctx.cache = cache  # S^{-1}, shared with the likelihood's reverse pass
         ctx.mark_non_differentiable(L, info)
@@ -586,9 +600,10 @@ class _CovarianceRecursion(torch.autograd.Function):
         if need[0]:  # 2 sum_t g_Pp_t A P_{t-1|t-1}
             gPpA = _rmul(gPp, A)
             gA = 2.0 * (_tsum(gPpA[..., 1:, :, :], Pf[..., :-1, :, :]) + gPpA[..., 0, :, :] @ P0)
-        if need[2]:  # sum_t g_S_t U_t + g_U_t P_t = sum_t (2 g_S C + V - 2 X G)_t P_{t|t-1}, g_U = g_S C + V - 2 X G
+        if need[2]:  # sum_t g_S U + g_U P_{t|t-1} = sum_t (g_S C + g_U)_t P_{t|t-1}
             gC = _tsum(2.0 * gSC + V - 2.0 * XG, Pp)
-        return gA, gPp.sum(-3) if need[1] else None, gC, gS.sum(-3) if need[3] else None, carried, None, None, None
+        gQ, gR = (gPp.sum(-3) if need[1] else None), (gS.sum(-3) if need[3] else None)
+        return gA, gQ, gC, gR, carried, None, None, None
 
 
 class _InnovationLogLik(torch.autograd.Function):
@@ -702,8 +717,9 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     if bu is not None:
         p_mean = p_mean + bu
     step_ll = _InnovationLogLik.apply((z if target is None else target) - obs(p_mean), S, L, cache)
-    covs = (P_filt, P_pred) if not shared else (P_filt.expand(batch, -1, -1, -1), P_pred.expand(batch, -1, -1, -1))
-    result = FilterResult(Gaussian(f_mean, covs[0]), Gaussian(p_mean, covs[1]), *_sum_steps(step_ll))
+    if shared:  # one covariance per step for the whole batch: a view, no copies
+        P_filt, P_pred = P_filt.expand(batch, *P_filt.shape), P_pred.expand(batch, *P_pred.shape)
+    result = FilterResult(Gaussian(f_mean, P_filt), Gaussian(p_mean, P_pred), *_sum_steps(step_ll))
     return result, True
 
 
