@@ -540,7 +540,7 @@ class _CovarianceRecursion(torch.autograd.Function):
     (Joseph form, for singular or hard cases). Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t},
     X_t = S_t^{-1} U_t (= K_t^T, U = C P_{t|t-1}), S_t, its Cholesky factor L_t (no gradient: the
     gradient goes through S_t) and the Cholesky info ``(..., T)``. Inputs are 2-D (shared) or all
-    batched ``(B, ., .)``; Q, R, P0 symmetric.
+    batched ``(B, ., .)``; Q, R and P0 are symmetrised on entry.
 
     Reverse pass (one derivative for every form, since the gain is optimal): with G_t the gradient
     reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U and X = S^{-1} U give g_S = X G X^T + g_S',
@@ -554,6 +554,7 @@ class _CovarianceRecursion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict):
         ctx.set_materialize_grads(False)
+        Q, R, P0 = _sym(Q), _sym(R), _sym(P0)  # the reverse pass returns symmetric gradients to match
         if form == "joint":
             Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
         else:
@@ -686,8 +687,6 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     if any(x.dim() == 3 for x in (A, Q, C, R, P0)):  # batched: one covariance recursion per sequence
         A, Q, C, R, P0 = (x if x.dim() == 3 else x.expand(batch, *x.shape) for x in (A, Q, C, R, P0))
     shared = A.dim() == 2
-    R = _sym(R)
-    Q, P0 = _sym(Q), _sym(P0)
     # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU
     # for one recursion; batched LAPACK factorises matrix by matrix, so a batch of recursions gains less)
     form = "joint" if n + m <= (_JOINT_MAX_DIM if shared else _JOINT_MAX_DIM // 4) else "standard"
