@@ -10,7 +10,7 @@ from worldmodel.kalman import Gaussian
 from worldmodel.model import ModelConfig, WorldModel, shift_actions
 
 DTYPES = [torch.float32, torch.float64]
-SMALL = dict(image_size=16, pool=1, depth=4, latent_dim=3, action_dim=1)
+SMALL = dict(image_size=16, pool=1, depth=4, latent_dim=3, action_dim=1, multistep_horizon=0)
 
 
 def _model(dtype=torch.float32, seed=0, **kw):
@@ -351,5 +351,7 @@ def test_multistep_term_matches_k_step_predictive_nll():
     model.train()
     out = model.loss(frames, actions.float().double())
     assert "multistep" in out.logs and math.isfinite(out.logs["loss"])
-    with pytest.raises(ValueError, match="multistep"):
-        ModelConfig(**SMALL, method="vicreg", multistep_horizon=3)
+    with pytest.raises(ValueError, match="multistep_horizon"):
+        ModelConfig(**{**SMALL, "multistep_horizon": 1})
+    vicreg = WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": 3}))
+    assert "multistep" not in vicreg.loss(frames, actions.float()).logs  # ignored by non-Kalman methods

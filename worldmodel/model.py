@@ -54,14 +54,15 @@ class ModelConfig:
     method: str = field(default="kalman", metadata={"help": "preset of worldmodel.methods (kalman, vicreg, ...)"})
     method_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON overrides of methods.make"})
     latent_norm: str = field(default="auto", metadata={
-        "help": "batch, whiten, none, or auto (batch for plug-in Kalman presets, none otherwise)"})
+        "help": "batch, whiten, none, or auto (whiten for plug-in Kalman presets, none otherwise)"})
     heteroscedastic: bool = field(default=False, metadata={
         "help": "predict the Kalman observation noise per frame from the encoder"})
     kalman_lr_multiplier: float = field(default=100.0, metadata={
         "help": "learning-rate multiplier of the Kalman parameters (the paper uses 100)"})
-    multistep_horizon: int = field(default=0, metadata={
-        "help": "Kalman methods: also fit the exact k-step predictive log-likelihoods, k = 2..H (0 = off)"})
-    multistep_weight: float = field(default=1.0, metadata={"help": "weight of the k-step term in the loss"})
+    multistep_horizon: int = field(default=10, metadata={
+        "help": "Kalman methods: also fit the exact k-step predictive log-likelihoods, k = 2..H (0 = off; "
+                "ignored by other methods)"})
+    multistep_weight: float = field(default=3.0, metadata={"help": "weight of the k-step term in the loss"})
 
     def __post_init__(self):
         if self.encoder not in ("conv", "mlp"):
@@ -74,8 +75,8 @@ class ModelConfig:
             raise ValueError("latent_dim and state_dim must be >= 1 and action_dim >= 0")
         if self.encoder == "mlp" and self.input_dim < 1:
             raise ValueError("encoder='mlp' needs input_dim >= 1")
-        if (self.heteroscedastic or self.multistep_horizon) and not self.is_kalman:
-            raise ValueError(f"heteroscedastic and multistep_horizon need a Kalman method, got {self.method!r}")
+        if self.heteroscedastic and not self.is_kalman:
+            raise ValueError(f"heteroscedastic=True needs a Kalman method, got {self.method!r}")
         if self.multistep_horizon < 0 or self.multistep_horizon == 1:
             raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {self.multistep_horizon}")
 
@@ -90,7 +91,7 @@ class ModelConfig:
         if self.latent_norm != "auto":
             return self.latent_norm
         entropy = self.method_kwargs.get("entropy", PRESETS[self.method].entropy if PRESETS[self.method] else None)
-        return "batch" if self.is_kalman and entropy == "plugin" else "none"
+        return "whiten" if self.is_kalman and entropy == "plugin" else "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,7 +202,7 @@ class WorldModel(nn.Module):
         u = shift_actions(actions) if self.config.is_kalman else None
         mask = observed if has_missing else None
         out = self.objective(z, u=u, mask=mask, target=target, **kwargs)
-        if not self.config.multistep_horizon:
+        if not (self.config.multistep_horizon and self.config.is_kalman):
             return out
         multistep = self._multistep_log_likelihood(z, u, mask, variances, z.detach() if target is None else target)
         loss = out.loss - self.config.multistep_weight * multistep
