@@ -236,6 +236,14 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
         train.main(tiny("empty", "--data", str(tmp_path / "empty.zarr")))
     with pytest.raises(SystemExit, match="no run at"):
         train.main(["eval", *tiny("missing")])
+    base = tiny.root / "runs" / "base"
+    ckpt = torch.load(base / "checkpoint.pt", weights_only=True)
+    ckpt["state_dict"]["renamed"] = ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
+    torch.save(ckpt, base / "checkpoint.pt")
+    before = {name: (base / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        train.main(tiny("base", "--resume"))
+    assert before == {name: (base / name).read_bytes() for name in before}  # a failed resume changes nothing
 
 
 @pytest.mark.slow

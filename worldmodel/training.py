@@ -471,7 +471,7 @@ def _init_distributed(device: torch.device) -> None:
 
 
 def _prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
-    """Resume bookkeeping on rank 0: (start step, checkpoint or None); writes config.json."""
+    """Resume bookkeeping on rank 0: (start step, checkpoint or None); writes nothing."""
     run_dir = cfg.run_dir
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
@@ -488,16 +488,19 @@ def _prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
         _log(f"no checkpoint in {str(run_dir)!r}; starting from scratch")
     elif ckpt_path.is_file():
         _log(f"note: starting {str(run_dir)!r} over (its checkpoint is replaced; --resume would continue it)")
-    if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        metrics = run_dir / "metrics.jsonl"
-        if ckpt is None:
-            metrics.write_text("")
-        elif metrics.exists():  # drop records logged after the checkpoint by an interrupted process
-            keep = [r for r in read_metrics(metrics) if r.get("kind") == "train" and r["step"] <= ckpt["step"]]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return (ckpt["step"] if ckpt else 0), ckpt
+
+
+def _start_files(cfg: TrainConfig, ckpt: dict | None) -> None:
+    """Write config.json and start (or trim, when resuming) metrics.jsonl: once the run is known to load."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    metrics = cfg.run_dir / "metrics.jsonl"
+    if ckpt is None:
+        metrics.write_text("")
+    elif metrics.exists():  # drop records logged after the checkpoint by an interrupted process
+        keep = [r for r in read_metrics(metrics) if r.get("kind") == "train" and r["step"] <= ckpt["step"]]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
@@ -535,6 +538,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
         _set_rng_state(ckpt["rng"][rank])
     else:
         _seed_all(cfg.seed + rank)
+    if rank == 0:
+        _start_files(cfg, ckpt)
     loss_module: nn.Module = _LossModule(model)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda"
