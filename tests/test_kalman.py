@@ -10,13 +10,7 @@ from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, rt
 F64, F32 = torch.float64, torch.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: intra-op threads only add spin overhead on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _spd(*shape, n, gen, scale=1.0):

@@ -13,12 +13,7 @@ from worldmodel.latent_models import KalmanLatentModel
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(L=2, S=3, k=1, dtype=F64, seed=0, **kw):
