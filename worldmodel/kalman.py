@@ -102,6 +102,15 @@ def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
     return S + torch.diag_embed(jitter * (d + d.mean(-1, keepdim=True)))
 
 
+def _innovation_cholesky(CP: Tensor, C: Tensor, R: Tensor, jitter: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``cholesky_ex`` of the innovation covariance ``S = C P C^T + R`` (symmetrised, optional jitter),
+    given ``CP = C P``."""
+    S = _sym(CP @ C.mT + R)
+    if jitter:
+        S = _add_jitter(S, jitter)
+    return torch.linalg.cholesky_ex(S)
+
+
 def _cholesky(S: Tensor, name: str = "covariance") -> Tensor:
     """Batched Cholesky factor with jitter retry, only for the matrices that fail (outside recursions)."""
     L, info = torch.linalg.cholesky_ex(S)
@@ -149,10 +158,7 @@ def _update(
     likelihood only; ``eye`` is the n x n identity.  Returns ``(mean, cov, log_lik, cholesky_info)``.
     """
     CP = C @ cov
-    S = _sym(CP @ C.mT + R)
-    if jitter:
-        S = _add_jitter(S, jitter)
-    L, info = torch.linalg.cholesky_ex(S)
+    L, info = _innovation_cholesky(CP, C, R, jitter)
     W = torch.linalg.solve_triangular(L, CP, upper=False)
     z_pred = _mv(C, mean)
     v = torch.linalg.solve_triangular(L, (z - z_pred).unsqueeze(-1), upper=False).squeeze(-1)
@@ -779,10 +785,7 @@ def _filter_parallel(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     prior_cov = torch.cat([cov1.expand(batch, n, n)[:, None], Q_t.expand(batch, steps - 1, n, n)], 1)
 
     CP = C_t @ prior_cov
-    S = _sym(CP @ C_t.mT + R_t)
-    if jitter:
-        S = _add_jitter(S, jitter)
-    L, info = torch.linalg.cholesky_ex(S)
+    L, info = _innovation_cholesky(CP, C_t, R_t, jitter)
     W = torch.linalg.solve_triangular(L, CP, upper=False)
     v = torch.linalg.solve_triangular(L, (z - _mv(C_t, prior_mean)).unsqueeze(-1), upper=False).squeeze(-1)
     GA = torch.linalg.solve_triangular(L, (C_t @ A_t).expand(batch, steps, m, n), upper=False)  # L^{-1} C A
@@ -808,10 +811,7 @@ def _filter_parallel(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     p_mean, p_cov = _predict(f_mean[:, :-1], f_cov[:, :-1], A_t, Q_t, None if bu is None else bu[:, 1:])
     p_mean = torch.cat([mean1.expand(batch, n)[:, None], p_mean], 1)
     p_cov = torch.cat([cov1.expand(batch, n, n)[:, None], p_cov], 1)
-    S = _sym(C_t @ p_cov @ C_t.mT + R_t)
-    if jitter:
-        S = _add_jitter(S, jitter)
-    Lp, info_p = torch.linalg.cholesky_ex(S)
+    Lp, info_p = _innovation_cholesky(C_t @ p_cov, C_t, R_t, jitter)
     resid = (z if target is None else target) - _mv(C_t, p_mean)
     step_ll = _gauss_log_prob(torch.linalg.solve_triangular(Lp, resid.unsqueeze(-1), upper=False).squeeze(-1), Lp)
     if observed is not None:
