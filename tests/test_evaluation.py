@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from worldmodel.evaluation import (
+    fit_readout,
     linear_probe_accuracy,
     linear_r2,
     mcc,
@@ -183,3 +184,15 @@ def test_linear_probe_accuracy_separable_and_random_labels():
     random_labels = torch.randint(0, 4, (800,), generator=g)
     acc = linear_probe_accuracy(feats[:600], random_labels[:600], feats[600:], random_labels[600:])
     assert acc < 0.4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_readout_recovers_an_exact_affine_map(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 50, 4, generator=gen, dtype=dtype)
+    w_true, c_true = torch.randn(4, 3, generator=gen, dtype=dtype), torch.randn(3, generator=gen, dtype=dtype)
+    y = x @ w_true + c_true
+    y[0, 5] = float("nan")  # a row with NaN is dropped, not propagated
+    w, c = fit_readout(x, y)
+    torch.testing.assert_close(w, w_true.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c, c_true.double(), rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "pendulum_targets",
     "r2_score",
+    "fit_readout",
     "linear_r2",
     "mcc",
     "optimal_assignment",
@@ -61,9 +62,29 @@ def _finite_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x[keep], y[keep]
 
 
+def fit_readout(features: Any, targets: Any, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Affine readout y ~ x W + c fit by (ridge) least squares in float64; rows with NaN are dropped.
+
+    Args:
+        features: (..., F) latent features (e.g. filtered means); targets: (..., D), same leading axes.
+        ridge: L2 penalty on W (not on the bias), relative to the mean feature variance.
+    Returns:
+        W (F, D) and c (D,), float64.
+    """
+    x, y = _finite_rows(_as_2d(features, "features"), _as_2d(targets, "targets"))
+    if len(x) == 0:
+        raise ValueError("no finite rows to fit the readout")
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    xc, yc = x - mu_x, y - mu_y
+    gram = xc.T @ xc
+    penalty = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    w = torch.linalg.lstsq(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), xc.T @ yc).solution
+    return w, mu_y - mu_x @ w
+
+
 def linear_r2(features_train: Any, targets_train: Any, features_test: Any, targets_test: Any,
               ridge: float = 0.0) -> Tensor:
-    """Held-out R^2 of an affine readout y ~ W x + c, fit by (ridge) least squares on training data.
+    """Held-out R^2 of an affine readout (`fit_readout`) fit on training data, scored on test data.
 
     Args:
         features_train: (..., F) latent features of the training episodes (e.g. filtered means).
@@ -73,18 +94,14 @@ def linear_r2(features_train: Any, targets_train: Any, features_test: Any, targe
     Returns:
         (D,) float64 tensor: R^2 per target component on the test set. Rows with NaN are dropped.
     """
-    xtr, ytr = _finite_rows(_as_2d(features_train, "features_train"), _as_2d(targets_train, "targets_train"))
     xte, yte = _finite_rows(_as_2d(features_test, "features_test"), _as_2d(targets_test, "targets_test"))
-    if xtr.shape[1] != xte.shape[1] or ytr.shape[1] != yte.shape[1]:
+    if _as_2d(features_train, "features_train").shape[1] != xte.shape[1] or \
+            _as_2d(targets_train, "targets_train").shape[1] != yte.shape[1]:
         raise ValueError("train and test features/targets must have the same last dimension")
-    if len(xtr) == 0 or len(xte) == 0:
-        raise ValueError("no finite rows to fit or score the readout")
-    mu_x, mu_y = xtr.mean(0), ytr.mean(0)
-    xc, yc = xtr - mu_x, ytr - mu_y
-    gram = xc.T @ xc
-    penalty = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    w = torch.linalg.lstsq(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), xc.T @ yc).solution
-    return r2_score((xte - mu_x) @ w + mu_y, yte)
+    if len(xte) == 0:
+        raise ValueError("no finite rows to score the readout")
+    w, c = fit_readout(features_train, targets_train, ridge)
+    return r2_score(xte @ w + c, yte)
 
 
 def optimal_assignment(score: Any) -> list[int]:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from worldmodel import __version__
 from worldmodel.cli import config_from_dict
+from worldmodel.evaluation import fit_readout
 from worldmodel.model import CHECKPOINT_FORMAT, ModelConfig, WorldModel
 
 __all__ = ["RUN_CONTROL", "EvalConfig", "FilterConfig", "TrainConfig", "evaluate_run", "load_run", "replay_filter", "train"]
@@ -696,15 +697,6 @@ def readout_features(model: WorldModel, data: dict[str, torch.Tensor], batch_siz
 def encode_episodes(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
     """Encoder latents z (N, T, L) of whole episodes."""
     return _batched(lambda obs, action, mask: model.encode(obs), model, data, batch_size)
-
-
-def fit_readout(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares affine readout targets ~ features @ W + c (float64): (W (F, D), c (D,))."""
-    x = features.reshape(-1, features.shape[-1]).double()
-    y = targets.reshape(-1, targets.shape[-1]).double()
-    mx, my = x.mean(0), y.mean(0)
-    w = torch.linalg.lstsq(x - mx, y - my).solution
-    return w, my - mx @ w
 
 
 def split_features(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> tuple[torch.Tensor, ...]:
