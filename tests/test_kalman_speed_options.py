@@ -141,3 +141,64 @@ def test_singular_filtered_covariance_falls_back_to_joseph_form():
     res = kalman_filter(z, **sys)
     assert torch.isfinite(res.log_likelihood).all()
     _assert_close(res, _run("sequential", z, sys), 1e-10)
+
+
+def _count_steady_stops(monkeypatch) -> list:
+    """Record the step counts at which covariance recursions stop at their steady state."""
+    stops, steady = [], kalman._steady
+
+    def spy(L, L_prev, change_before):
+        done, change = steady(L, L_prev, change_before)
+        stops.append(done)
+        return done, change
+
+    monkeypatch.setattr(kalman, "_steady", spy)
+    return stops
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_steady_state_stop_gives_the_full_recursion(monkeypatch, batched, dtype):
+    """Once the covariance recursion has converged the fused filter stops it and repeats the last step:
+    beliefs, likelihoods and every gradient equal those of the full recursion to round-off."""
+    z, sys = make_system(batch=3, steps=80, n=5, m=3, k=2, batched=batched, seed=18)
+    z, sys = z.to(dtype), {k: v.to(dtype) for k, v in sys.items()}
+    stops = _count_steady_stops(monkeypatch)
+
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in sys.items()}
+        zz = z.clone().requires_grad_()
+        res = kalman_filter(zz, **leaves)
+        # every output carries a gradient, so every reverse-pass term is exercised
+        loss = (res.log_likelihood.sum() + res.filtered.mean.square().sum() + res.filtered.cov.sum()
+                + res.predicted.cov.square().sum() + res.predicted.mean.sum())
+        return res, torch.autograd.grad(loss, [zz, *leaves.values()])
+
+    res, grads = run()
+    assert any(stops), "the recursion never reached its steady state"
+    assert stops.index(True) < 10  # a check every 4 steps: stopped within the first 40 of 80
+    monkeypatch.setattr(kalman, "_STEADY_ULPS", 0.0)
+    full, full_grads = run()
+    tol = 1e-12 if dtype == F64 else 2e-6
+    _assert_close(res, full, tol)
+    for got, want in zip(grads, full_grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max())
+    if dtype == F64:
+        _assert_close(res, _run("sequential", z, sys), 1e-10)
+
+
+def test_steady_state_stop_on_a_slowly_converging_system():
+    """A constant-velocity model observed in position converges over hundreds of steps: the stop waits
+    for it (the estimated distance to the fixed point, not the last step's change, decides), so float32
+    stays within 1e-5 of the float64 step-wise filter over 1500 steps."""
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=F64)
+    sys = dict(A=A, Q=1e-4 * torch.eye(2, dtype=F64), C=torch.tensor([[1.0, 0.0]], dtype=F64),
+               R=torch.eye(1, dtype=F64), m0=torch.zeros(2, dtype=F64), P0=torch.eye(2, dtype=F64))
+    z = 0.1 * torch.randn(2, 1500, 1, dtype=F64, generator=torch.Generator().manual_seed(19)).cumsum(1)
+    ref = _run("sequential", z, sys)
+    res = kalman_filter(z.float(), **{k: v.float() for k, v in sys.items()})
+    rel = ((res.log_likelihood.double() - ref.log_likelihood) / ref.log_likelihood).abs().max()
+    assert rel < 1e-5
+    torch.testing.assert_close(res.filtered.cov.double(), ref.filtered.cov.expand_as(res.filtered.cov),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.filtered.mean.double(), ref.filtered.mean, rtol=1e-4, atol=1e-4)

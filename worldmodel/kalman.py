@@ -57,6 +57,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _JOINT_MAX_DIM = 64
 # relative diagonal jitters tried, in order, when a Cholesky factorisation fails
 _JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
+# the fused filter's covariance recursion stops at its steady state, once it is this many ulps from its
+# fixed point (0: never), checked every _STEADY_EVERY steps (see _steady)
+_STEADY_ULPS = 4.0
+_STEADY_EVERY = 4
 
 
 class Gaussian(NamedTuple):
@@ -474,15 +478,58 @@ def _tsum(X: Tensor, Y: Tensor) -> Tensor:
     return X.permute(1, 0, 2).reshape(a, steps * k) @ Y.reshape(steps * k, Y.shape[-1])
 
 
+def _steady(L: Tensor, L_prev: Tensor, change_before: Tensor | None) -> tuple[bool, Tensor]:
+    """Whether a covariance recursion has reached its fixed point to within rounding.
+
+    ``L``, ``L_prev``: the Cholesky factors of two consecutive steps; ``change_before``: the change this
+    returned ``_STEADY_EVERY`` steps earlier. The Riccati recursion of a time-invariant, detectable
+    system contracts at a linear rate r, so with the relative change delta = max|L - L_prev| / max|L|
+    the distance left to the fixed point is about delta r / (1 - r), r = (delta / change_before)^(1/k).
+    Steady when delta and that distance are both below ``_STEADY_ULPS`` ulps (one host sync)."""
+    change = (L - L_prev).abs().amax() / L.abs().amax()
+    if change_before is None:
+        return False, change
+    tol = _STEADY_ULPS * torch.finfo(L.dtype).eps
+    rate = (change / change_before).pow(1.0 / _STEADY_EVERY)
+    done = (change == 0) | ((change <= tol) & (change * rate <= tol * (1.0 - rate)))
+    return bool(done), change
+
+
+class _SteadyStop:
+    """Decides, step by step, when a covariance recursion of ``steps`` steps may stop (see ``_steady``):
+    every later step would repeat the last one (``_repeat_last`` restores the full stacks)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.change, self.prev = steps, None, None
+
+    def __call__(self, t: int, L: Tensor) -> bool:
+        done = False
+        if _STEADY_ULPS and (t + 1) % _STEADY_EVERY == 0 and self.prev is not None and t + 1 < self.steps:
+            done, self.change = _steady(L, self.prev, self.change)
+        self.prev = L
+        return done
+
+
+def _repeat_last(x: Tensor, steps: int, dim: int) -> Tensor:
+    """Extend ``x`` along ``dim`` to ``steps`` entries by repeating its last entry (no copy if complete)."""
+    dim, missing = dim % x.dim(), steps - x.shape[dim]
+    if not missing:
+        return x
+    last = x.narrow(dim, x.shape[dim] - 1, 1)
+    return torch.cat([x, last.expand(*x.shape[:dim], missing, *x.shape[dim + 1 :])], dim)
+
+
 def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
     """P_{t|t-1} = A P A^T + Q, S = C P_{t|t-1} C^T + R = L L^T, W = L^{-1} C P_{t|t-1} and
     P_{t|t} = P_{t|t-1} - W^T W (``joseph``: (I - K C) P_{t|t-1} (I - K C)^T + K R K^T), symmetrised.
-    Returns the stacks (dim -3) P_{t|t-1}, P_{t|t}, X = S^{-1} C P_{t|t-1} (= K^T), S, L and the info."""
+    Returns the stacks (dim -3) P_{t|t-1}, P_{t|t}, X = S^{-1} C P_{t|t-1} (= K^T), S, L and the info,
+    up to the step where the recursion reached its steady state (``_SteadyStop``): later steps repeat it."""
     At, Ct = A.mT, C.mT
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     P = P0
     Pps, Pfs, WTs, Ls, Ss, infos = [], [], [], [], [], []
-    for _ in range(steps):
+    stop = _SteadyStop(steps)
+    for t in range(steps):
         Pp = _mm_add(Q, A @ P, At)
         U = C @ Pp
         S = _mm_add(R, U, Ct)
@@ -496,6 +543,8 @@ def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
             P = _mm_add(Pp, WT, WT.mT, alpha=-1.0)
         P = _sym(P)
         Pps.append(Pp), Pfs.append(P), WTs.append(WT), Ls.append(L), Ss.append(S), infos.append(info)
+        if stop(t, L):
+            break
     Pp, Pf, WT, L, S = (torch.stack(x, -3) for x in (Pps, Pfs, WTs, Ls, Ss))
     X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
     return _sym(Pp), Pf, X, S, L, torch.stack(infos, -1)
@@ -517,25 +566,28 @@ def _joint_recursion(A, Q, C, R, P0, steps: int):
     J0 = torch.cat([torch.cat([_mm_add(R, CQ, C.mT), CQ], -1), torch.cat([CQ.mT, Q], -1)], -2)
     Y = G @ P0
     Gt = G.mT
-    # written in place into (..., T, m + n, m + n) buffers: no per-step allocation, no stacking
-    J = J0.new_empty(*J0.shape[:-2], steps, *J0.shape[-2:])
-    Lj = torch.empty_like(J)
-    info = torch.empty(J.shape[:-2], dtype=torch.int32, device=J.device)
+    mm = torch.mm if G.dim() == 2 else torch.bmm
+    Js, Ljs, infos = [], [], []
+    stop = _SteadyStop(steps)
+    for t in range(steps):
+        J = _mm_add(J0, Y, Gt if t == 0 else Y.mT)
+        Lj, info = torch.linalg.cholesky_ex(J)
+        Js.append(J), Ljs.append(Lj), infos.append(info)
+        if stop(t, Lj):
+            break
+        Y = mm(G, Lj[..., m:, m:])
+    J, Lj = torch.stack(Js, -3), torch.stack(Ljs, -3)
     L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
-    add_mm, mm = (torch.addmm, torch.mm) if G.dim() == 2 else (torch.baddbmm, torch.bmm)
-    steps_views = zip(J.unbind(-3), Lj.unbind(-3), info.unbind(-1), Lf.unbind(-3))
-    for t, (J_t, Lj_t, info_t, Lf_t) in enumerate(steps_views):
-        add_mm(J0, Y, Gt if t == 0 else Y.mT, out=J_t)
-        torch.linalg.cholesky_ex(J_t, out=(Lj_t, info_t))
-        Y = mm(G, Lf_t)
     X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
-    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, info
+    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, torch.stack(infos, -1)
 
 
-def _cholesky_inverse(L: Tensor, cache: dict) -> Tensor:
-    """S^{-1} from S = L L^T, computed once per filter call for the reverse passes (not in the recursion)."""
-    if cache.get("L") is not L:
-        cache.update(L=L, S_inv=torch.cholesky_inverse(L))
+def _cholesky_inverse(cache: dict) -> Tensor:
+    """S_t^{-1} for every step, from the factors the covariance recursion left in ``cache`` (``L``, up to
+    the steady state, and ``steps``); computed once per filter call for the reverse passes (not in the
+    recursion)."""
+    if "S_inv" not in cache:
+        cache["S_inv"] = _repeat_last(torch.cholesky_inverse(cache["L"]), cache["steps"], -3)
     return cache["S_inv"]
 
 
@@ -546,7 +598,8 @@ class _CovarianceRecursion(torch.autograd.Function):
     (Joseph form, for singular or hard cases). Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t},
     X_t = S_t^{-1} U_t (= K_t^T, U = C P_{t|t-1}), S_t, its Cholesky factor L_t (no gradient: the
     gradient goes through S_t) and the Cholesky info ``(..., T)``. Inputs are 2-D (shared) or all
-    batched ``(B, ., .)``; Q, R and P0 are symmetrised on entry.
+    batched ``(B, ., .)``; Q, R and P0 are symmetrised on entry. The recursion stops at its steady state
+    (step k, see ``_steady``) and the outputs repeat that step up to T.
 
     Reverse pass (one derivative for every form, since the gain is optimal): with G_t the gradient
     reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U and X = S^{-1} U give g_S = X G X^T + g_S',
@@ -554,7 +607,8 @@ class _CovarianceRecursion(torch.autograd.Function):
     g_{P_{t|t-1}} = M G M^T + c, M = I - K C, c = sym(C^T (g_S' C + V)) (+ its own output gradient).
     The only sequential part is G_{t-1} = g_{P_{t-1|t-1}}(out) + A^T g_{P_{t|t-1}} A, two products per
     step; then g_Q = sum g_{P_{t|t-1}}, g_R = sum g_S, g_A = 2 sum g_{P_{t|t-1}} A P_{t-1|t-1},
-    g_C = sum g_S U + g_U P_{t|t-1}, all batched over time.
+    g_C = sum g_S U + g_U P_{t|t-1}, all batched over time. After the steady state the coefficients
+    (X, M, S, P) are constant, so those sums over the repeated steps take the summed G_t, g_S', V, c.
     """
 
     @staticmethod
@@ -565,39 +619,61 @@ class _CovarianceRecursion(torch.autograd.Function):
             Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
         else:
             Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
-        ctx.save_for_backward(A, C, P0, Pf, Pp, X, L)
-        ctx.cache = cache  # S^{-1}, shared with the likelihood's reverse pass
-        ctx.mark_non_differentiable(L, info)
-        return Pp, Pf, X, S, L, info
+        ctx.save_for_backward(A, C, P0, Pf, Pp, X)
+        ctx.steps, ctx.cache = steps, cache
+        cache.clear()
+        cache.update(L=L, steps=steps)  # S^{-1}, shared with the likelihood's reverse pass
+        outs = [_repeat_last(x, steps, -3) for x in (Pp, Pf, X, S, L)]
+        info = _repeat_last(info, steps, -1)
+        ctx.mark_non_differentiable(outs[-1], info)
+        return (*outs, info)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_on_calling_thread
     def backward(ctx, gPp_out, gPf_out, gX_out, gS_out, _L, _info):
-        A, C, P0, Pf, Pp, X, L = ctx.saved_tensors
-        # everything that does not depend on the carried gradient, batched over time
-        gS_pre = _sym(gS_out) if gS_out is not None else torch.zeros_like(L)
-        V = torch.zeros_like(X)
-        if gX_out is not None:
-            V = _cholesky_inverse(L, ctx.cache) @ gX_out  # S^{-1} g_X
-            gS_pre = _sym(gS_pre - V @ X.mT)
+        A, C, P0, Pf, Pp, X = ctx.saved_tensors  # per step up to the steady state: k steps
+        steps, k = ctx.steps, X.shape[-3]
+        S_inv = _cholesky_inverse(ctx.cache)
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         M_T = eye - _rmul(X.mT, C)  # (I - K C)^T
-        c = _lmul(C.mT, _rmul(gS_pre, C) + V)  # C^T g_S C + C^T V, symmetrised below
-        c = _sym(c) if gPp_out is None else _sym(c + gPp_out)
         N_T = _rmul(M_T, A)  # (A^T (I - K C))^T
-        d = _lmul(A.mT, _rmul(c, A))  # A^T c A
+
+        def inputs(first: int, last: int, X: Tensor):
+            """g_S', V and c for steps first..last-1, whose coefficients X (and S^{-1}) are given per step or,
+            after the steady state, once (a time axis of 1 that broadcasts)."""
+            grads = [None if g is None else g[..., first:last, :, :] for g in (gS_out, gX_out, gPp_out)]
+            shape = (*X.shape[:-3], last - first, *X.shape[-2:])
+            gS_pre = _sym(grads[0]) if grads[0] is not None else X.new_zeros(*shape[:-1], shape[-2])
+            V = X.new_zeros(shape)
+            if grads[1] is not None:
+                V = S_inv[..., first : first + X.shape[-3], :, :] @ grads[1]  # S^{-1} g_X
+                gS_pre = _sym(gS_pre - V @ X.mT)
+            c = _lmul(C.mT, _rmul(gS_pre, C) + V)  # C^T g_S C + C^T V, symmetrised below
+            c = _sym(c) if grads[2] is None else _sym(c + grads[2])
+            return gS_pre, V, c
+
+        gS_pre, V, c = inputs(0, k, X)
+        tail = inputs(k, steps, X[..., -1:, :, :]) if steps > k else None
+        d = _lmul(A.mT, _rmul(c if tail is None else torch.cat([c, tail[2]], -3), A))  # A^T c A
         # the only sequential part, on G_t = the gradient reaching P_{t|t}:
         # G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
-        steps = Pp.shape[-3]
         gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * steps
         N_Ts, ds = N_T.unbind(-3), d.unbind(-3)
         Gs, carried = [], None
         for t in range(steps - 1, -1, -1):
             G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
             Gs.append(torch.zeros_like(ds[t]) if G is None else G)
-            carried = _mm_add(ds[t], N_Ts[t].mT @ Gs[-1], N_Ts[t])
+            N_t = N_Ts[min(t, k - 1)]
+            carried = _mm_add(ds[t], N_t.mT @ Gs[-1], N_t)
         G = torch.stack(Gs[::-1], -3)
+        if tail is not None:  # the steps after the steady state enter only through sums
+            G, G_tail = G[..., :k, :, :], G[..., k:, :, :].sum(-3, keepdim=True)
+            gS_pre_tail, V_tail, c_tail = (x.sum(-3, keepdim=True) for x in tail)
+            # append them as one more step with the steady coefficients (its P_{t-1|t-1} is Pf[k - 1])
+            G, gS_pre, V, c = (torch.cat(x, -3) for x in ((G, G_tail), (gS_pre, gS_pre_tail), (V, V_tail),
+                                                           (c, c_tail)))
+            X, M_T, Pp = (torch.cat([x, x[..., -1:, :, :]], -3) for x in (X, M_T, Pp))
         XG = X @ G
         gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
         gSC = _rmul(gS, C)
@@ -606,7 +682,8 @@ class _CovarianceRecursion(torch.autograd.Function):
         gA = gC = None
         if need[0]:  # 2 sum_t g_Pp_t A P_{t-1|t-1}
             gPpA = _rmul(gPp, A)
-            gA = 2.0 * (_tsum(gPpA[..., 1:, :, :], Pf[..., :-1, :, :]) + gPpA[..., 0, :, :] @ P0)
+            before = Pf[..., : gPpA.shape[-3] - 1, :, :]  # P_{t-1|t-1}
+            gA = 2.0 * (_tsum(gPpA[..., 1:, :, :], before) + gPpA[..., 0, :, :] @ P0)
         if need[2]:  # sum_t g_S U + g_U P_{t|t-1} = sum_t (g_S C + g_U)_t P_{t|t-1}
             gC = _tsum(2.0 * gSC + V - 2.0 * XG, Pp)
         gQ, gR = (gPp.sum(-3) if need[1] else None), (gS.sum(-3) if need[3] else None)
@@ -634,7 +711,7 @@ class _InnovationLogLik(torch.autograd.Function):
     def backward(ctx, g):
         L, w = ctx.saved_tensors
         nu = torch.linalg.solve_triangular(L.mT, w, upper=True)  # S^{-1} e
-        S_inv = _cholesky_inverse(L, ctx.cache)
+        S_inv = _cholesky_inverse(ctx.cache)
         if L.dim() == 3:  # nu (T, m, B), g (B, T)
             g_nu = nu * g.mT[:, None, :]
             gS = 0.5 * (g_nu @ nu.mT - g.sum(0)[:, None, None] * S_inv)
