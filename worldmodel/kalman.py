@@ -639,23 +639,35 @@ class _CovarianceRecursion(torch.autograd.Function):
         M_T = eye - _rmul(X.mT, C)  # (I - K C)^T
         N_T = _rmul(M_T, A)  # (A^T (I - K C))^T
 
-        def inputs(first: int, last: int, X: Tensor):
-            """g_S', V and c for steps first..last-1, whose coefficients X (and S^{-1}) are given per step or,
-            after the steady state, once (a time axis of 1 that broadcasts)."""
-            grads = [None if g is None else g[..., first:last, :, :] for g in (gS_out, gX_out, gPp_out)]
-            shape = (*X.shape[:-3], last - first, *X.shape[-2:])
-            gS_pre = _sym(grads[0]) if grads[0] is not None else X.new_zeros(*shape[:-1], shape[-2])
-            V = X.new_zeros(shape)
-            if grads[1] is not None:
-                V = S_inv[..., first : first + X.shape[-3], :, :] @ grads[1]  # S^{-1} g_X
+        def inputs(gS: Tensor | None, gX: Tensor | None, gPp: Tensor | None, X: Tensor, S_inv: Tensor):
+            """g_S', V and c for a run of steps: output gradients and coefficients stacked over time (dim -3;
+            coefficients with a time axis of 1 broadcast)."""
+            gS_pre = _sym(gS) if gS is not None else X.new_zeros(*X.shape[:-1], X.shape[-2])
+            V = X.new_zeros(X.shape)
+            if gX is not None:
+                V = S_inv @ gX  # S^{-1} g_X
                 gS_pre = _sym(gS_pre - V @ X.mT)
             c = _lmul(C.mT, _rmul(gS_pre, C) + V)  # C^T g_S C + C^T V, symmetrised below
-            c = _sym(c) if grads[2] is None else _sym(c + grads[2])
-            return gS_pre, V, c
+            return gS_pre, V, _sym(c) if gPp is None else _sym(c + gPp)
 
-        gS_pre, V, c = inputs(0, k, X)
-        tail = inputs(k, steps, X[..., -1:, :, :]) if steps > k else None
-        d = _lmul(A.mT, _rmul(c if tail is None else torch.cat([c, tail[2]], -3), A))  # A^T c A
+        def outs(first: int, last: int | None = None):
+            return [None if g is None else g[..., first:last, :, :] for g in (gS_out, gX_out, gPp_out)]
+
+        gS_pre, V, c = inputs(*outs(0, k), X, S_inv[..., :k, :, :])
+        d = _lmul(A.mT, _rmul(c, A))  # A^T c A
+        if steps > k:  # the repeated steps, with the steady coefficients (2-D: products fold over time)
+            gS, gX, gPp = outs(k)
+            # d_t = A^T c_t A = sym(H^T g_S H + F g_X N^T + A^T g_Pp A), H = C A, F = A^T C^T S^{-1}
+            d_tail = torch.zeros_like(d[..., -1:, :, :])
+            if gS is not None:
+                H = C @ A
+                d_tail = d_tail + _lmul(H.mT, _rmul(gS, H))
+            if gX is not None:
+                F = A.mT @ C.mT @ S_inv[..., -1, :, :]
+                d_tail = d_tail + _rmul(_lmul(F, gX), N_T[..., -1, :, :])
+            if gPp is not None:
+                d_tail = d_tail + _lmul(A.mT, _rmul(gPp, A))
+            d = torch.cat([d, _sym(d_tail).expand(*d.shape[:-3], steps - k, *d.shape[-2:])], -3)
         # the only sequential part, on G_t = the gradient reaching P_{t|t}:
         # G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
         gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * steps
@@ -667,12 +679,12 @@ class _CovarianceRecursion(torch.autograd.Function):
             N_t = N_Ts[min(t, k - 1)]
             carried = _mm_add(ds[t], N_t.mT @ Gs[-1], N_t)
         G = torch.stack(Gs[::-1], -3)
-        if tail is not None:  # the steps after the steady state enter only through sums
-            G, G_tail = G[..., :k, :, :], G[..., k:, :, :].sum(-3, keepdim=True)
-            gS_pre_tail, V_tail, c_tail = (x.sum(-3, keepdim=True) for x in tail)
-            # append them as one more step with the steady coefficients (its P_{t-1|t-1} is Pf[k - 1])
-            G, gS_pre, V, c = (torch.cat(x, -3) for x in ((G, G_tail), (gS_pre, gS_pre_tail), (V, V_tail),
-                                                           (c, c_tail)))
+        if steps > k:  # the repeated steps enter the rest only through sums: one more step, summed
+            G = torch.cat([G[..., :k, :, :], G[..., k:, :, :].sum(-3, keepdim=True)], -3)
+            steady = [x[..., -1:, :, :] for x in (X, S_inv[..., :k, :, :])]
+            summed = [None if g is None else g.sum(-3, keepdim=True) for g in outs(k)]
+            gS_pre, V, c = (torch.cat(x, -3) for x in zip((gS_pre, V, c), inputs(*summed, *steady)))
+            # its coefficients are the steady ones (and its P_{t-1|t-1} is Pf[k - 1])
             X, M_T, Pp = (torch.cat([x, x[..., -1:, :, :]], -3) for x in (X, M_T, Pp))
         XG = X @ G
         gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
