@@ -199,22 +199,29 @@ def _as_tensor(name: str, x) -> Tensor:
     return x
 
 
-def _check_finite(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tuple[str, Tensor]]:
+    """Flags (0-d bool tensors, not yet synchronised) of invalid inputs: non-finite values in each of
+    ``named``; for the ``covariances`` among them also asymmetry and a failed Cholesky factorisation
+    beyond round-off (not positive semi-definite)."""
+    flags = []
+    for name, x in named.items():
+        scale = x.abs().amax((-2, -1), keepdim=True) if name in covariances else x.sum()  # NaN/inf propagate
+        flags.append((f"{name} contains non-finite values (NaN or inf)", ~torch.isfinite(scale).all()))
+        if name in covariances:
+            tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
+            flags.append((f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() > tol).any()))
+            eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+            info = torch.linalg.cholesky_ex(x + tol * eye).info
+            flags.append((f"{name} must be positive (semi-)definite", (info > 0).any()))
+    return flags
 
 
-def _check_covariance(name: str, X: Tensor) -> None:
-    """Finite, symmetric and positive semi-definite (up to round-off); raises ValueError naming ``name``."""
-    _check_finite(name, X)
-    eps = torch.finfo(X.dtype).eps
-    scale = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
-    if bool(((X - X.mT).abs() > 1e3 * eps * scale).any()):
-        raise ValueError(f"{name} must be a symmetric covariance matrix")
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-    _, info = torch.linalg.cholesky_ex(X + 1e3 * eps * scale * eye)
-    if bool((info > 0).any()):
-        raise ValueError(f"{name} must be positive (semi-)definite")
+def _raise_first(flags: list[tuple[str, Tensor]]) -> None:
+    """Raise ValueError with the message of the first set flag (one host sync for all of them)."""
+    if flags:
+        for (message, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
+            if bad:
+                raise ValueError(message)
 
 
 def _param(name: str, x, shape: tuple[int, ...], batch: int, steps: int | None = None) -> Tensor:
@@ -262,33 +269,33 @@ def _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target):
 
     dtype = _dtype(z, A, Q, C, R, m0, P0, B, u, target)
     A, Q, C, R, m0, P0, z = (x.to(dtype) for x in (A, Q, C, R, m0, P0, z))
-    for name, x in (("A", A), ("C", C), ("m0", m0)):
-        _check_finite(name, x)
-    for name, x in (("Q", Q), ("R", R), ("P0", P0)):
-        _check_covariance(name, x)
-
-    missing = torch.isnan(z).any(-1)
     if target is not None:
         target = target.to(dtype)
-        missing = missing | torch.isnan(target).any(-1)
-    if mask is not None:
-        mask = _as_tensor("mask", mask)
-        if tuple(mask.shape) != (batch, steps):
-            raise ValueError(f"mask must have shape (B, T) = ({batch}, {steps}), got {tuple(mask.shape)}")
-        missing = missing | ~mask.to(torch.bool)
-    observed = None
-    if bool(missing.any()):
-        observed = ~missing
-        z = torch.where(observed[..., None], z, 0.0)
-        if target is not None:
-            target = torch.where(observed[..., None], target, 0.0)
-    if bool(torch.isinf(z).any()) or (target is not None and bool(torch.isinf(target).any())):
-        raise ValueError("z contains inf (NaN marks a missing observation, inf is an error)")
-    bu = None
     if u is not None:
         B, u = B.to(dtype), u.to(dtype)
-        _check_finite("B", B)
-        _check_finite("u", u)
+    named = dict(A=A, C=C, m0=m0, Q=Q, R=R, P0=P0) | ({} if u is None else dict(B=B, u=u))
+    # NaN in z or target marks a missing step; their sums are finite when there is none (the common case)
+    sums = torch.stack([z.sum()] + ([] if target is None else [target.sum()]))
+    _raise_first(_problems(named, ("Q", "R", "P0")))
+    observed = None
+    if mask is not None or not bool(torch.isfinite(sums).all()):
+        missing = torch.isnan(z).any(-1)
+        if target is not None:
+            missing = missing | torch.isnan(target).any(-1)
+        if mask is not None:
+            mask = _as_tensor("mask", mask)
+            if tuple(mask.shape) != (batch, steps):
+                raise ValueError(f"mask must have shape (B, T) = ({batch}, {steps}), got {tuple(mask.shape)}")
+            missing = missing | ~mask.to(torch.bool)
+        if bool(missing.any()):
+            observed = ~missing
+            z = torch.where(observed[..., None], z, 0.0)
+            if target is not None:
+                target = torch.where(observed[..., None], target, 0.0)
+        if bool(torch.isinf(z).any()) or (target is not None and bool(torch.isinf(target).any())):
+            raise ValueError("z contains inf (NaN marks a missing observation, inf is an error)")
+    bu = None
+    if u is not None:
         bu = u @ B.mT if B.dim() == 2 else torch.einsum("bnk,btk->btn", B, u)
     return z, A, Q, C, R, m0, P0, bu, observed, target
 
@@ -478,7 +485,7 @@ def _tsum(X: Tensor, Y: Tensor) -> Tensor:
     return X.permute(1, 0, 2).reshape(a, steps * k) @ Y.reshape(steps * k, Y.shape[-1])
 
 
-def _steady(L: Tensor, L_prev: Tensor, change_before: Tensor | None) -> tuple[bool, Tensor]:
+def _steady(L: Tensor, L_prev: Tensor, change_before: float | None) -> tuple[bool, float]:
     """Whether a covariance recursion has reached its fixed point to within rounding.
 
     ``L``, ``L_prev``: the Cholesky factors of two consecutive steps; ``change_before``: the change this
@@ -486,13 +493,15 @@ def _steady(L: Tensor, L_prev: Tensor, change_before: Tensor | None) -> tuple[bo
     system contracts at a linear rate r, so with the relative change delta = max|L - L_prev| / max|L|
     the distance left to the fixed point is about delta r / (1 - r), r = (delta / change_before)^(1/k).
     Steady when delta and that distance are both below ``_STEADY_ULPS`` ulps (one host sync)."""
-    change = (L - L_prev).abs().amax() / L.abs().amax()
-    if change_before is None:
+    diff, scale = torch.stack([(L - L_prev).abs().amax(), L.abs().amax()]).tolist()
+    change = diff / scale if scale > 0 else 0.0
+    if change == 0:
+        return True, change
+    if not change_before:
         return False, change
     tol = _STEADY_ULPS * torch.finfo(L.dtype).eps
-    rate = (change / change_before).pow(1.0 / _STEADY_EVERY)
-    done = (change == 0) | ((change <= tol) & (change * rate <= tol * (1.0 - rate)))
-    return bool(done), change
+    rate = (change / change_before) ** (1.0 / _STEADY_EVERY)
+    return change <= tol and rate < 1 and change * rate <= tol * (1.0 - rate), change
 
 
 class _SteadyStop:
@@ -671,34 +680,37 @@ class _CovarianceRecursion(torch.autograd.Function):
         # the only sequential part, on G_t = the gradient reaching P_{t|t}:
         # G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
         gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * steps
-        N_Ts, ds = N_T.unbind(-3), d.unbind(-3)
+        add_mm, mm = (torch.addmm, torch.mm) if A.dim() == 2 else (torch.baddbmm, torch.bmm)
+        Ns, N_Ts, ds = N_T.mT.unbind(-3), N_T.unbind(-3), d.unbind(-3)
+        Ns, N_Ts = Ns + Ns[-1:] * (steps - k), N_Ts + N_Ts[-1:] * (steps - k)
         Gs, carried = [], None
         for t in range(steps - 1, -1, -1):
             G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
             Gs.append(torch.zeros_like(ds[t]) if G is None else G)
-            N_t = N_Ts[min(t, k - 1)]
-            carried = _mm_add(ds[t], N_t.mT @ Gs[-1], N_t)
+            carried = add_mm(ds[t], mm(Ns[t], Gs[-1]), N_Ts[t])
         G = torch.stack(Gs[::-1], -3)
-        if steps > k:  # the repeated steps enter the rest only through sums: one more step, summed
-            G = torch.cat([G[..., :k, :, :], G[..., k:, :, :].sum(-3, keepdim=True)], -3)
-            steady = [x[..., -1:, :, :] for x in (X, S_inv[..., :k, :, :])]
-            summed = [None if g is None else g.sum(-3, keepdim=True) for g in outs(k)]
-            gS_pre, V, c = (torch.cat(x, -3) for x in zip((gS_pre, V, c), inputs(*summed, *steady)))
-            # its coefficients are the steady ones (and its P_{t-1|t-1} is Pf[k - 1])
-            X, M_T, Pp = (torch.cat([x, x[..., -1:, :, :]], -3) for x in (X, M_T, Pp))
-        XG = X @ G
-        gS = torch.baddbmm(gS_pre, XG, X.mT) if XG.dim() == 3 else XG @ X.mT + gS_pre
-        gSC = _rmul(gS, C)
-        gPp = (M_T.mT @ G) @ M_T + c
         need = ctx.needs_input_grad
-        gA = gC = None
-        if need[0]:  # 2 sum_t g_Pp_t A P_{t-1|t-1}
-            gPpA = _rmul(gPp, A)
-            before = Pf[..., : gPpA.shape[-3] - 1, :, :]  # P_{t-1|t-1}
-            gA = 2.0 * (_tsum(gPpA[..., 1:, :, :], before) + gPpA[..., 0, :, :] @ P0)
-        if need[2]:  # sum_t g_S U + g_U P_{t|t-1} = sum_t (g_S C + g_U)_t P_{t|t-1}
-            gC = _tsum(2.0 * gSC + V - 2.0 * XG, Pp)
-        gQ, gR = (gPp.sum(-3) if need[1] else None), (gS.sum(-3) if need[3] else None)
+
+        def sums(G, gS_pre, V, c, X, M_T, Pp, before):
+            """g_A, g_Q, g_C, g_R summed over a run of steps (stacked on dim -3, like their coefficients);
+            ``before``: P_{t-1|t-1} of each step."""
+            XG = X @ G
+            gS = XG @ X.mT + gS_pre
+            gPp = (M_T.mT @ G) @ M_T + c
+            gA = 2.0 * _tsum(_rmul(gPp, A), before) if need[0] else None  # 2 sum_t g_Pp_t A P_{t-1|t-1}
+            # sum_t g_S U + g_U P_{t|t-1} = sum_t (g_S C + g_U)_t P_{t|t-1}
+            gC = _tsum(2.0 * _rmul(gS, C) + V - 2.0 * XG, Pp) if need[2] else None
+            return gA, gPp.sum(-3) if need[1] else None, gC, gS.sum(-3) if need[3] else None
+
+        grads = sums(G[..., :k, :, :], gS_pre, V, c, X, M_T, Pp,
+                     torch.cat([P0.unsqueeze(-3), Pf[..., : k - 1, :, :]], -3))
+        if steps > k:  # the repeated steps enter only through sums: one more step with summed inputs
+            summed = [None if g is None else g.sum(-3, keepdim=True) for g in outs(k)]
+            steady = [x[..., -1:, :, :] for x in (X, S_inv[..., :k, :, :], M_T, Pp, Pf)]
+            tail = sums(G[..., k:, :, :].sum(-3, keepdim=True), *inputs(*summed, *steady[:2]), steady[0],
+                        *steady[2:])
+            grads = [None if x is None else x + y for x, y in zip(grads, tail)]
+        gA, gQ, gC, gR = grads
         return gA, gQ, gC, gR, carried, None, None, None
 
 
