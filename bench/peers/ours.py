@@ -1,7 +1,8 @@
 """Our filter, ``worldmodel.kalman.kalman_filter`` (float32, autograd for the backward pass).
 
 Variants: ``seq`` / ``par`` (sequential or associative-scan filter, the parameters shared over the
-batch as a world model has them), ``seq_batched`` (the same parameters expanded to ``(B, n, n)``, which
+batch as a world model has them), ``seq_full`` (``seq`` without the steady-state stop of the covariance
+recursion: all T steps), ``seq_batched`` (the same parameters expanded to ``(B, n, n)``, which
 forces a separate covariance recursion per sequence: the dense work the batched peers do),
 ``seq_compiled``: ``torch.compile`` applied to one filter step (the public ``predict`` then ``update``
 maths, ``_predict`` + ``_update``), looped over time in Python, and ``par_compiled``: the parallel filter
@@ -17,6 +18,25 @@ def versions() -> dict:
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
+STOPS: list[int] = []  # covariance steps computed by each recursion that stopped at its steady state
+
+
+def _record_steady_stops(kalman) -> None:
+    """Append to STOPS the step count of every covariance recursion that stops early (once per process)."""
+    if hasattr(kalman._SteadyStop.__call__, "recorded"):
+        return
+    steady_stop = kalman._SteadyStop.__call__
+
+    def recorded(self, t, L):
+        done = steady_stop(self, t, L)
+        if done:
+            STOPS.append(t + 1)
+        return done
+
+    recorded.recorded = True
+    kalman._SteadyStop.__call__ = recorded
+
+
 def build(problem, variant, grad):
     import torch
     from worldmodel import kalman
@@ -29,6 +49,9 @@ def build(problem, variant, grad):
         f32["m0"] = f32["m0"].expand(B, -1).contiguous()
     if variant == "par_compiled" and not hasattr(kalman._filtering_combine, "_torchdynamo_orig_callable"):
         kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=True)  # one graph for all scan levels
+    if variant == "seq_full":
+        kalman._STEADY_ULPS = 0.0  # every covariance step, as without the steady-state stop
+    _record_steady_stops(kalman)
     names = ("z", "A", "Q", "C", "R", "m0", "P0")
     eye = torch.eye(f32["A"].shape[-1])
 
@@ -40,6 +63,7 @@ def build(problem, variant, grad):
     compiled_step = torch.compile(step, dynamic=False) if variant == "seq_compiled" else None
 
     def run():
+        STOPS.clear()
         leaves = [f32[k].clone().requires_grad_(grad and k in ("z", "A", "Q", "C", "R")) for k in names]
         if compiled_step is None:
             res = kalman.kalman_filter(*leaves, parallel=variant.startswith("par"))
@@ -58,7 +82,8 @@ def build(problem, variant, grad):
     def summarise(out):
         ll, outs, grads = out
         bad = sum(int((~torch.isfinite(x)).sum()) for x in (ll, *outs, *grads))
-        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad}
+        steps = f32["z"].shape[1]
+        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad, "cov_steps": STOPS[-1] if STOPS else steps}
 
     return run, summarise
 
