@@ -31,7 +31,11 @@ depend on z, so with shared parameters it runs once for the whole batch; for sma
 single Cholesky factorisation of the joint covariance of (z_t, h_t), which yields S's factor, the gain
 and a Cholesky factor of P_{t|t} at once; the covariance recursion, the mean recursion and the
 innovation likelihood are single autograd nodes with hand-written reverse passes (checked against
-autograd on the step-wise filter by gradcheck). Missing steps or per-step R use the step-wise filter.
+autograd on the step-wise filter by gradcheck). The covariance recursion of a time-invariant system
+converges to a fixed point (the steady-state Kalman filter); once its estimated distance to that point
+is within a few ulps (``_steady``, typically 10-40 steps) it stops and later steps repeat the last one,
+which is what the recursion would compute up to round-off, and the reverse pass still runs the
+adjoint recursion over every step. Missing steps or per-step R use the step-wise filter.
 
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
@@ -811,7 +815,7 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
 
     # m_t = F_t m_{t-1} + c_t with F_t = (I - K_t C) A and c_t = K_t (z_t - C B u_t) + B u_t
     A_t = A if shared else A[:, None]
-    F = A_t - X.mT @ (C if shared else C[:, None]) @ A_t
+    F = A_t - X.mT @ (C @ A if shared else (C @ A)[:, None])  # one product over time
     innov = z if bu is None else z - obs(bu)
     c = torch.einsum("tmn,btm->btn", X, innov) if shared else (X.mT @ innov[..., None])[..., 0]
     if bu is not None:
