@@ -2,6 +2,7 @@
 
     python bench/kalman.py --quick        # the world-model point (B=16, T=64, d=32) and d=4, < 60 s
     python bench/kalman.py                # the full grid (d, B, T, m); skips what would take too long
+    python bench/kalman.py --point 16 8 16 32 --impls ours_seq dynamax_seq   # chosen points and peers
 
 Every implementation runs in its own subprocess, pinned to the same CPUs and thread count
 (``--threads``, default 1: OMP/MKL/OpenBLAS/XLA variables plus CPU affinity), on bit-identical data
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two points, the fast implementations (< 60 s)")
     ap.add_argument("--grid", choices=("quick", "medium", "full"), default="full",
                     help="points to run (--quick implies quick; default full: 120 points)")
+    ap.add_argument("--point", type=int, nargs=4, action="append", metavar=("D", "M", "B", "T"),
+                    help="run these points (repeatable) instead of a grid, e.g. your model's size")
     ap.add_argument("--impls", nargs="*", default=None, help=f"subset of {list(IMPLS)}")
     ap.add_argument("--threads", type=int, default=1, help="threads for every library (default 1)")
     ap.add_argument("--cpus", type=int, nargs="*", default=None,
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         lines.append(msg)
 
-    configs = grid(args.grid)
+    configs = [dict(d=d, m=m, B=B, T=T) for d, m, B, T in args.point] if args.point else grid(args.grid)
     big = [c for c in configs if too_big(c, args.mem_gb)]
     # the world-model point first (its figures must exist even if a time limit cuts a peer short), then
     # by work, so that each peer's time per unit of work at a smaller point predicts the next one

@@ -62,9 +62,11 @@ _JOINT_MAX_DIM = 64
 # relative diagonal jitters tried, in order, when a Cholesky factorisation fails
 _JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
 # the fused filter's covariance recursion stops at its steady state, once it is this many ulps from its
-# fixed point (0: never), checked every _STEADY_EVERY steps (see _steady)
+# fixed point (0: never), checked every _STEADY_EVERY steps while at least _STEADY_MIN_LEFT steps remain
+# (stopping later saves less than the checks and the reverse pass's handling of the repeated steps cost)
 _STEADY_ULPS = 4.0
 _STEADY_EVERY = 4
+_STEADY_MIN_LEFT = 16
 
 
 class Gaussian(NamedTuple):
@@ -517,7 +519,8 @@ class _SteadyStop:
 
     def __call__(self, t: int, L: Tensor) -> bool:
         done = False
-        if _STEADY_ULPS and (t + 1) % _STEADY_EVERY == 0 and self.prev is not None and t + 1 < self.steps:
+        due = (t + 1) % _STEADY_EVERY == 0 and t + 1 + _STEADY_MIN_LEFT <= self.steps
+        if _STEADY_ULPS and due and self.prev is not None:
             done, self.change = _steady(L, self.prev, self.change)
         self.prev = L
         return done
