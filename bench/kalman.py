@@ -1,6 +1,6 @@
 """Kalman filter benchmark: our filter against its peers, on this machine, in one run.
 
-    python bench/kalman.py --quick        # the world-model point (B=16, T=64, d=32) and d=4, < 60 s
+    python bench/kalman.py --quick        # the world-model point (B=16, T=64, d=32), d=4, train.py's model; < 60 s
     python bench/kalman.py                # the full grid (d, B, T, m); skips what would take too long
     python bench/kalman.py --point 16 8 16 32 --impls ours_seq dynamax_seq   # chosen points and peers
 
@@ -51,6 +51,7 @@ IMPLS = {
     "dynamax_par": ("dynamax_peer", "par", True, "scan", True, "dynamax parallel_lgssm_filter, jit + vmap (JAX CPU)"),
 }
 WORLD_POINT = dict(d=32, m=32, B=16, T=64)
+DEFAULT_MODEL = (16, 8, 16, 32)  # train.py's defaults: state 16, latent 8, batch 16, window 32
 OURS = "ours_seq"  # the denominator of every ratio
 QUICK_SKIP = {
     "ours_seq_compiled": "torch.compile takes ~1 min to compile on this CPU",
@@ -61,12 +62,13 @@ QUICK_SKIP = {
 
 
 def grid(name: str) -> list[dict]:
-    """quick: the world-model point and d=4; medium: d x T at B=16 plus B and m sweeps (30 points);
-    full: every combination of d, m, B, T in the issue (120 points)."""
+    """quick: the world-model point, d=4 and the default model of train.py (state 16, latent 8, window 32);
+    medium: d x T at B=16 plus B and m sweeps and the default model (31 points); full: every combination of
+    d, m, B, T in the issue (120 points)."""
     if name == "quick":
-        points = [(32, 32, 16, 64), (4, 4, 16, 64)]
+        points = [(32, 32, 16, 64), (4, 4, 16, 64), DEFAULT_MODEL]
     elif name == "medium":
-        points = [(d, d, 16, T) for d in (4, 16, 32, 64, 128) for T in (64, 256, 1024)]
+        points = [DEFAULT_MODEL] + [(d, d, 16, T) for d in (4, 16, 32, 64, 128) for T in (64, 256, 1024)]
         points += [(d, d, B, 64) for d in (4, 16, 32, 64, 128) for B in (1, 256)]
         points += [(d, d // 4, 16, 64) for d in (16, 32, 64, 128)] + [(32, 8, 256, 256)]
     else:
@@ -129,7 +131,7 @@ def available(name: str) -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="two points, the fast implementations (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="three points, the fast implementations (< 60 s)")
     ap.add_argument("--grid", choices=("quick", "medium", "full"), default="full",
                     help="points to run (--quick implies quick; default full: 120 points)")
     ap.add_argument("--point", type=int, nargs=4, action="append", metavar=("D", "M", "B", "T"),
