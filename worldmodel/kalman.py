@@ -613,8 +613,9 @@ class _CovarianceRecursion(torch.autograd.Function):
     ``form``: ``joint`` (``_joint_recursion``), ``standard`` (P_{t|t} = P_{t|t-1} - W^T W) or ``joseph``
     (Joseph form, for singular or hard cases). Returns, stacked over time (dim -3): P_{t|t-1}, P_{t|t},
     X_t = S_t^{-1} U_t (= K_t^T, U = C P_{t|t-1}), S_t, its Cholesky factor L_t (no gradient: the
-    gradient goes through S_t) and the Cholesky info ``(..., T)``. Inputs are 2-D (shared) or all
-    batched ``(B, ., .)``; Q, R and P0 are symmetrised on entry. The recursion stops at its steady state
+    gradient goes through S_t) and the Cholesky info ``(..., T)`` (``standard``: also > 0 where P_{t|t} is
+    not positive definite). Inputs are 2-D (shared) or all batched ``(B, ., .)``; Q, R and P0 are
+    symmetrised on entry. The recursion stops at its steady state
     (step k, see ``_steady``) and the outputs repeat that step up to T.
 
     Reverse pass (one derivative for every form, since the gain is optimal): with G_t the gradient
@@ -635,6 +636,8 @@ class _CovarianceRecursion(torch.autograd.Function):
             Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
         else:
             Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
+            if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
+                info = info + (torch.linalg.cholesky_ex(Pf).info > 0)
         ctx.save_for_backward(A, C, P0, Pf, Pp, X)
         ctx.steps, ctx.cache = steps, cache
         cache.clear()
@@ -806,9 +809,7 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     form = "joint" if n + m <= (_JOINT_MAX_DIM if shared else _JOINT_MAX_DIM // 4) else "standard"
     cache: dict = {}
     P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
-    if form == "standard" and not bool((info > 0).any()):  # P - W^T W lost definiteness: Joseph form
-        info = info + (torch.linalg.cholesky_ex(P_filt.detach()).info > 0)
-    if bool((info > 0).any()):  # (joint: a singular filtered covariance) the Joseph form copes with it
+    if bool((info > 0).any()):  # a singular or indefinite filtered covariance: the Joseph form copes with it
         P_pred, P_filt, X, S, L, info = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph", cache)
     if bool((info > 0).any()):
         return None, False
