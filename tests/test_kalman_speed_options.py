@@ -144,7 +144,7 @@ def test_singular_filtered_covariance_falls_back_to_joseph_form():
 
 
 def _count_steady_stops(monkeypatch) -> list:
-    """Record the step counts at which covariance recursions stop at their steady state."""
+    """Record the outcome (stop or not) of every steady-state check, in order."""
     stops, steady = [], kalman._steady
 
     def spy(L, L_prev, change_before):

@@ -224,10 +224,9 @@ def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tu
 
 def _raise_first(flags: list[tuple[str, Tensor]]) -> None:
     """Raise ValueError with the message of the first set flag (one host sync for all of them)."""
-    if flags:
-        for (message, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
-            if bad:
-                raise ValueError(message)
+    for (message, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
+        if bad:
+            raise ValueError(message)
 
 
 def _param(name: str, x, shape: tuple[int, ...], batch: int, steps: int | None = None) -> Tensor:
@@ -615,8 +614,8 @@ class _CovarianceRecursion(torch.autograd.Function):
     X_t = S_t^{-1} U_t (= K_t^T, U = C P_{t|t-1}), S_t, its Cholesky factor L_t (no gradient: the
     gradient goes through S_t) and the Cholesky info ``(..., T)`` (``standard``: also > 0 where P_{t|t} is
     not positive definite). Inputs are 2-D (shared) or all batched ``(B, ., .)``; Q, R and P0 are
-    symmetrised on entry. The recursion stops at its steady state
-    (step k, see ``_steady``) and the outputs repeat that step up to T.
+    symmetrised on entry. The recursion stops at its steady state (step k, see ``_steady``) and the
+    outputs repeat that step up to T.
 
     Reverse pass (one derivative for every form, since the gain is optimal): with G_t the gradient
     reaching P_{t|t}, P_{t|t} = P_{t|t-1} - U^T S^{-1} U and X = S^{-1} U give g_S = X G X^T + g_S',

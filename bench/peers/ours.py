@@ -82,8 +82,7 @@ def build(problem, variant, grad):
     def summarise(out):
         ll, outs, grads = out
         bad = sum(int((~torch.isfinite(x)).sum()) for x in (ll, *outs, *grads))
-        steps = f32["z"].shape[1]
-        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad, "cov_steps": STOPS[-1] if STOPS else steps}
+        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad, "cov_steps": STOPS[-1] if STOPS else T}
 
     return run, summarise
 
