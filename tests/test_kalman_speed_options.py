@@ -110,14 +110,18 @@ def test_covariance_recursion_forms_agree_and_differentiate(form):
     _, sys = make_system(batch=1, steps=5, n=4, m=3, k=0, seed=15)
     sym = {k: 0.5 * (sys[k] + sys[k].mT) for k in ("Q", "R", "P0")}
     args = (sys["A"], sym["Q"], sys["C"], sym["R"], sym["P0"])
-    outs = kalman._CovarianceRecursion.apply(*args, 5, form, {})
-    ref = kalman._CovarianceRecursion.apply(*args, 5, "standard" if form == "joint" else "joint", {})
-    for got, want in zip(outs[:5], ref[:5]):
+
+    def recursion(A, Q, C, R, P0, form=form):  # P_{t|t-1}, P_{t|t}, K_t^T, S_t and L_t (5 steps: no stop)
+        outs = kalman._CovarianceRecursion.apply(A, Q, C, R, P0, 5, form, {})
+        return [outs[i] for i in (0, 1, 2, 4, 6)]
+
+    ref = recursion(*args, form="standard" if form == "joint" else "joint")
+    for got, want in zip(recursion(*args), ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
     def fn(A, Q, C, R, P0):  # the recursion takes symmetric Q, R, P0, as kalman_filter passes them
         sym_Q, sym_R, sym_P0 = (0.5 * (x + x.mT) for x in (Q, R, P0))
-        return kalman._CovarianceRecursion.apply(A, sym_Q, C, sym_R, sym_P0, 5, form, {})[:4]
+        return recursion(A, sym_Q, C, sym_R, sym_P0)[:4]
 
     inputs = [x.clone().requires_grad_() for x in args]
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-5)
