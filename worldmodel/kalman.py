@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 __all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother"]
@@ -67,6 +68,10 @@ _JITTERS = (0.0, 1e-6, 1e-4, 1e-2)
 _STEADY_ULPS = 4.0
 _STEADY_EVERY = 4
 _STEADY_MIN_LEFT = 16
+# a linear recursion with one matrix for every step (the means after the steady state) runs in chunks of
+# ~sqrt(T) steps when a step is this small (B n^2 multiply-adds) and chunks have at least this many steps
+_CHUNKED_MAX_WORK = 2**17
+_CHUNKED_MIN_LEN = 4
 
 
 class Gaussian(NamedTuple):
@@ -618,25 +623,26 @@ def _steady_tail(x: Tensor, steps: int) -> Tensor:
     return x[..., -1:, :, :].expand(*x.shape[:-3], steps - x.shape[-3], *x.shape[-2:])
 
 
-def _step_matvec(M: Tensor, x: Tensor) -> Tensor:
+def _step_matvec(M: Tensor, x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """``M_t x_t`` for every step: ``M`` ``(k, a, b)`` (shared) or ``(B, k, a, b)``, one matrix per step up
-    to the steady state and its last one after it; ``x`` ``(B, T, b)`` -> ``(B, T, a)``. The steps after
-    the steady state are one matrix product."""
-    k = M.shape[-3]
-    head = torch.einsum("tij,btj->bti", M, x[:, :k]) if M.dim() == 3 else (M @ x[:, :k, :, None])[..., 0]
-    return torch.cat([head, x[:, k:] @ M[..., -1, :, :].mT], 1)
+    to the steady state and its last one after it; ``x``: ``(B, T, b)`` split into its first k steps and
+    the rest (``_split_steps``) -> ``(B, T, a)``, split alike. The steps after the steady state are one
+    matrix product."""
+    head, tail = x
+    head = torch.einsum("tij,btj->bti", M, head) if M.dim() == 3 else (M @ head[..., None])[..., 0]
+    return head, tail @ M[..., -1, :, :].mT
 
 
-def _step_solve(L: Tensor, x: Tensor, upper: bool) -> Tensor:
-    """``L_t^{-1} x_t`` for every step, with triangular ``L`` laid out as in ``_step_matvec``. Solved from
-    the right on rows, x_t^T L_t^{-T} (2-3x faster than from the left for a long stack of right sides)."""
-    k, Lt = L.shape[-3], L.mT
+def _step_solve(L: Tensor, x: tuple[Tensor, Tensor], upper: bool) -> tuple[Tensor, Tensor]:
+    """``L_t^{-1} x_t`` for every step, with triangular ``L`` and ``x`` laid out as in ``_step_matvec``.
+    Solved from the right on rows, x_t^T L_t^{-T} (2-3x faster than from the left for a long stack of
+    right sides)."""
+    (head, tail), Lt = x, L.mT
     if L.dim() == 3:
-        head = torch.linalg.solve_triangular(Lt, x[:, :k].transpose(0, 1), upper=not upper, left=False).transpose(0, 1)
+        head = torch.linalg.solve_triangular(Lt, head.transpose(0, 1), upper=not upper, left=False).transpose(0, 1)
     else:
-        head = torch.linalg.solve_triangular(Lt, x[:, :k, None, :], upper=not upper, left=False)[..., 0, :]
-    tail = torch.linalg.solve_triangular(Lt[..., -1, :, :], x[:, k:], upper=not upper, left=False)
-    return torch.cat([head, tail], 1)
+        head = torch.linalg.solve_triangular(Lt, head[..., None, :], upper=not upper, left=False)[..., 0, :]
+    return head, torch.linalg.solve_triangular(Lt[..., -1, :, :], tail, upper=not upper, left=False)
 
 
 def _step_outer(a: Tensor, b: Tensor, shared: bool) -> Tensor:
@@ -774,25 +780,68 @@ class _InnovationLogLik(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, S, S_tail, L, cache: dict):
-        w = _step_solve(L, e, upper=False)
+        k = L.shape[-3]
+        w = _step_solve(L, _split_steps(e, k, 1), upper=False)
         log_det = _repeat_last(2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1), e.shape[1], -1)
-        ctx.save_for_backward(L, w)
+        ctx.save_for_backward(L, *w)
         ctx.cache = cache
-        return -0.5 * (w.square().sum(-1) + log_det + e.shape[-1] * _LOG_2PI)
+        return -0.5 * (torch.cat([x.square().sum(-1) for x in w], 1) + log_det + e.shape[-1] * _LOG_2PI)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_on_calling_thread
     def backward(ctx, g):
-        L, w = ctx.saved_tensors
+        L, *w = ctx.saved_tensors
         shared, k = L.dim() == 3, L.shape[-3]
-        nu = _step_solve(L.mT, w, upper=True)  # S^{-1} e
-        g_nu = nu * g[..., None]
         S_inv = _cholesky_inverse(ctx.cache)
-        outer, g_sum = _split_steps(_step_outer(g_nu, nu, shared), k), _split_steps(g.sum(0) if shared else g, k, -1)
-        gS_head, gS_tail = (0.5 * (o - s[..., None, None] * inv) for o, s, inv in zip(
-            outer, g_sum, (S_inv, S_inv[..., -1:, :, :])))
-        return -g_nu, gS_head, gS_tail, None, None
+        nus = _step_solve(L.mT, w, upper=True)  # S^{-1} e
+        g_nus = [nu * g_part[..., None] for nu, g_part in zip(nus, _split_steps(g, k, 1))]
+        g_sums = _split_steps(g.sum(0) if shared else g, k, -1)
+        gS_head, gS_tail = (0.5 * (_step_outer(g_nu, nu, shared) - g_sum[..., None, None] * inv)
+                            for g_nu, nu, g_sum, inv in zip(g_nus, nus, g_sums, (S_inv, S_inv[..., -1:, :, :])))
+        return -torch.cat(g_nus, 1), gS_head, gS_tail, None, None
+
+
+def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None) -> Tensor:
+    """x_t = x_{t-1} F + c_t for t = 1..L with one ``F`` ``(n, n)`` or ``(B, n, n)`` for every step: ``c``
+    ``(B, L, n)``, ``x0`` ``(B, n)`` (None: 0) -> ``(B, L, n)``.
+
+    While one step is too small to keep the CPU busy (B n^2 <= _CHUNKED_MAX_WORK), it runs in chunks of
+    about sqrt(L) steps, in O(sqrt L) ops instead of L at twice the flops: the recursion within every
+    chunk from 0, all chunks at once; then the chunk boundaries in sequence (with F^len); then each step
+    adds its boundary state times F^j, as one matrix product."""
+    batch, steps, n = c.shape
+
+    def step(bias: Tensor, x: Tensor, M: Tensor) -> Tensor:  # bias + x M for x (B, r, n)
+        if M.dim() == 3:
+            return torch.baddbmm(bias, x, M)
+        return torch.addmm(bias.flatten(0, 1), x.flatten(0, 1), M).view(x.shape)
+
+    size = math.isqrt(steps)
+    state = (x0 if x0 is not None else c.new_zeros(batch, n))[:, None]
+    if not steps:
+        return c
+    if size < _CHUNKED_MIN_LEN or batch * n * n > _CHUNKED_MAX_WORK:
+        xs = []
+        for c_t in c.split(1, 1):
+            state = step(c_t, state, F)
+            xs.append(state)
+        return torch.cat(xs, 1)
+    chunks = -(-steps // size)
+    c = rearrange(torch.cat([c, c.new_zeros(batch, chunks * size - steps, n)], 1), "b (k j) n -> b k j n", j=size)
+    y, ys = None, []  # the recursion within each chunk, from 0: (B, chunks, n) per step
+    for c_j in c.unbind(2):
+        y = c_j if y is None else step(c_j, y, F)
+        ys.append(y)
+    powers = [F]  # F^1 .. F^size
+    for _ in range(size - 1):
+        powers.append(powers[-1] @ F)
+    starts = [state]  # the state before each chunk, (B, 1, n)
+    for y_last in ys[-1].split(1, 1)[:-1]:
+        starts.append(step(y_last, starts[-1], powers[-1]))
+    carried = torch.cat(starts, 1) @ rearrange(torch.stack(powers, -3), "... j n m -> ... n (j m)")
+    x = torch.stack(ys, 2) + rearrange(carried, "b k (j n) -> b k j n", n=n)
+    return rearrange(x, "b k j n -> b (k j) n")[:, :steps]
 
 
 class _MeanRecursion(torch.autograd.Function):
@@ -807,18 +856,16 @@ class _MeanRecursion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, X_tail, A, CA, y, b, x0):
-        shared = A.dim() == 2
+        shared, k = A.dim() == 2, X.shape[-3]
         F = A - X.mT @ CA if shared else A[:, None] - X.mT @ CA[:, None]
-        c = _step_matvec(X.mT, y)
+        c_head, c_tail = _step_matvec(X.mT, _split_steps(y, k, 1))
         if b is not None:
-            c = c + b
-        Fs = F.unbind(-3)
+            c_head, c_tail = c_head + b[:, :k], c_tail + b[:, k:]
         x, xs = x0, []
-        for t, c_t in enumerate(c.unbind(1)):
-            F_t = Fs[min(t, len(Fs) - 1)]
+        for c_t, F_t in zip(c_head.unbind(1), F.unbind(-3)):
             x = torch.addmm(c_t, x, F_t.mT) if shared else torch.baddbmm(c_t[..., None], F_t, x[..., None])[..., 0]
             xs.append(x)
-        out = torch.stack(xs, 1)
+        out = torch.cat([torch.stack(xs, 1), _constant_recursion(F[..., -1, :, :].mT, c_tail, x)], 1)
         ctx.save_for_backward(X, CA, F, y, x0, out)
         ctx.has_b = b is not None
         return out
@@ -829,20 +876,21 @@ class _MeanRecursion(torch.autograd.Function):
     def backward(ctx, g):
         X, CA, F, y, x0, out = ctx.saved_tensors
         shared, k = F.dim() == 3, F.shape[-3]
-        Fs = F.unbind(-3)
-        lam, lams = None, []
-        for t, g_t in zip(range(g.shape[1] - 1, -1, -1), g.unbind(1)[::-1]):
-            if lam is None:
-                lam = g_t
-            else:
-                F_next = Fs[min(t + 1, k - 1)]
-                lam = torch.addmm(g_t, lam, F_next) if shared else torch.baddbmm(
-                    g_t[..., None], F_next.mT, lam[..., None])[..., 0]
-            lams.append(lam)
-        lam = torch.stack(lams[::-1], 1)
+        # steps k-1 .. T-1 take the steady F_{t+1}, as one constant recursion backwards in time; then the rest
+        lam = _constant_recursion(F[..., -1, :, :], g[:, k - 1 :].flip(1), None)
+        lams, Fs = [lam.flip(1)], F.unbind(-3)
+        lam = lam[:, -1]
+        for t in range(k - 2, -1, -1):
+            g_t = g[:, t]
+            lam = torch.addmm(g_t, lam, Fs[t + 1]) if shared else torch.baddbmm(
+                g_t[..., None], Fs[t + 1].mT, lam[..., None])[..., 0]
+            lams.append(lam[:, None])
+        lam = torch.cat(lams[::-1], 1)
         before = torch.cat([x0[:, None], out[:, :-1]], 1)
-        g_y = _step_matvec(X, lam)
-        gX_head, gX_tail = _split_steps(_step_outer(y - before @ CA.mT, lam, shared), k)
+        lam_parts = _split_steps(lam, k, 1)
+        g_y = torch.cat(_step_matvec(X, lam_parts), 1)
+        e_parts = _split_steps(y - before @ CA.mT, k, 1)
+        gX_head, gX_tail = (_step_outer(e, lam_part, shared) for e, lam_part in zip(e_parts, lam_parts))
         g_x0 = lam[:, 0] @ F[0] if shared else (F[:, 0].mT @ lam[:, 0, :, None])[..., 0]
         return (gX_head, gX_tail, _outer_sum(lam, before, shared), -_outer_sum(g_y, before, shared), g_y,
                 lam if ctx.has_b else None, g_x0)
