@@ -484,7 +484,7 @@ def _rmul(Y: Tensor, M: Tensor) -> Tensor:
 
 def _lmul(M: Tensor, Y: Tensor) -> Tensor:
     """``M @ Y_t`` for a matrix ``M`` constant in time (see ``_rmul``)."""
-    return (Y.mT @ M.mT).mT if M.dim() == 2 else M.unsqueeze(-3) @ Y
+    return M @ Y if M.dim() == 2 else M.unsqueeze(-3) @ Y
 
 
 def _tsum(X: Tensor, Y: Tensor) -> Tensor:
