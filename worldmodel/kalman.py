@@ -606,7 +606,7 @@ def _cholesky_inverse(cache: dict) -> Tensor:
     """S_t^{-1} for the steps up to the steady state, from the factors ``L`` the covariance recursion left
     in ``cache``; computed once per filter call for the reverse passes (not in the recursion)."""
     if "S_inv" not in cache:
-        cache["S_inv"] = torch.cholesky_inverse(cache["L"])
+        cache["S_inv"] = torch.cholesky_inverse(cache["L"]).mT  # symmetric; the transpose is contiguous
     return cache["S_inv"]
 
 
@@ -629,30 +629,32 @@ def _step_matvec(M: Tensor, x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     the rest (``_split_steps``) -> ``(B, T, a)``, split alike. The steps after the steady state are one
     matrix product."""
     head, tail = x
-    head = torch.einsum("tij,btj->bti", M, head) if M.dim() == 3 else (M @ head[..., None])[..., 0]
+    head = torch.bmm(M, head.permute(1, 2, 0)).permute(2, 0, 1) if M.dim() == 3 else (M @ head[..., None])[..., 0]
     return head, tail @ M[..., -1, :, :].mT
 
 
 def _step_solve(L: Tensor, x: tuple[Tensor, Tensor], upper: bool) -> tuple[Tensor, Tensor]:
     """``L_t^{-1} x_t`` for every step, with triangular ``L`` and ``x`` laid out as in ``_step_matvec``.
     Solved from the right on rows, x_t^T L_t^{-T} (2-3x faster than from the left for a long stack of
-    right sides)."""
+    right sides); the results are made contiguous (LAPACK returns them column-major, which slows every
+    later product down several times)."""
     (head, tail), Lt = x, L.mT
     if L.dim() == 3:
         head = torch.linalg.solve_triangular(Lt, head.transpose(0, 1), upper=not upper, left=False).transpose(0, 1)
     else:
         head = torch.linalg.solve_triangular(Lt, head[..., None, :], upper=not upper, left=False)[..., 0, :]
-    return head, torch.linalg.solve_triangular(Lt[..., -1, :, :], tail, upper=not upper, left=False)
+    tail = torch.linalg.solve_triangular(Lt[..., -1, :, :], tail, upper=not upper, left=False)
+    return head.contiguous(), tail.contiguous()
 
 
 def _step_outer(a: Tensor, b: Tensor, shared: bool) -> Tensor:
     """``sum_b a_bt b_bt^T`` per step ``(T, i, j)`` (``shared``) or ``a_bt b_bt^T`` ``(B, T, i, j)``."""
-    return torch.einsum("bti,btj->tij", a, b) if shared else a[..., :, None] * b[..., None, :]
+    return torch.bmm(a.permute(1, 2, 0), b.transpose(0, 1)) if shared else a[..., :, None] * b[..., None, :]
 
 
 def _outer_sum(a: Tensor, b: Tensor, shared: bool) -> Tensor:
     """``sum_{b,t} a_bt b_bt^T`` ``(i, j)`` (``shared``) or ``sum_t a_bt b_bt^T`` ``(B, i, j)``."""
-    return torch.einsum("bti,btj->ij", a, b) if shared else a.mT @ b
+    return a.flatten(0, 1).mT @ b.flatten(0, 1) if shared else a.mT @ b
 
 
 class _CovarianceRecursion(torch.autograd.Function):
