@@ -72,6 +72,8 @@ _STEADY_MIN_LEFT = 16
 # ~sqrt(T) steps when a step is this small (B n^2 multiply-adds) and chunks have at least this many steps
 _CHUNKED_MAX_WORK = 2**17
 _CHUNKED_MIN_LEN = 4
+# the same for the covariance adjoint's recursion G <- D + N G N^T after the steady state (2 B n^3 per step)
+_CHUNKED_MAX_SANDWICH = 2**20
 
 
 class Gaussian(NamedTuple):
@@ -657,6 +659,41 @@ def _outer_sum(a: Tensor, b: Tensor, shared: bool) -> Tensor:
     return a.flatten(0, 1).mT @ b.flatten(0, 1) if shared else a.mT @ b
 
 
+def _sandwich_recursion(N: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
+    """G_s = D_s + N G_{s-1} N^T for s = 1..L from G_0 = 0, with one ``N`` ``(n, n)`` or ``(B, n, n)``:
+    ``D`` ``(L, n, n)`` or ``(B, L, n, n)`` -> (sum_s G_s, G_L), each ``(n, n)`` or ``(B, n, n)``.
+
+    Runs in chunks of about sqrt(L) steps as ``_constant_recursion`` does (zeros are prepended to fill
+    the chunks; they leave G at 0); the boundary states enter the sum through
+    sum_{j=1..len} N^j (sum of the boundary states) N^jT."""
+    steps = D.shape[-3]
+    size = math.isqrt(steps)
+    if size < _CHUNKED_MIN_LEN or 2 * N.numel() * N.shape[-1] > _CHUNKED_MAX_SANDWICH:
+        G, total = D[..., 0, :, :], D[..., 0, :, :]
+        for D_s in D.unbind(-3)[1:]:
+            G = D_s + N @ G @ N.mT
+            total = total + G
+        return total, G
+    chunks = -(-steps // size)
+    D = torch.cat([D.new_zeros(*D.shape[:-3], chunks * size - steps, *D.shape[-2:]), D], -3)
+    D = rearrange(D, "... (k j) n m -> ... j k n m", j=size)
+    N_k, Y, Y_sum = N.unsqueeze(-3), None, None  # Y: the recursion within each chunk, from 0
+    for D_j in D.unbind(-4):
+        Y = D_j if Y is None else D_j + N_k @ Y @ N_k.mT
+        Y_sum = Y if Y_sum is None else Y_sum + Y
+    powers = [N]  # N^1 .. N^size
+    for _ in range(size - 1):
+        powers.append(powers[-1] @ N)
+    G, starts = None, D.new_zeros(N.shape)  # the state at the end of each chunk; their sum before the last
+    for Y_end in Y.unbind(-3):
+        if G is not None:
+            starts = starts + G
+        G = Y_end if G is None else Y_end + powers[-1] @ G @ powers[-1].mT
+    P = torch.stack(powers, -3)
+    total = Y_sum.sum(-3) + (P @ starts.unsqueeze(-3) @ P.mT).sum(-3)
+    return total, G
+
+
 class _CovarianceRecursion(torch.autograd.Function):
     """P_{t-1|t-1} -> P_{t|t-1} = A P A^T + Q -> P_{t|t} for t = 1..T, one Cholesky factorisation per step.
 
@@ -723,9 +760,14 @@ class _CovarianceRecursion(torch.autograd.Function):
 
         gS_pre, V, c = inputs(gS_head, gX_head, gPp_head, X, S_inv)
         d = _lmul(A.mT, _rmul(c, A))  # A^T c A
+        # the sequential part, on G_t = the gradient reaching P_{t|t}: G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
+        gPf_head, gPf_tail = _split_steps(None if gPf_out is None else _sym(gPf_out), k)
+        N = N_T.mT
         tail = (gS_tail, gX_tail, gPp_tail)
+        carried = G_tail = None
         if steps > k:  # the repeated steps, with the steady coefficients (2-D: products fold over time)
             gS, gX, gPp = tail
+            N_ss = N[..., -1, :, :]
             # d_t = A^T c_t A = sym(H^T g_S H + F g_X N^T + A^T g_Pp A), H = C A, F = A^T C^T S^{-1}
             d_tail = torch.zeros_like(d[..., -1:, :, :])
             if gS is not None:
@@ -736,15 +778,18 @@ class _CovarianceRecursion(torch.autograd.Function):
                 d_tail = d_tail + _rmul(_lmul(F, gX), N_T[..., -1, :, :])
             if gPp is not None:
                 d_tail = d_tail + _lmul(A.mT, _rmul(gPp, A))
-            d = torch.cat([d, _sym(d_tail).expand(*d.shape[:-3], steps - k, *d.shape[-2:])], -3)
-        # the only sequential part, on G_t = the gradient reaching P_{t|t}:
-        # G_{t-1} = g_{P_{t-1|t-1}} + N_t G_t N_t^T + d_t
-        gPf = _sym(gPf_out).unbind(-3) if gPf_out is not None else (None,) * steps
+            d_tail = _sym(d_tail).expand(*d.shape[:-3], steps - k, *d.shape[-2:])
+            # G_t = D_t + N G_{t+1} N^T for t = T-1 .. k with D_t = g_{P_{t|t}} + d_{t+1} (d_T = 0): run backwards
+            D = torch.cat([d_tail[..., 1:, :, :], torch.zeros_like(d_tail[..., :1, :, :])], -3)
+            if gPf_tail is not None:
+                D = D + gPf_tail
+            G_tail, G_k = _sandwich_recursion(N_ss, D.flip(-3))
+            carried = d_tail[..., 0, :, :] + N_ss @ G_k @ N_ss.mT
+        gPf = gPf_head.unbind(-3) if gPf_head is not None else (None,) * k
         add_mm, mm = (torch.addmm, torch.mm) if A.dim() == 2 else (torch.baddbmm, torch.bmm)
-        Ns, N_Ts, ds = N_T.mT.unbind(-3), N_T.unbind(-3), d.unbind(-3)
-        Ns, N_Ts = Ns + Ns[-1:] * (steps - k), N_Ts + N_Ts[-1:] * (steps - k)
-        Gs, carried = [], None
-        for t in range(steps - 1, -1, -1):
+        Ns, N_Ts, ds = N.unbind(-3), N_T.unbind(-3), d.unbind(-3)
+        Gs = []
+        for t in range(k - 1, -1, -1):
             G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
             Gs.append(torch.zeros_like(ds[t]) if G is None else G)
             carried = add_mm(ds[t], mm(Ns[t], Gs[-1]), N_Ts[t])
@@ -762,13 +807,11 @@ class _CovarianceRecursion(torch.autograd.Function):
             gC = _tsum(2.0 * _rmul(gS, C) + V - 2.0 * XG, Pp) if need[2] else None
             return gA, gPp.sum(-3) if need[1] else None, gC, gS.sum(-3) if need[3] else None
 
-        grads = sums(G[..., :k, :, :], gS_pre, V, c, X, M_T, Pp,
-                     torch.cat([P0.unsqueeze(-3), Pf[..., : k - 1, :, :]], -3))
+        grads = sums(G, gS_pre, V, c, X, M_T, Pp, torch.cat([P0.unsqueeze(-3), Pf[..., : k - 1, :, :]], -3))
         if steps > k:  # the repeated steps enter only through sums: one more step with summed inputs
             summed = [None if g is None else g.sum(-3, keepdim=True) for g in tail]
             steady = [x[..., -1:, :, :] for x in (X, S_inv, M_T, Pp, Pf)]
-            tail = sums(G[..., k:, :, :].sum(-3, keepdim=True), *inputs(*summed, *steady[:2]), steady[0],
-                        *steady[2:])
+            tail = sums(G_tail.unsqueeze(-3), *inputs(*summed, *steady[:2]), steady[0], *steady[2:])
             grads = [None if x is None else x + y for x, y in zip(grads, tail)]
         gA, gQ, gC, gR = grads
         return gA, gQ, gC, gR, carried, None, None, None
