@@ -400,6 +400,14 @@ def test_bad_input_raises_value_error_naming_argument(name, corrupt, mentions, p
         kalman_filter(**args, parallel=parallel)
 
 
+@pytest.mark.parametrize("name", ["Q", "R", "P0"])
+@pytest.mark.parametrize("corrupt,problem", [(_nan_at_0, "non-finite"), (_not_pd, "definite"),
+                                             (lambda X: X + torch.triu(torch.ones_like(X), 1), "symmetric")])
+def test_bad_covariance_error_says_what_is_wrong(name, corrupt, problem):
+    with pytest.raises(ValueError, match=rf"^{name} .*{problem}"):
+        kalman_filter(**_bad(name, corrupt))
+
+
 def test_predict_update_reject_mismatched_shapes():
     belief = Gaussian(torch.zeros(2, 3), torch.eye(3).expand(2, 3, 3))
     with pytest.raises(ValueError, match=r"\bA\b"):

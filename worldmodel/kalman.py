@@ -212,27 +212,33 @@ def _as_tensor(name: str, x) -> Tensor:
     return x
 
 
-def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tuple[str, Tensor]]:
-    """Flags (0-d bool tensors, not yet synchronised) of invalid inputs: non-finite values in each of
-    ``named``; for the ``covariances`` among them also asymmetry and a failed Cholesky factorisation
-    beyond round-off (not positive semi-definite)."""
-    flags = []
+def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tuple[str, Tensor, bool]]:
+    """Checks of the inputs ``named`` as (message, 0-d tensor not yet synchronised, whether only its
+    finiteness counts) triples; see ``_raise_first``. Non-finite values in each tensor (its sum, where NaN
+    and inf propagate); for the ``covariances`` among them also asymmetry and a failed Cholesky
+    factorisation beyond round-off (not positive semi-definite): invalid where the value is > 0."""
+    checks = []
     for name, x in named.items():
-        scale = x.abs().amax((-2, -1), keepdim=True) if name in covariances else x.sum()  # NaN/inf propagate
-        flags.append((f"{name} contains non-finite values (NaN or inf)", ~torch.isfinite(scale).all()))
-        if name in covariances:
-            tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
-            flags.append((f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() > tol).any()))
-            eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-            info = torch.linalg.cholesky_ex(x + tol * eye).info
-            flags.append((f"{name} must be positive (semi-)definite", (info > 0).any()))
-    return flags
+        finite = f"{name} contains non-finite values (NaN or inf)"
+        if name not in covariances:
+            checks.append((finite, x.sum(), True))
+            continue
+        scale = x.abs().amax((-2, -1), keepdim=True)
+        tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
+        lifted = x.clone()
+        lifted.diagonal(dim1=-2, dim2=-1).add_(tol[..., 0])
+        checks += [(finite, scale.sum(), True),
+                   (f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() - tol).amax(), False),
+                   (f"{name} must be positive (semi-)definite", torch.linalg.cholesky_ex(lifted).info.amax().to(x.dtype), False)]
+    return checks
 
 
-def _raise_first(flags: list[tuple[str, Tensor]]) -> None:
-    """Raise ValueError with the message of the first set flag (one host sync for all of them)."""
-    for (message, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
-        if bad:
+def _raise_first(checks: list[tuple[str, Tensor, bool]]) -> None:
+    """Raise ValueError with the message of the first failed check of ``_problems`` (one host sync): a
+    value that is not finite, or one > 0 unless only finiteness counts."""
+    values = torch.stack([v for _, v, _ in checks]).tolist()  # one dtype: the inputs are cast to it
+    for (message, _, finite_only), value in zip(checks, values):
+        if not math.isfinite(value) or (value > 0 and not finite_only):
             raise ValueError(message)
 
 
