@@ -35,7 +35,11 @@ autograd on the step-wise filter by gradcheck). The covariance recursion of a ti
 converges to a fixed point (the steady-state Kalman filter); once its estimated distance to that point
 is within a few ulps (``_steady``, typically 10-40 steps) it stops and later steps repeat the last one,
 which is what the recursion would compute up to round-off, and the reverse pass still runs the
-adjoint recursion over every step. Missing steps or per-step R use the step-wise filter.
+adjoint recursion over every step. After the stop the gain and the innovation covariance are constant,
+so their consumers apply them to all later steps at once (one matrix product, one triangular solve), and
+the linear recursions with constant coefficients (the means, their adjoint and the covariance adjoint)
+run in chunks of about sqrt(T) steps (``_constant_recursion``, ``_sandwich_recursion``). Missing steps
+or per-step R use the step-wise filter.
 
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
@@ -227,9 +231,10 @@ def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tu
         tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
         lifted = x.clone()
         lifted.diagonal(dim1=-2, dim2=-1).add_(tol[..., 0])
+        failed = torch.linalg.cholesky_ex(lifted).info.amax().to(x.dtype)
         checks += [(finite, scale.sum(), True),
                    (f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() - tol).amax(), False),
-                   (f"{name} must be positive (semi-)definite", torch.linalg.cholesky_ex(lifted).info.amax().to(x.dtype), False)]
+                   (f"{name} must be positive (semi-)definite", failed, False)]
     return checks
 
 
@@ -524,7 +529,7 @@ def _steady(L: Tensor, L_prev: Tensor, change_before: float | None) -> tuple[boo
 
 class _SteadyStop:
     """Decides, step by step, when a covariance recursion of ``steps`` steps may stop (see ``_steady``):
-    every later step would repeat the last one (``_repeat_last`` restores the full stacks)."""
+    every later step would repeat the last one (``_repeat_last`` and ``_steady_tail`` restore them)."""
 
     def __init__(self, steps: int):
         self.steps, self.change, self.prev = steps, None, None
@@ -868,10 +873,10 @@ def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None) -> Tensor:
             return torch.baddbmm(bias, x, M)
         return torch.addmm(bias.flatten(0, 1), x.flatten(0, 1), M).view(x.shape)
 
-    size = math.isqrt(steps)
-    state = (x0 if x0 is not None else c.new_zeros(batch, n))[:, None]
     if not steps:
         return c
+    size = math.isqrt(steps)
+    state = (x0 if x0 is not None else c.new_zeros(batch, n))[:, None]
     if size < _CHUNKED_MIN_LEN or batch * n * n > _CHUNKED_MAX_WORK:
         xs = []
         for c_t in c.split(1, 1):
