@@ -666,8 +666,10 @@ def _step_outer(a: Tensor, b: Tensor, shared: bool) -> Tensor:
 
 
 def _outer_sum(a: Tensor, b: Tensor, shared: bool) -> Tensor:
-    """``sum_{b,t} a_bt b_bt^T`` ``(i, j)`` (``shared``) or ``sum_t a_bt b_bt^T`` ``(B, i, j)``."""
-    return a.flatten(0, 1).mT @ b.flatten(0, 1) if shared else a.mT @ b
+    """``sum_{b,t} a_bt b_bt^T`` ``(i, j)`` (``shared``) or ``sum_t a_bt b_bt^T`` ``(B, i, j)``; ``a`` and ``b``
+    ``(B, T, .)`` may be views into longer stacks (one product per sequence, no copies)."""
+    products = a.mT @ b
+    return products.sum(0) if shared else products
 
 
 def _sandwich_recursion(N: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
@@ -858,9 +860,10 @@ class _InnovationLogLik(torch.autograd.Function):
         return -torch.cat(g_nus, 1), gS_head, gS_tail, None, None
 
 
-def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None) -> Tensor:
+def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None, reverse: bool = False) -> Tensor:
     """x_t = x_{t-1} F + c_t for t = 1..L with one ``F`` ``(n, n)`` or ``(B, n, n)`` for every step: ``c``
-    ``(B, L, n)``, ``x0`` ``(B, n)`` (None: 0) -> ``(B, L, n)``.
+    ``(B, L, n)``, ``x0`` ``(B, n)`` (None: 0) -> ``(B, L, n)``. ``reverse``: backwards in time,
+    x_t = x_{t+1} F + c_t from x_{L+1} = x0, returned in time order.
 
     While one step is too small to keep the CPU busy (B n^2 <= _CHUNKED_MAX_WORK), it runs in chunks of
     about sqrt(L) steps, in O(sqrt L) ops instead of L at twice the flops: the recursion within every
@@ -879,10 +882,12 @@ def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None) -> Tensor:
     state = (x0 if x0 is not None else c.new_zeros(batch, n))[:, None]
     if size < _CHUNKED_MIN_LEN or batch * n * n > _CHUNKED_MAX_WORK:
         xs = []
-        for c_t in c.split(1, 1):
+        for c_t in c.split(1, 1)[:: -1 if reverse else 1]:
             state = step(c_t, state, F)
             xs.append(state)
-        return torch.cat(xs, 1)
+        return torch.cat(xs[:: -1 if reverse else 1], 1)
+    if reverse:  # small steps here: the two copies cost little
+        return _constant_recursion(F, c.flip(1), x0).flip(1)
     chunks = -(-steps // size)
     c = rearrange(torch.cat([c, c.new_zeros(batch, chunks * size - steps, n)], 1), "b (k j) n -> b k j n", j=size)
     y, ys = None, []  # the recursion within each chunk, from 0: (B, chunks, n) per step
@@ -933,23 +938,24 @@ class _MeanRecursion(torch.autograd.Function):
         X, CA, F, y, x0, out = ctx.saved_tensors
         shared, k = F.dim() == 3, F.shape[-3]
         # steps k-1 .. T-1 take the steady F_{t+1}, as one constant recursion backwards in time; then the rest
-        lam = _constant_recursion(F[..., -1, :, :], g[:, k - 1 :].flip(1), None)
-        lams, Fs = [lam.flip(1)], F.unbind(-3)
-        lam = lam[:, -1]
+        lam_tail = _constant_recursion(F[..., -1, :, :], g[:, k - 1 :], None, reverse=True)
+        lam, lams, Fs = lam_tail[:, 0], [], F.unbind(-3)
         for t in range(k - 2, -1, -1):
             g_t = g[:, t]
             lam = torch.addmm(g_t, lam, Fs[t + 1]) if shared else torch.baddbmm(
                 g_t[..., None], Fs[t + 1].mT, lam[..., None])[..., 0]
-            lams.append(lam[:, None])
-        lam = torch.cat(lams[::-1], 1)
-        before = torch.cat([x0[:, None], out[:, :-1]], 1)
+            lams.append(lam)
+        lam = torch.cat([torch.stack(lams[::-1], 1), lam_tail], 1) if lams else lam_tail
         lam_parts = _split_steps(lam, k, 1)
-        g_y = torch.cat(_step_matvec(X, lam_parts), 1)
-        e_parts = _split_steps(y - before @ CA.mT, k, 1)
-        gX_head, gX_tail = (_step_outer(e, lam_part, shared) for e, lam_part in zip(e_parts, lam_parts))
+        # x_{t-1} for the first k steps and, as a view, for the rest
+        before = (torch.cat([x0[:, None], out[:, : k - 1]], 1), out[:, k - 1 : -1])
+        g_ys = _step_matvec(X, lam_parts)
+        gX_head, gX_tail = (_step_outer(y_part - x_prev @ CA.mT, lam_part, shared)
+                            for y_part, x_prev, lam_part in zip(_split_steps(y, k, 1), before, lam_parts))
+        gA = sum(_outer_sum(lam_part, x_prev, shared) for lam_part, x_prev in zip(lam_parts, before))
+        gCA = -sum(_outer_sum(g_y, x_prev, shared) for g_y, x_prev in zip(g_ys, before))
         g_x0 = lam[:, 0] @ F[0] if shared else (F[:, 0].mT @ lam[:, 0, :, None])[..., 0]
-        return (gX_head, gX_tail, _outer_sum(lam, before, shared), -_outer_sum(g_y, before, shared), g_y,
-                lam if ctx.has_b else None, g_x0)
+        return gX_head, gX_tail, gA, gCA, torch.cat(g_ys, 1), lam if ctx.has_b else None, g_x0
 
 
 def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
