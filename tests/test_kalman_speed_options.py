@@ -211,23 +211,28 @@ def test_steady_state_stop_on_a_slowly_converging_system():
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("steps", [1, 15, 16, 17, 103])
-def test_constant_recursion_in_chunks_equals_the_step_loop(batched, dtype, steps):
-    """x_t = x_{t-1} F + c_t run in chunks of ~sqrt(T) steps (padding the last chunk) equals the plain loop."""
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("max_work", [2**17, 0])
+def test_constant_recursion_equals_the_step_loop(monkeypatch, batched, dtype, steps, reverse, max_work):
+    """x_t = x_{t-1} F + c_t (``reverse``: x_t = x_{t+1} F + c_t), run in chunks of ~sqrt(T) steps (padding
+    the last chunk) or step by step (``max_work`` 0), equals the plain loop."""
+    monkeypatch.setattr(kalman, "_CHUNKED_MAX_WORK", max_work)
     gen = torch.Generator().manual_seed(20)
     batch, n = 3, 4
     F = torch.randn((batch, n, n) if batched else (n, n), generator=gen, dtype=F64)
     F = 0.95 * F / torch.linalg.matrix_norm(F, 2)[..., None, None]  # stable, as a steady-state filter is
     c, x0 = torch.randn(batch, steps, n, generator=gen, dtype=F64), torch.randn(batch, n, generator=gen, dtype=F64)
     x, want = x0, []
-    for t in range(steps):
-        x = (x[:, None] @ F)[:, 0] + c[:, t]
+    for c_t in (c.flip(1) if reverse else c).unbind(1):
+        x = (x[:, None] @ F)[:, 0] + c_t
         want.append(x)
-    got = kalman._constant_recursion(F.to(dtype), c.to(dtype), x0.to(dtype))
+    want = torch.stack(want[::-1] if reverse else want, 1)
+    got = kalman._constant_recursion(F.to(dtype), c.to(dtype), x0.to(dtype), reverse)
     tol = 1e-12 if dtype == F64 else 1e-5
-    torch.testing.assert_close(got.double(), torch.stack(want, 1), rtol=tol, atol=tol)
-    from_zero = kalman._constant_recursion(F.to(dtype), c.to(dtype), None)
-    torch.testing.assert_close(from_zero + kalman._constant_recursion(F.to(dtype), 0 * c.to(dtype), x0.to(dtype)),
-                               got, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    from_zero = kalman._constant_recursion(F.to(dtype), c.to(dtype), None, reverse)
+    from_x0 = kalman._constant_recursion(F.to(dtype), 0 * c.to(dtype), x0.to(dtype), reverse)
+    torch.testing.assert_close(from_zero + from_x0, got, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("batched", [False, True])
