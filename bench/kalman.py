@@ -291,7 +291,7 @@ def report(result: dict) -> str:
     peers = [n for n in impls if n != OURS]
     points = sorted({(r["d"], r["m"], r["B"], r["T"]) for r in recs})
     clock = result["args"]["clock"]
-    out = [f"# Kalman filter benchmark\n",
+    out = ["# Kalman filter benchmark\n",
            f"`python bench/kalman.py{' --quick' if result['args']['quick'] else ''}` — threads={result['args']['threads']}, "
            f"cpus={result['args']['cpus']}, median of {result['args']['reps']} calls, {clock} time. "
            f"Ratios are peer time / `{OURS}` time: > 1 means ours is faster. "
