@@ -11,12 +11,7 @@ from worldmodel.kalman import kalman_filter
 ARGS = ("A", "Q", "C", "R", "m0", "P0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _run(path, z, sys, target=None):

@@ -238,13 +238,15 @@ def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tu
     return checks
 
 
-def _raise_first(checks: list[tuple[str, Tensor, bool]]) -> None:
-    """Raise ValueError with the message of the first failed check of ``_problems`` (one host sync): a
-    value that is not finite, or one > 0 unless only finiteness counts."""
-    values = torch.stack([v for _, v, _ in checks]).tolist()  # one dtype: the inputs are cast to it
+def _raise_first(checks: list[tuple[str, Tensor, bool]], *fetch: Tensor) -> list[float]:
+    """Raise ValueError with the message of the first failed check of ``_problems``: a value that is not
+    finite, or one > 0 unless only finiteness counts. One host sync, which also fetches the 0-d tensors
+    ``fetch`` (returned as floats)."""
+    values = torch.stack([v for _, v, _ in checks] + list(fetch)).tolist()  # one dtype: inputs are cast to it
     for (message, _, finite_only), value in zip(checks, values):
         if not math.isfinite(value) or (value > 0 and not finite_only):
             raise ValueError(message)
+    return values[len(checks):]
 
 
 def _param(name: str, x, shape: tuple[int, ...], batch: int, steps: int | None = None) -> Tensor:
@@ -298,10 +300,9 @@ def _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target):
         B, u = B.to(dtype), u.to(dtype)
     named = dict(A=A, C=C, m0=m0, Q=Q, R=R, P0=P0) | ({} if u is None else dict(B=B, u=u))
     # NaN in z or target marks a missing step; their sums are finite when there is none (the common case)
-    sums = torch.stack([z.sum()] + ([] if target is None else [target.sum()]))
-    _raise_first(_problems(named, ("Q", "R", "P0")))
+    sums = _raise_first(_problems(named, ("Q", "R", "P0")), *(x.sum() for x in (z, target) if x is not None))
     observed = None
-    if mask is not None or not bool(torch.isfinite(sums).all()):
+    if mask is not None or not all(math.isfinite(x) for x in sums):
         missing = torch.isnan(z).any(-1)
         if target is not None:
             missing = missing | torch.isnan(target).any(-1)
@@ -824,8 +825,8 @@ class _CovarianceRecursion(torch.autograd.Function):
         if steps > k:  # the repeated steps enter only through sums: one more step with summed inputs
             summed = [None if g is None else g.sum(-3, keepdim=True) for g in tail]
             steady = [x[..., -1:, :, :] for x in (X, S_inv, M_T, Pp, Pf)]
-            tail = sums(G_tail.unsqueeze(-3), *inputs(*summed, *steady[:2]), steady[0], *steady[2:])
-            grads = [None if x is None else x + y for x, y in zip(grads, tail)]
+            tail_grads = sums(G_tail.unsqueeze(-3), *inputs(*summed, *steady[:2]), steady[0], *steady[2:])
+            grads = [None if x is None else x + y for x, y in zip(grads, tail_grads)]
         gA, gQ, gC, gR = grads
         return gA, gQ, gC, gR, carried, None, None, None
 
@@ -974,9 +975,9 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
     if bool((covariances[-1] > 0).any()):  # a singular or indefinite P_{t|t}: the Joseph form copes with it
         covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph", cache)
-    P_pred, P_filt, X, X_tail, S, S_tail, L, info = covariances
-    if bool((info > 0).any()):
-        return None, False
+        if bool((covariances[-1] > 0).any()):
+            return None, False
+    P_pred, P_filt, X, X_tail, S, S_tail, L, _ = covariances
     # m_t = (A - K_t C A) m_{t-1} + K_t (z_t - C B u_t) + B u_t; (B, T, n) @ (n, m) or (B, n, m) broadcasts
     m0 = m0.expand(batch, n)
     f_mean = _MeanRecursion.apply(X, X_tail, A, C @ A, z if bu is None else z - bu @ C.mT, bu, m0)
