@@ -123,23 +123,30 @@ def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
     return S + torch.diag_embed(jitter * (d + d.mean(-1, keepdim=True)))
 
 
+def _cholesky_ex(S: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.cholesky_ex(S)`` (lower factor, info), computed as the upper factor and transposed:
+    MKL factorises that 1.2-1.45x faster at n >= 64, and the transposed view is row-major contiguous."""
+    U, info = torch.linalg.cholesky_ex(S, upper=True)
+    return U.mT, info
+
+
 def _innovation_cholesky(CP: Tensor, C: Tensor, R: Tensor, jitter: float | Tensor) -> tuple[Tensor, Tensor]:
     """``cholesky_ex`` of the innovation covariance ``S = C P C^T + R`` (symmetrised, optional jitter),
     given ``CP = C P``."""
     S = _sym(CP @ C.mT + R)
     if jitter:
         S = _add_jitter(S, jitter)
-    return torch.linalg.cholesky_ex(S)
+    return _cholesky_ex(S)
 
 
 def _cholesky(S: Tensor, name: str = "covariance") -> Tensor:
     """Batched Cholesky factor with jitter retry, only for the matrices that fail (outside recursions)."""
-    L, info = torch.linalg.cholesky_ex(S)
+    L, info = _cholesky_ex(S)
     for jitter in _JITTERS[1:]:
         failed = info > 0
         if not bool(failed.any()):
             return L
-        L, info = torch.linalg.cholesky_ex(_add_jitter(S, failed[..., None] * jitter))
+        L, info = _cholesky_ex(_add_jitter(S, failed[..., None] * jitter))
     if bool((info > 0).any()):
         raise FloatingPointError(f"{name} is not positive definite even after jitter")
     return L
@@ -231,7 +238,7 @@ def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tu
         tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
         lifted = x.clone()
         lifted.diagonal(dim1=-2, dim2=-1).add_(tol[..., 0])
-        failed = torch.linalg.cholesky_ex(lifted).info.amax().to(x.dtype)
+        failed = torch.linalg.cholesky_ex(lifted, upper=True).info.amax().to(x.dtype)  # upper: faster (_cholesky_ex)
         checks += [(finite, scale.sum(), True),
                    (f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() - tol).amax(), False),
                    (f"{name} must be positive (semi-)definite", failed, False)]
@@ -567,7 +574,7 @@ def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
         Pp = _mm_add(Q, A @ P, At)
         U = C @ Pp
         S = _mm_add(R, U, Ct)
-        L, info = torch.linalg.cholesky_ex(S)
+        L, info = _cholesky_ex(S)
         WT = torch.linalg.solve_triangular(L.mT, U.mT, upper=True, left=False)  # (L^{-1} U)^T
         if joseph:
             KT = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
@@ -605,7 +612,7 @@ def _joint_recursion(A, Q, C, R, P0, steps: int):
     stop = _SteadyStop(steps)
     for t in range(steps):
         J = _mm_add(J0, Y, Gt if t == 0 else Y.mT)
-        Lj, info = torch.linalg.cholesky_ex(J)
+        Lj, info = _cholesky_ex(J)
         Js.append(J), Ljs.append(Lj), infos.append(info)
         if stop(t, Lj):
             break
@@ -740,7 +747,7 @@ class _CovarianceRecursion(torch.autograd.Function):
         else:
             Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
             if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
-                info = info + (torch.linalg.cholesky_ex(Pf).info > 0)
+                info = info + (_cholesky_ex(Pf)[1] > 0)
         ctx.save_for_backward(A, C, P0, Pf, Pp, X)
         ctx.steps, ctx.cache = steps, cache
         cache.clear()
