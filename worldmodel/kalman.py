@@ -551,20 +551,31 @@ class _SteadyStop:
         return done
 
 
-def _repeat_last(x: Tensor, steps: int, dim: int) -> Tensor:
-    """Extend ``x`` along ``dim`` to ``steps`` entries by repeating its last entry (no copy if complete)."""
-    dim, missing = dim % x.dim(), steps - x.shape[dim]
-    if not missing:
+def _repeat_last(x: Tensor, steps: int, dim: int, sym: bool = False) -> Tensor:
+    """Extend ``x`` along ``dim`` to ``steps`` entries by repeating its last entry, written once into a new
+    tensor (``x`` itself if complete and not ``sym``); ``sym``: also symmetrise (matrices on the last two
+    dims). One fresh buffer instead of a symmetrised copy and a concatenation: at these sizes, fresh pages
+    cost more than the arithmetic."""
+    dim, have = dim % x.dim(), x.shape[dim]
+    if have == steps and not sym:
         return x
-    last = x.narrow(dim, x.shape[dim] - 1, 1)
-    return torch.cat([x, last.expand(*x.shape[:dim], missing, *x.shape[dim + 1 :])], dim)
+    out = x.new_empty(*x.shape[:dim], steps, *x.shape[dim + 1 :])
+    head = out.narrow(dim, 0, have)
+    if sym:
+        torch.add(x, x.mT, out=head).mul_(0.5)
+    else:
+        head.copy_(x)
+    tail = out.narrow(dim, have, steps - have)
+    tail.copy_(head.narrow(dim, have - 1, 1).expand_as(tail))
+    return out
 
 
 def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
     """P_{t|t-1} = A P A^T + Q, S = C P_{t|t-1} C^T + R = L L^T, W = L^{-1} C P_{t|t-1} and
     P_{t|t} = P_{t|t-1} - W^T W (``joseph``: (I - K C) P_{t|t-1} (I - K C)^T + K R K^T), symmetrised.
     Returns the stacks (dim -3) P_{t|t-1}, P_{t|t}, X = S^{-1} C P_{t|t-1} (= K^T), S, L and the info,
-    up to the step where the recursion reached its steady state (``_SteadyStop``): later steps repeat it."""
+    up to the step where the recursion reached its steady state (``_SteadyStop``): later steps repeat it.
+    The returned P_{t|t-1} are not symmetrised (the caller does that as it extends them to all steps)."""
     At, Ct = A.mT, C.mT
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     P = P0
@@ -588,7 +599,7 @@ def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
             break
     Pp, Pf, WT, L, S = (torch.stack(x, -3) for x in (Pps, Pfs, WTs, Ls, Ss))
     X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
-    return _sym(Pp), Pf, X, S, L, torch.stack(infos, -1)
+    return Pp, Pf, X, S, L, torch.stack(infos, -1)
 
 
 def _joint_recursion(A, Q, C, R, P0, steps: int):
@@ -600,7 +611,8 @@ def _joint_recursion(A, Q, C, R, P0, steps: int):
     where L L^T = S, W = L^{-1} C P_{t|t-1} and L_f L_f^T = P_{t|t-1} - W^T W = P_{t|t} (the Schur
     complement): the filtered covariance comes out as a Cholesky factor, positive definite by
     construction, and the step carries that factor (P G^T = L_f (G L_f)^T): 3 matrix ops per step.
-    Info i in 1..m: S is not positive definite; i > m: P_{t|t} is singular (use ``_covariance_recursion``)."""
+    Info i in 1..m: S is not positive definite; i > m: P_{t|t} is singular (use ``_covariance_recursion``).
+    Returns what ``_covariance_recursion`` does; here neither covariance stack is symmetrised."""
     m = C.shape[-2]
     G = torch.cat([C @ A, A], -2)
     CQ = C @ Q
@@ -620,7 +632,7 @@ def _joint_recursion(A, Q, C, R, P0, steps: int):
     J, Lj = torch.stack(Js, -3), torch.stack(Ljs, -3)
     L, WT, Lf = Lj[..., :m, :m], Lj[..., m:, :m], Lj[..., m:, m:]
     X = torch.linalg.solve_triangular(L, WT, upper=False, left=False).mT  # (W^T L^{-1})^T
-    return _sym(J[..., m:, m:]), _sym(Lf @ Lf.mT), X, J[..., :m, :m], L, torch.stack(infos, -1)
+    return J[..., m:, m:], Lf @ Lf.mT, X, J[..., :m, :m], L, torch.stack(infos, -1)
 
 
 def _cholesky_inverse(cache: dict) -> Tensor:
@@ -748,13 +760,14 @@ class _CovarianceRecursion(torch.autograd.Function):
             Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
             if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
                 info = info + (_cholesky_ex(Pf)[1] > 0)
-        ctx.save_for_backward(A, C, P0, Pf, Pp, X)
+        k = X.shape[-3]
+        Pp, Pf = (_repeat_last(P, steps, -3, sym=True) for P in (Pp, Pf))
+        ctx.save_for_backward(A, C, P0, Pf[..., :k, :, :], Pp[..., :k, :, :], X)
         ctx.steps, ctx.cache = steps, cache
         cache.clear()
         cache.update(L=L)  # S^{-1}, shared with the likelihood's reverse pass
         ctx.mark_non_differentiable(L, info)
-        return (_repeat_last(Pp, steps, -3), _repeat_last(Pf, steps, -3), X, _steady_tail(X, steps), S,
-                _steady_tail(S, steps), L, info)
+        return Pp, Pf, X, _steady_tail(X, steps), S, _steady_tail(S, steps), L, info
 
     @staticmethod
     @torch.autograd.function.once_differentiable
