@@ -232,19 +232,20 @@ def test_constant_recursion_equals_the_step_loop(monkeypatch, batched, dtype, st
 
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("dtype", [F64, F32])
-@pytest.mark.parametrize("steps", [1, 15, 16, 17, 103])
-def test_sandwich_recursion_in_chunks_equals_the_step_loop(batched, dtype, steps):
-    """G_s = D_s + N G_{s-1} N^T (the covariance adjoint after the steady state) run in chunks gives the
-    plain loop's sum over steps and last state."""
+@pytest.mark.parametrize("steps", [0, 1, 15, 16, 17, 103])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sandwich_recursion_in_chunks_equals_the_step_loop(batched, dtype, steps, reverse):
+    """G_s = D_s + N G_{s-1} N^T (the covariance adjoint after the steady state), forwards or backwards in
+    time, run in chunks gives the plain loop's sum over steps and last state (zeros for no steps)."""
     gen = torch.Generator().manual_seed(21)
     N = torch.randn((3, 4, 4) if batched else (4, 4), generator=gen, dtype=F64)
     N = 0.95 * N / torch.linalg.matrix_norm(N, 2)[..., None, None]
     D = torch.randn(*N.shape[:-2], steps, 4, 4, generator=gen, dtype=F64)
-    G, total = D[..., 0, :, :], D[..., 0, :, :]
-    for D_s in D.unbind(-3)[1:]:
+    G = total = torch.zeros_like(N)
+    for D_s in D.unbind(-3)[:: -1 if reverse else 1]:
         G = D_s + N @ G @ N.mT
         total = total + G
-    got_total, got_last = kalman._sandwich_recursion(N.to(dtype), D.to(dtype))
+    got_total, got_last = kalman._sandwich_recursion(N.to(dtype), D.to(dtype), reverse)
     tol = 1e-12 if dtype == F64 else 2e-5
-    torch.testing.assert_close(got_total.double(), total, rtol=tol, atol=tol * steps)
+    torch.testing.assert_close(got_total.double(), total, rtol=tol, atol=tol * max(steps, 1))
     torch.testing.assert_close(got_last.double(), G, rtol=tol, atol=tol)

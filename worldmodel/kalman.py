@@ -692,38 +692,45 @@ def _outer_sum(a: Tensor, b: Tensor, shared: bool) -> Tensor:
     return products.sum(0) if shared else products
 
 
-def _sandwich_recursion(N: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
-    """G_s = D_s + N G_{s-1} N^T for s = 1..L from G_0 = 0, with one ``N`` ``(n, n)`` or ``(B, n, n)``:
-    ``D`` ``(L, n, n)`` or ``(B, L, n, n)`` -> (sum_s G_s, G_L), each ``(n, n)`` or ``(B, n, n)``.
+def _sandwich_recursion(N: Tensor, D: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """G_s = D_s + N G_{s-1} N^T for s = 1..L from G_0 = 0 (``reverse``: G_s = D_s + N G_{s+1} N^T for
+    s = L..1), with one ``N`` ``(n, n)`` or ``(B, n, n)``: ``D`` ``(L, n, n)`` or ``(B, L, n, n)`` -> (sum_s G_s,
+    the last state), each ``(n, n)`` or ``(B, n, n)``; zeros for L = 0.
 
-    Runs in chunks of about sqrt(L) steps as ``_constant_recursion`` does (zeros are prepended to fill
-    the chunks; they leave G at 0); the boundary states enter the sum through
-    sum_{j=1..len} N^j (sum of the boundary states) N^jT."""
+    Runs in chunks of about sqrt(L) steps as ``_constant_recursion`` does, without copying ``D``: the
+    L mod size steps processed first run one by one; the chunks then start from their state, and the
+    states before the chunks enter the sum through sum_{j=1..size} N^j (sum of those states) N^jT."""
     steps = D.shape[-3]
+    if not steps:
+        zero = D.new_zeros(*D.shape[:-3], *D.shape[-2:])
+        return zero, zero
     size = math.isqrt(steps)
-    if size < _CHUNKED_MIN_LEN or 2 * N.numel() * N.shape[-1] > _CHUNKED_MAX_SANDWICH:
-        G, total = D[..., 0, :, :], D[..., 0, :, :]
-        for D_s in D.unbind(-3)[1:]:
-            G = D_s + N @ G @ N.mT
-            total = total + G
+    one_by_one = size < _CHUNKED_MIN_LEN or 2 * N.numel() * N.shape[-1] > _CHUNKED_MAX_SANDWICH
+    first = steps if one_by_one else steps % size  # steps run one by one, before any chunk
+    G = total = None
+    for s in range(steps - 1, steps - 1 - first, -1) if reverse else range(first):
+        G = D[..., s, :, :] if G is None else D[..., s, :, :] + N @ G @ N.mT
+        total = G if total is None else total + G
+    if one_by_one:
         return total, G
-    chunks = -(-steps // size)
-    D = torch.cat([D.new_zeros(*D.shape[:-3], chunks * size - steps, *D.shape[-2:]), D], -3)
-    D = rearrange(D, "... (k j) n m -> ... j k n m", j=size)
+    rest = D.narrow(-3, 0 if reverse else first, steps - first)
+    chunks = rearrange(rest, "... (k j) n m -> ... j k n m", j=size).unbind(-4)
     N_k, Y, Y_sum = N.unsqueeze(-3), None, None  # Y: the recursion within each chunk, from 0
-    for D_j in D.unbind(-4):
+    for D_j in chunks[::-1] if reverse else chunks:
         Y = D_j if Y is None else D_j + N_k @ Y @ N_k.mT
         Y_sum = Y if Y_sum is None else Y_sum + Y
     powers = [N]  # N^1 .. N^size
     for _ in range(size - 1):
         powers.append(powers[-1] @ N)
-    G, starts = None, D.new_zeros(N.shape)  # the state at the end of each chunk; their sum before the last
-    for Y_end in Y.unbind(-3):
+    starts = None  # the sum of the states before each chunk
+    for Y_end in Y.unbind(-3)[::-1] if reverse else Y.unbind(-3):
         if G is not None:
-            starts = starts + G
+            starts = G if starts is None else starts + G
         G = Y_end if G is None else Y_end + powers[-1] @ G @ powers[-1].mT
-    P = torch.stack(powers, -3)
-    total = Y_sum.sum(-3) + (P @ starts.unsqueeze(-3) @ P.mT).sum(-3)
+    total = Y_sum.sum(-3) if total is None else total + Y_sum.sum(-3)
+    if starts is not None:
+        P = torch.stack(powers, -3)
+        total = total + (P @ starts.unsqueeze(-3) @ P.mT).sum(-3)
     return total, G
 
 
@@ -802,23 +809,28 @@ class _CovarianceRecursion(torch.autograd.Function):
         if steps > k:  # the repeated steps, with the steady coefficients (2-D: products fold over time)
             gS, gX, gPp = tail
             N_ss = N[..., -1, :, :]
-            # d_t = A^T c_t A = sym(H^T g_S H + F g_X N^T + A^T g_Pp A), H = C A, F = A^T C^T S^{-1}
-            d_tail = torch.zeros_like(d[..., -1:, :, :])
+            # d_t = A^T c_t A = H^T g_S H + F g_X N^T + A^T g_Pp A, H = C A, F = A^T C^T S^{-1}; not
+            # symmetrised: the sandwich recursion is linear and keeps transposes, so its results are instead
+            d_tail = None
             if gS is not None:
                 H = C @ A
-                d_tail = d_tail + _lmul(H.mT, _rmul(gS, H))
+                d_tail = _lmul(H.mT, _rmul(gS, H))
             if gX is not None:
                 F = A.mT @ C.mT @ S_inv[..., -1, :, :]
-                d_tail = d_tail + _rmul(_lmul(F, gX), N_T[..., -1, :, :])
+                term = _rmul(_lmul(F, gX), N_T[..., -1, :, :])
+                d_tail = term if d_tail is None else d_tail.add_(term)
             if gPp is not None:
-                d_tail = d_tail + _lmul(A.mT, _rmul(gPp, A))
-            d_tail = _sym(d_tail).expand(*d.shape[:-3], steps - k, *d.shape[-2:])
-            # G_t = D_t + N G_{t+1} N^T for t = T-1 .. k with D_t = g_{P_{t|t}} + d_{t+1} (d_T = 0): run backwards
-            D = torch.cat([d_tail[..., 1:, :, :], torch.zeros_like(d_tail[..., :1, :, :])], -3)
+                term = _lmul(A.mT, _rmul(gPp, A))
+                d_tail = term if d_tail is None else d_tail.add_(term)
+            if d_tail is None:
+                d_tail = torch.zeros_like(d[..., -1:, :, :])
+            d_tail = d_tail.expand(*d.shape[:-3], steps - k, *d.shape[-2:])
+            # G_t = D_t + N G_{t+1} N^T for t = T-1 .. k with D_t = g_{P_{t|t}} + d_{t+1} (d_T = 0): backwards
+            D = d_tail[..., 1:, :, :]  # without g_{P_{t|t}}, the zero last step adds nothing
             if gPf_tail is not None:
-                D = D + gPf_tail
-            G_tail, G_k = _sandwich_recursion(N_ss, D.flip(-3))
-            carried = d_tail[..., 0, :, :] + N_ss @ G_k @ N_ss.mT
+                D = torch.cat([D, torch.zeros_like(D[..., :1, :, :])], -3) + gPf_tail
+            G_tail, G_k = (_sym(x) for x in _sandwich_recursion(N_ss, D, reverse=True))
+            carried = _sym(d_tail[..., 0, :, :]) + N_ss @ G_k @ N_ss.mT
         gPf = gPf_head.unbind(-3) if gPf_head is not None else (None,) * k
         add_mm, mm = (torch.addmm, torch.mm) if A.dim() == 2 else (torch.baddbmm, torch.bmm)
         Ns, N_Ts, ds = N.unbind(-3), N_T.unbind(-3), d.unbind(-3)
@@ -876,7 +888,8 @@ class _InnovationLogLik(torch.autograd.Function):
         nus = _step_solve(L.mT, w, upper=True)  # S^{-1} e
         g_nus = [nu * g_part[..., None] for nu, g_part in zip(nus, _split_steps(g, k, 1))]
         g_sums = _split_steps(g.sum(0) if shared else g, k, -1)
-        gS_head, gS_tail = (0.5 * (_step_outer(g_nu, nu, shared) - g_sum[..., None, None] * inv)
+        # in place on the outer products: one (T, m, m) buffer each, not four
+        gS_head, gS_tail = (_step_outer(g_nu, nu, shared).addcmul_(g_sum[..., None, None], inv, value=-1.0).mul_(0.5)
                             for g_nu, nu, g_sum, inv in zip(g_nus, nus, g_sums, (S_inv, S_inv[..., -1:, :, :])))
         return -torch.cat(g_nus, 1), gS_head, gS_tail, None, None
 
@@ -922,7 +935,7 @@ def _constant_recursion(F: Tensor, c: Tensor, x0: Tensor | None, reverse: bool =
     for y_last in ys[-1].split(1, 1)[:-1]:
         starts.append(step(y_last, starts[-1], powers[-1]))
     carried = torch.cat(starts, 1) @ rearrange(torch.stack(powers, -3), "... j n m -> ... n (j m)")
-    x = torch.stack(ys, 2) + rearrange(carried, "b k (j n) -> b k j n", n=n)
+    x = torch.stack(ys, 2).add_(rearrange(carried, "b k (j n) -> b k j n", n=n))
     return rearrange(x, "b k j n -> b (k j) n")[:, :steps]
 
 
