@@ -14,12 +14,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# glibc (Linux) allocator: keep freed large blocks in the heap instead of unmapping them and page-faulting
-# them back on the next call (ignored elsewhere); README "Performance" has the measurements
-ALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
-
 train: setup
-	$(ALLOC_ENV) $(BIN)/python train.py
+	$(BIN)/python train.py
 
 test: setup
 	$(BIN)/pytest -q

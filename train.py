@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from worldmodel.allocator import tune_malloc
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
 from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
 
 def main(argv: list[str] | None = None) -> Path | dict:
     command, cfg = parse_args(argv)
+    tune_malloc()  # keep freed tensor memory in the heap (no-op off glibc or when MALLOC_* is set)
     try:
         if command == "eval":
             return evaluate_run(cfg)

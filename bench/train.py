@@ -35,8 +35,10 @@ def _sync(device: str) -> None:
 def run_mode(args) -> dict:
     """One mode (eager or compiled) in this process; returns its measurements."""
     import torch
+    from worldmodel.allocator import tune_malloc
     from worldmodel.model import ModelConfig, WorldModel
 
+    malloc_tuned = False if args.default_malloc else tune_malloc()  # as train.py does
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +91,8 @@ def run_mode(args) -> dict:
         _sync(device)
         if i >= 2:
             kal.append(time.perf_counter() - t0)
-    out = dict(mode=args.mode, device=device, threads=torch.get_num_threads(), batch=args.batch, T=args.T,
+    out = dict(mode=args.mode, device=device, threads=torch.get_num_threads(), malloc_tuned=malloc_tuned,
+               batch=args.batch, T=args.T,
                image_size=args.image_size, latent_dim=args.latent_dim, state_dim=cfg.state_dim or 2 * args.latent_dim,
                step_s=med, step_all_s=times, first_step_s=first_s, frames_per_s=args.batch * args.T / med,
                kalman_loss_fwd_bwd_s=statistics.median(kal), loss=float(first.loss.detach()),
@@ -110,7 +113,9 @@ def report(results: list[dict]) -> str:
              f"`python bench/train.py` — WorldModel(conv encoder, method=kalman), B={head.get('batch')}, "
              f"T={head.get('T')}, {head.get('image_size')}x{head.get('image_size')} frames, latent L="
              f"{head.get('latent_dim')}, state S={head.get('state_dim')}, {head.get('device')}, "
-             f"{head.get('threads')} threads, median of the timed steps.\n",
+             f"{head.get('threads')} threads, glibc malloc "
+             f"{'tuned (worldmodel.allocator, as train.py)' if head.get('malloc_tuned') else 'defaults'}, "
+             "median of the timed steps.\n",
              "| mode | step (s) | frames/s | first step (s, incl. compile) | peak memory (MiB) | Kalman loss fwd+bwd (ms) |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default allocator settings (train.py tunes them: worldmodel.allocator)")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
@@ -147,7 +154,8 @@ def main(argv=None) -> int:
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--mode", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("batch", "T", "image_size", "latent_dim", "device", "threads", "reps", "warmup")]
+            if k in ("batch", "T", "image_size", "latent_dim", "device", "threads", "reps", "warmup")] + (
+            ["--default-malloc"] if args.default_malloc else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
