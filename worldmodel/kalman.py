@@ -223,34 +223,42 @@ def _as_tensor(name: str, x) -> Tensor:
     return x
 
 
-def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> list[tuple[str, Tensor, bool]]:
-    """Checks of the inputs ``named`` as (message, 0-d tensor not yet synchronised, whether only its
-    finiteness counts) triples; see ``_raise_first``. Non-finite values in each tensor (its sum, where NaN
-    and inf propagate); for the ``covariances`` among them also asymmetry and a failed Cholesky
-    factorisation beyond round-off (not positive semi-definite): invalid where the value is > 0."""
-    checks = []
+def _problems(named: dict[str, Tensor], covariances: tuple[str, ...]) -> tuple[list[tuple[str, bool]], Tensor]:
+    """Checks of the inputs ``named``: ``(message, whether only finiteness counts)`` pairs and their values,
+    one 1-D tensor not yet synchronised (see ``_raise_first``). Non-finite values in each tensor (its sum,
+    where NaN and inf propagate); for the ``covariances`` among them also asymmetry and a failed Cholesky
+    factorisation beyond round-off (not positive semi-definite): invalid where the value is > 0.
+    Covariances of one shape are checked together, as one stack."""
+    checks, sums, groups = [], [], {}
     for name, x in named.items():
-        finite = f"{name} contains non-finite values (NaN or inf)"
-        if name not in covariances:
-            checks.append((finite, x.sum(), True))
-            continue
-        scale = x.abs().amax((-2, -1), keepdim=True)
-        tol = (1e3 * torch.finfo(x.dtype).eps) * scale.clamp_min(torch.finfo(x.dtype).tiny)
-        lifted = x.clone()
-        lifted.diagonal(dim1=-2, dim2=-1).add_(tol[..., 0])
-        failed = torch.linalg.cholesky_ex(lifted, upper=True).info.amax().to(x.dtype)  # upper: faster (_cholesky_ex)
-        checks += [(finite, scale.sum(), True),
-                   (f"{name} must be a symmetric covariance matrix", ((x - x.mT).abs() - tol).amax(), False),
-                   (f"{name} must be positive (semi-)definite", failed, False)]
-    return checks
+        if name in covariances:
+            groups.setdefault(tuple(x.shape), []).append(name)
+        else:
+            checks.append((f"{name} contains non-finite values (NaN or inf)", True))
+            sums.append(x.sum())
+    values = [torch.stack(sums)]
+    for names in groups.values():
+        X = torch.stack([named[name] for name in names])  # a fresh copy, lifted in place below
+        scale = X.abs().amax((-2, -1), keepdim=True)
+        tol = (1e3 * torch.finfo(X.dtype).eps) * scale.clamp_min(torch.finfo(X.dtype).tiny)
+        asymmetry = ((X - X.mT).abs() - tol).flatten(1).amax(1)
+        X.diagonal(dim1=-2, dim2=-1).add_(tol[..., 0])
+        failed = torch.linalg.cholesky_ex(X, upper=True).info.reshape(len(names), -1).amax(1)  # upper: faster
+        values.append(torch.stack([scale.flatten(1).sum(1), asymmetry, failed.to(X.dtype)], 1).flatten())
+        for name in names:
+            checks += [(f"{name} contains non-finite values (NaN or inf)", True),
+                       (f"{name} must be a symmetric covariance matrix", False),
+                       (f"{name} must be positive (semi-)definite", False)]
+    return checks, torch.cat(values)
 
 
-def _raise_first(checks: list[tuple[str, Tensor, bool]], *fetch: Tensor) -> list[float]:
+def _raise_first(problems: tuple[list[tuple[str, bool]], Tensor], *fetch: Tensor) -> list[float]:
     """Raise ValueError with the message of the first failed check of ``_problems``: a value that is not
     finite, or one > 0 unless only finiteness counts. One host sync, which also fetches the 0-d tensors
     ``fetch`` (returned as floats)."""
-    values = torch.stack([v for _, v, _ in checks] + list(fetch)).tolist()  # one dtype: inputs are cast to it
-    for (message, _, finite_only), value in zip(checks, values):
+    checks, values = problems
+    values = torch.cat([values, *(x.reshape(1) for x in fetch)]).tolist()  # one dtype: inputs are cast to it
+    for (message, finite_only), value in zip(checks, values):
         if not math.isfinite(value) or (value > 0 and not finite_only):
             raise ValueError(message)
     return values[len(checks):]
@@ -554,19 +562,15 @@ class _SteadyStop:
 def _repeat_last(x: Tensor, steps: int, dim: int, sym: bool = False) -> Tensor:
     """Extend ``x`` along ``dim`` to ``steps`` entries by repeating its last entry, written once into a new
     tensor (``x`` itself if complete and not ``sym``); ``sym``: also symmetrise (matrices on the last two
-    dims). One fresh buffer instead of a symmetrised copy and a concatenation: at these sizes, fresh pages
-    cost more than the arithmetic."""
+    dims) on the way, instead of in a copy of its own (at these sizes fresh pages cost more than the
+    arithmetic)."""
     dim, have = dim % x.dim(), x.shape[dim]
-    if have == steps and not sym:
-        return x
+    last = x.narrow(dim, have - 1, 1).expand(*x.shape[:dim], steps - have, *x.shape[dim + 1 :])
+    if not sym:
+        return torch.cat([x, last], dim) if steps > have else x
     out = x.new_empty(*x.shape[:dim], steps, *x.shape[dim + 1 :])
-    head = out.narrow(dim, 0, have)
-    if sym:
-        torch.add(x, x.mT, out=head).mul_(0.5)
-    else:
-        head.copy_(x)
-    tail = out.narrow(dim, have, steps - have)
-    tail.copy_(head.narrow(dim, have - 1, 1).expand_as(tail))
+    head = torch.add(x, x.mT, out=out.narrow(dim, 0, have)).mul_(0.5)
+    out.narrow(dim, have, steps - have).copy_(head.narrow(dim, have - 1, 1).expand_as(last))
     return out
 
 
