@@ -249,3 +249,34 @@ def test_sandwich_recursion_in_chunks_equals_the_step_loop(batched, dtype, steps
     tol = 1e-12 if dtype == F64 else 2e-5
     torch.testing.assert_close(got_total.double(), total, rtol=tol, atol=tol * max(steps, 1))
     torch.testing.assert_close(got_last.double(), G, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not hasattr(kalman.mmap, "MADV_HUGEPAGE"), reason="needs madvise(MADV_HUGEPAGE) (Linux)")
+def test_huge_page_output_buffers_hold_the_same_results(monkeypatch):
+    """Covariance outputs in buffers of their own (``_new_empty``, used from 32 MiB on; here from 1 byte)
+    give the step-wise filter's beliefs and the usual gradients; the mappings outlive the call."""
+    z, sys = make_system(batch=3, steps=40, n=4, m=3, k=1, seed=23)
+
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in sys.items()}
+        res = kalman_filter(z, **leaves)
+        loss = res.filtered.cov.square().sum() + res.predicted.cov.sum() + res.log_likelihood.sum()
+        return res, torch.autograd.grad(loss, list(leaves.values()))
+
+    ref, ref_grads = run()
+    mappings = []
+    real_mmap = kalman.mmap.mmap
+
+    def counting_mmap(*args, **kwargs):
+        mappings.append(real_mmap(*args, **kwargs))
+        return mappings[-1]
+
+    monkeypatch.setattr(kalman, "_HUGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(kalman.mmap, "mmap", counting_mmap)
+    res, grads = run()
+    assert len(mappings) == 2  # P_{t|t-1} and P_{t|t}
+    mappings.clear()  # only the tensors hold the mappings now
+    _assert_close(res, _run("sequential", z, sys), 1e-10)
+    _assert_close(res, ref, 0.0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
