@@ -38,8 +38,10 @@ which is what the recursion would compute up to round-off, and the reverse pass 
 adjoint recursion over every step. After the stop the gain and the innovation covariance are constant,
 so their consumers apply them to all later steps at once (one matrix product, one triangular solve), and
 the linear recursions with constant coefficients (the means, their adjoint and the covariance adjoint)
-run in chunks of about sqrt(T) steps (``_constant_recursion``, ``_sandwich_recursion``). Missing steps
-or per-step R use the step-wise filter.
+run in chunks of about sqrt(T) steps (``_constant_recursion``, ``_sandwich_recursion``). Fresh memory
+is kept to a minimum (a page fault costs more than the arithmetic at these sizes): outputs are written
+once, the reverse pass takes views of its per-step inputs, and outputs of 32 MiB or more get huge pages
+(``_new_empty``). Missing steps or per-step R use the step-wise filter.
 
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
