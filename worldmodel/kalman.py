@@ -575,7 +575,8 @@ def _new_empty(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     if x.device.type != "cpu" or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return x.new_empty(shape)
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buffer.madvise(mmap.MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages, still one mapping
+        buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=x.dtype).view(shape)
 
 
