@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", choices=("quick", "medium", "full"), default="full",
                     help="points to run (--quick implies quick; default full: 120 points)")
     ap.add_argument("--point", type=int, nargs=4, action="append", metavar=("D", "M", "B", "T"),
-                    help="run these points (repeatable) instead of a grid, e.g. your model's size")
+                    help="run these points (repeatable) instead of a grid, e.g. your model's size; every "
+                         "implementation named in --impls runs at each of them")
     ap.add_argument("--impls", nargs="*", default=None, help=f"subset of {list(IMPLS)}")
     ap.add_argument("--threads", type=int, default=1, help="threads for every library (default 1)")
     ap.add_argument("--cpus", type=int, nargs="*", default=None,
@@ -209,7 +210,9 @@ def main(argv=None) -> int:
             skipped[name] = why
             log(f"  {name:<18} skipped: {why}")
             continue
-        mine = [c for c in subset(configs, which) if not (dense and c in big)]
+        # implementations named in --impls run at every --point; otherwise the slow ones run at a few points
+        everywhere = bool(args.point and args.impls)
+        mine = [c for c in (configs if everywhere else subset(configs, which)) if not (dense and c in big)]
         spec = dict(impl=name, variant=variant, seed=args.seed, reps=args.reps, warmup=2 if args.quick else 3,
                     budget_s=args.budget,
                     modes=[False, True] if has_grad else [False], configs=mine, limit_s=args.limit)
