@@ -1011,8 +1011,10 @@ class _MeanRecursion(torch.autograd.Function):
         g_ys = _step_matvec(X, lam_parts)
         gX_head, gX_tail = (_step_outer(y_part - x_prev @ CA.mT, lam_part, shared)
                             for y_part, x_prev, lam_part in zip(_split_steps(y, k, 1), before, lam_parts))
-        gA = sum(_outer_sum(lam_part, x_prev, shared) for lam_part, x_prev in zip(lam_parts, before))
-        gCA = -sum(_outer_sum(g_y, x_prev, shared) for g_y, x_prev in zip(g_ys, before))
+        gA_head, gA_tail = (_outer_sum(lam_part, x_prev, shared) for lam_part, x_prev in zip(lam_parts, before))
+        # after the steady state g_y_t = X_k lam_t, so sum_t g_y_t x_{t-1}^T = X_k (sum_t lam_t x_{t-1}^T)
+        gCA = -(_outer_sum(g_ys[0], before[0], shared) + X[..., -1, :, :] @ gA_tail)
+        gA = gA_head + gA_tail
         g_x0 = lam[:, 0] @ F[0] if shared else (F[:, 0].mT @ lam[:, 0, :, None])[..., 0]
         return gX_head, gX_tail, gA, gCA, torch.cat(g_ys, 1), lam if ctx.has_b else None, g_x0
 
