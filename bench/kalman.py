@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     ref_recs = run_child("numpy_batched", ref_spec, args, log)
     reference = {(r["d"], r["m"], r["B"], r["T"]): np.array(r["loglik"]) for r in ref_recs if "loglik" in r}
 
+    # implementations named in --impls run at every --point; otherwise the slow ones run at a few points
+    everywhere = bool(args.point and args.impls)
     for name in names:
         module, variant, has_grad, which, dense, _ = IMPLS[name]
         why = available(name) or (QUICK_SKIP.get(name) if args.quick else None)
@@ -210,8 +212,6 @@ def main(argv=None) -> int:
             skipped[name] = why
             log(f"  {name:<18} skipped: {why}")
             continue
-        # implementations named in --impls run at every --point; otherwise the slow ones run at a few points
-        everywhere = bool(args.point and args.impls)
         mine = [c for c in (configs if everywhere else subset(configs, which)) if not (dense and c in big)]
         spec = dict(impl=name, variant=variant, seed=args.seed, reps=args.reps, warmup=2 if args.quick else 3,
                     budget_s=args.budget,

@@ -346,8 +346,8 @@ def test_all_missing_gives_prior_predictions():
         torch.testing.assert_close(res.filtered.cov[:, t], cov.expand(z.shape[0], -1, -1))
 
 
-def _bad(name, value):
-    z, sys = make_system(k=2)
+def _bad(name, value, m=2):
+    z, sys = make_system(m=m, k=2)
     args = dict(z=z, **sys, mask=torch.ones(z.shape[:2], dtype=torch.bool))
     args[name] = value(args[name])
     return args
@@ -403,9 +403,10 @@ def test_bad_input_raises_value_error_naming_argument(name, corrupt, mentions, p
 @pytest.mark.parametrize("name", ["Q", "R", "P0"])
 @pytest.mark.parametrize("corrupt,problem", [(_nan_at_0, "non-finite"), (_not_pd, "definite"),
                                              (lambda X: X + torch.triu(torch.ones_like(X), 1), "symmetric")])
-def test_bad_covariance_error_says_what_is_wrong(name, corrupt, problem):
+@pytest.mark.parametrize("m", [2, 4])  # m = n = 4: Q, R and P0 are checked as one stack
+def test_bad_covariance_error_says_what_is_wrong(name, corrupt, problem, m):
     with pytest.raises(ValueError, match=rf"^{name} .*{problem}"):
-        kalman_filter(**_bad(name, corrupt))
+        kalman_filter(**_bad(name, corrupt, m))
 
 
 def test_predict_update_reject_mismatched_shapes():
