@@ -5,13 +5,21 @@ import pytest
 import torch
 
 from test_kalman import F32, F64, make_system
-from worldmodel import kalman
+from worldmodel import kalman, native
 from worldmodel.kalman import kalman_filter
 
 ARGS = ("A", "Q", "C", "R", "m0", "P0")
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "loops")
+
+
+@pytest.fixture(params=["native", "python"])
+def loops(request, monkeypatch):
+    """Every test here runs with the native (C) loops where they build, and with the Python loops."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "usable", lambda *xs: False)
+    return request.param
 
 
 def _run(path, z, sys, target=None):
@@ -142,17 +150,17 @@ def test_singular_filtered_covariance_falls_back_to_joseph_form():
     _assert_close(res, _run("sequential", z, sys), 1e-10)
 
 
-def _count_steady_stops(monkeypatch) -> list:
-    """Record the outcome (stop or not) of every steady-state check, in order."""
-    stops, steady = [], kalman._steady
+def _covariance_steps(monkeypatch) -> list:
+    """Record how many steps each covariance recursion computed before its steady-state stop."""
+    steps, forward = [], kalman._CovarianceRecursion.forward
 
-    def spy(L, L_prev, change_before):
-        done, change = steady(L, L_prev, change_before)
-        stops.append(done)
-        return done, change
+    def spy(ctx, *args):
+        out = forward(ctx, *args)
+        steps.append(out[2].shape[-3])
+        return out
 
-    monkeypatch.setattr(kalman, "_steady", spy)
-    return stops
+    monkeypatch.setattr(kalman._CovarianceRecursion, "forward", staticmethod(spy))
+    return steps
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -162,7 +170,7 @@ def test_steady_state_stop_gives_the_full_recursion(monkeypatch, batched, dtype)
     beliefs, likelihoods and every gradient equal those of the full recursion to round-off."""
     z, sys = make_system(batch=3, steps=80, n=5, m=3, k=2, batched=batched, seed=18)
     z, sys = z.to(dtype), {k: v.to(dtype) for k, v in sys.items()}
-    stops = _count_steady_stops(monkeypatch)
+    steps = _covariance_steps(monkeypatch)
 
     def run():
         leaves = {k: v.clone().requires_grad_() for k, v in sys.items()}
@@ -174,10 +182,10 @@ def test_steady_state_stop_gives_the_full_recursion(monkeypatch, batched, dtype)
         return res, torch.autograd.grad(loss, [zz, *leaves.values()])
 
     res, grads = run()
-    assert any(stops), "the recursion never reached its steady state"
-    assert stops.index(True) < 10  # a check every 4 steps: stopped within the first 40 of 80
+    assert steps[-1] <= 40, "the recursion did not stop at its steady state within the first 40 of 80 steps"
     monkeypatch.setattr(kalman, "_STEADY_ULPS", 0.0)
     full, full_grads = run()
+    assert steps[-1] == 80
     tol = 1e-12 if dtype == F64 else 2e-6
     _assert_close(res, full, tol)
     for got, want in zip(grads, full_grads):

@@ -61,6 +61,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from . import native
+
 __all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -786,14 +788,18 @@ class _CovarianceRecursion(torch.autograd.Function):
     def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict):
         ctx.set_materialize_grads(False)
         Q, R, P0 = _sym(Q), _sym(R), _sym(P0)  # the reverse pass returns symmetric gradients to match
-        if form == "joint":
-            Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
+        if form != "joseph" and A.dim() == 2 and native.usable(A):
+            stop = (_STEADY_ULPS, _STEADY_EVERY, _STEADY_MIN_LEFT)
+            Pp, Pf, X, S, L, info = native.covariance_recursion(A, Q, C, R, P0, steps, *stop)
         else:
-            Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
-            if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
-                info = info + (_cholesky_ex(Pf)[1] > 0)
+            if form == "joint":
+                Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
+            else:
+                Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
+                if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
+                    info = info + (_cholesky_ex(Pf)[1] > 0)
+            Pp, Pf = (_repeat_last(P, steps, -3, sym=True) for P in (Pp, Pf))
         k = X.shape[-3]
-        Pp, Pf = (_repeat_last(P, steps, -3, sym=True) for P in (Pp, Pf))
         ctx.save_for_backward(A, C, P0, Pf[..., :k, :, :], Pp[..., :k, :, :], X)
         ctx.steps, ctx.cache = steps, cache
         cache.clear()
@@ -977,15 +983,18 @@ class _MeanRecursion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, X_tail, A, CA, y, b, x0):
         shared, k = A.dim() == 2, X.shape[-3]
-        F = A - X.mT @ CA if shared else A[:, None] - X.mT @ CA[:, None]
-        c_head, c_tail = _step_matvec(X.mT, _split_steps(y, k, 1))
-        if b is not None:
-            c_head, c_tail = c_head + b[:, :k], c_tail + b[:, k:]
-        x, xs = x0, []
-        for c_t, F_t in zip(c_head.unbind(1), F.unbind(-3)):
-            x = torch.addmm(c_t, x, F_t.mT) if shared else torch.baddbmm(c_t[..., None], F_t, x[..., None])[..., 0]
-            xs.append(x)
-        out = torch.cat([torch.stack(xs, 1), _constant_recursion(F[..., -1, :, :].mT, c_tail, x)], 1)
+        if shared and native.usable(A):
+            F, out = native.mean_recursion(X, A, CA, y, b, x0)
+        else:
+            F = A - X.mT @ CA if shared else A[:, None] - X.mT @ CA[:, None]
+            c_head, c_tail = _step_matvec(X.mT, _split_steps(y, k, 1))
+            if b is not None:
+                c_head, c_tail = c_head + b[:, :k], c_tail + b[:, k:]
+            x, xs = x0, []
+            for c_t, F_t in zip(c_head.unbind(1), F.unbind(-3)):
+                x = torch.addmm(c_t, x, F_t.mT) if shared else torch.baddbmm(c_t[..., None], F_t, x[..., None])[..., 0]
+                xs.append(x)
+            out = torch.cat([torch.stack(xs, 1), _constant_recursion(F[..., -1, :, :].mT, c_tail, x)], 1)
         ctx.save_for_backward(X, CA, F, y, x0, out)
         ctx.has_b = b is not None
         return out

@@ -1,0 +1,160 @@
+"""Native (C) loops for the Kalman filter on CPU, with the BLAS/LAPACK that PyTorch links.
+
+A Python loop over tensor ops pays PyTorch's per-operator dispatch (3-5 us) on every matrix op of
+every step, more than the arithmetic of a 32 x 32 step. ``native_kalman.c`` runs the same loops in C
+and calls BLAS/LAPACK directly, through the ``?gemm_``/``?potrf_``/``?trsm_`` symbols of the library
+torch itself uses (MKL in the x86-64 Linux wheels): the same routines, without the dispatch.
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``; about 0.2 s)
+into the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, under ``ldm-worldmodel``), keyed by a hash
+of the source. Where anything is missing (no compiler, no such symbols in torch's libraries, another
+platform), :func:`library` returns None and the filter runs its loops in Python: same results up to
+round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status` says why they are off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion"]
+
+SOURCE = Path(__file__).with_name("native_kalman.c")
+BLAS_SYMBOLS = ("sgemm_", "dgemm_", "spotrf_", "dpotrf_", "strsm_", "dtrsm_")
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_why_not: list[str] = []  # the reason the native loops are off, once known
+
+
+def _blas_pointers() -> list[int] | None:
+    """Addresses of ``BLAS_SYMBOLS`` in the libraries torch has loaded (None where one is missing)."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                lib = ctypes.CDLL(str(lib_dir / name))
+                return [ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value for symbol in BLAS_SYMBOLS]
+            except (OSError, AttributeError):
+                return None
+    return None
+
+
+def _compile(target: Path) -> str | None:
+    """Compile ``SOURCE`` into the shared library ``target`` (atomically); an error message or None."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return "no C compiler (set CC or install cc)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE.resolve()), "-lm"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
+        os.replace(tmp, target)
+        for stale in target.parent.glob("native_kalman-*.so"):  # builds of earlier versions of the source
+            if stale != target:
+                stale.unlink(missing_ok=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{' '.join(cmd)} failed: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldm-worldmodel"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled native loops, bound to torch's BLAS; None where they are unavailable (see :func:`status`)."""
+    if os.environ.get("WORLDMODEL_NATIVE", "1") == "0":
+        _why_not.append("switched off by WORLDMODEL_NATIVE=0")
+        return None
+    if not sys.platform.startswith("linux"):
+        _why_not.append(f"not built on {sys.platform}")
+        return None
+    pointers = _blas_pointers()
+    if pointers is None:
+        _why_not.append(f"torch's libraries do not export {', '.join(BLAS_SYMBOLS)}")
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"native_kalman-{digest}.so"
+    if not target.exists():
+        error = _compile(target)
+        if error is None and not target.exists():
+            error = f"{target} missing after compiling"
+        if error:
+            _why_not.append(error)
+            return None
+    lib = ctypes.CDLL(str(target))
+    lib.wm_set_blas(*(ctypes.c_void_p(p) for p in pointers))
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"wm_covariance_recursion_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + [ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                                                     ctypes.c_double]
+        fn = getattr(lib, f"wm_mean_recursion_{suffix}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8
+    return lib
+
+
+def status() -> str:
+    """'native' when the native loops run, else why not."""
+    return "native" if library() is not None else f"python ({_why_not[-1] if _why_not else 'unknown'})"
+
+
+def usable(*xs: Tensor) -> bool:
+    """Whether the native loops can take these tensors: on CPU, float32 or float64, no autograd tracking
+    needed inside (callers are autograd Functions), and the library is available."""
+    x = xs[0]
+    return x.device.type == "cpu" and x.dtype in _SUFFIX and library() is not None
+
+
+def covariance_recursion(A: Tensor, Q: Tensor, C: Tensor, R: Tensor, P0: Tensor, steps: int, ulps: float,
+                         every: int, min_left: int) -> tuple[Tensor, ...]:
+    """``native_kalman.c``'s covariance recursion for shared parameters ``A, Q, P0`` ``(n, n)``, ``C``
+    ``(m, n)``, ``R`` ``(m, m)`` (symmetric). Returns P_{t|t-1} and P_{t|t} ``(steps, n, n)`` (symmetrised,
+    extended past the stop), and for the k computed steps X_t = S_t^{-1} C P_{t|t-1} ``(k, m, n)``, S_t and
+    its lower Cholesky factor L_t ``(k, m, m)`` and the info ``(k,)`` int32."""
+    from .kalman import _new_empty  # huge pages for large outputs
+
+    n, m = A.shape[-1], C.shape[-2]
+    A, Q, C, R, P0 = (x.contiguous() for x in (A, Q, C, R, P0))
+    Pp, Pf = _new_empty(A, (steps, n, n)), _new_empty(A, (steps, n, n))
+    X, S, L = A.new_empty(steps, m, n), A.new_empty(steps, m, m), A.new_empty(steps, m, m)
+    info = torch.zeros(steps, dtype=torch.int32)
+    fn = getattr(library(), f"wm_covariance_recursion_{_SUFFIX[A.dtype]}")
+    k = fn(n, m, steps, *(x.data_ptr() for x in (A, Q, C, R, P0, Pp, Pf, X, S, L, info)), ulps, every, min_left,
+           torch.finfo(A.dtype).eps)
+    if k < 0:
+        raise MemoryError("native covariance recursion: out of memory")
+    return Pp, Pf, X[:k], S[:k], L[:k], info[:k]
+
+
+def mean_recursion(X: Tensor, A: Tensor, CA: Tensor, y: Tensor, b: Tensor | None, x0: Tensor) -> tuple[Tensor, Tensor]:
+    """``native_kalman.c``'s mean recursion for shared parameters: gains ``X`` ``(k, m, n)`` (the last one for
+    the steps after k), ``A`` ``(n, n)``, ``CA`` ``(m, n)``, ``y`` ``(B, T, m)``, ``b`` ``(B, T, n)`` or None and
+    ``x0`` ``(B, n)`` -> (F_t = A - X_t^T CA ``(k, n, n)``, the means ``(B, T, n)``)."""
+    (k, m, n), (batch, steps, _) = X.shape, y.shape
+    X, A, CA, y, x0 = (x.contiguous() for x in (X, A, CA, y, x0))
+    b = None if b is None else b.contiguous()
+    F, out = A.new_empty(k, n, n), A.new_empty(batch, steps, n)
+    fn = getattr(library(), f"wm_mean_recursion_{_SUFFIX[A.dtype]}")
+    fn(n, m, k, batch, steps, *(x.data_ptr() for x in (X, A, CA, y)), None if b is None else b.data_ptr(),
+       x0.data_ptr(), F.data_ptr(), out.data_ptr())
+    return F, out
