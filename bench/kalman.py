@@ -5,7 +5,8 @@
     python bench/kalman.py --point 16 8 16 32 --impls ours_seq dynamax_seq   # chosen points and peers
 
 Every implementation runs in its own subprocess, pinned to the same CPUs and thread count
-(``--threads``, default 1: OMP/MKL/OpenBLAS/XLA variables plus CPU affinity), on bit-identical data
+(``--threads``, default 1: OMP/MKL/OpenBLAS/XLA variables plus CPU affinity), with the same glibc malloc
+thresholds (those of ``worldmodel.allocator.tune_malloc``; ``--default-malloc``: glibc's), on bit-identical data
 (a fixed random stable system, fixed seed; see ``bench/peers/common.py``). For each point it times the
 forward pass and forward+backward (gradient of the summed log-likelihood w.r.t. z, A, Q, C, R): the
 median of ``--reps`` (>= 5) calls after warm-up (compilation is excluded and reported separately).
@@ -97,7 +98,7 @@ def run_child(module: str, spec: dict, args, log) -> list[dict]:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.jsonl")
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, str(HERE / "peers" / f"{module}.py"), str(spec_path), str(out_path)]
-        env = thread_env(args.threads)
+        env = thread_env(args.threads, not args.default_malloc)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE / "peers"), str(HERE.parent), env.get("PYTHONPATH", "")])
         cpus = args.cpus
         t0 = time.time()
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-gb", type=float, default=4.0, help="skip points whose dense outputs exceed this")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="time used for the ratios: process CPU time (robust on a shared machine) or wall")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc defaults (else every implementation's process gets the thresholds "
+                         "of worldmodel.allocator.tune_malloc)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp, "c.json"), Path(tmp, "c.out")
         spec.write_text(json.dumps({"B": Bs, "d": ds, "min_time": 0.02 if args.quick else 0.05}))
-        env = thread_env(args.threads)
+        env = thread_env(args.threads, not args.default_malloc)
         subprocess.run([sys.executable, str(HERE / "peers" / "ceilings.py"), str(spec), str(out)], env=env, check=True,
                        preexec_fn=lambda: os.sched_setaffinity(0, args.cpus))
         ceilings = json.loads(out.read_text())
@@ -296,7 +300,8 @@ def report(result: dict) -> str:
     clock = result["args"]["clock"]
     out = ["# Kalman filter benchmark\n",
            f"`python bench/kalman.py{' --quick' if result['args']['quick'] else ''}` — threads={result['args']['threads']}, "
-           f"cpus={result['args']['cpus']}, median of {result['args']['reps']} calls, {clock} time. "
+           f"cpus={result['args']['cpus']}, malloc={'glibc defaults' if result['args'].get('default_malloc') else 'tuned'}, "
+           f"median of {result['args']['reps']} calls, {clock} time. "
            f"Ratios are peer time / `{OURS}` time: > 1 means ours is faster. "
            "Forward-only peers (numpy, filterpy) are compared on their forward time in the fwd+bwd table too "
            "(they cannot give gradients), which favours them.\n"]

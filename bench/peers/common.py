@@ -25,12 +25,21 @@ from typing import Callable
 
 import numpy as np
 
+from worldmodel.allocator import ENV_VARS, MMAP_THRESHOLD, TRIM_THRESHOLD
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment that fixes every math library (OpenMP, MKL, OpenBLAS, XLA) to ``threads`` threads."""
+
+def thread_env(threads: int, tuned_malloc: bool = True) -> dict[str, str]:
+    """Environment that fixes every math library (OpenMP, MKL, OpenBLAS, XLA) to ``threads`` threads and,
+    with ``tuned_malloc``, gives every process the glibc malloc thresholds of
+    ``worldmodel.allocator.tune_malloc`` (heap blocks up to 32 MiB, freed memory kept): the same allocator
+    for every implementation, without which each call page-faults its fresh outputs back in."""
     xla = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if threads == 1 else ""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", XLA_FLAGS=xla)
+    for name in ENV_VARS:
+        env.pop(name, None)
+    if tuned_malloc:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     return env
 
 

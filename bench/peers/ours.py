@@ -15,26 +15,26 @@ from common import child_main
 
 def versions() -> dict:
     import torch
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    from worldmodel import native
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "loops": native.status()}
 
 
-STOPS: list[int] = []  # covariance steps computed by each recursion that stopped at its steady state
+STEPS: list[int] = []  # covariance steps computed by each covariance recursion (up to its steady-state stop)
 
 
-def _record_steady_stops(kalman) -> None:
-    """Append to STOPS the step count of every covariance recursion that stops early (once per process)."""
-    if hasattr(kalman._SteadyStop.__call__, "recorded"):
+def _record_covariance_steps(kalman) -> None:
+    """Append to STEPS the step count of every covariance recursion, native or Python (once per process)."""
+    forward = kalman._CovarianceRecursion.forward
+    if hasattr(forward, "recorded"):
         return
-    steady_stop = kalman._SteadyStop.__call__
 
-    def recorded(self, t, L):
-        done = steady_stop(self, t, L)
-        if done:
-            STOPS.append(t + 1)
-        return done
+    def recorded(ctx, *args):
+        out = forward(ctx, *args)
+        STEPS.append(out[2].shape[-3])  # X_t = K_t^T, one per computed step
+        return out
 
     recorded.recorded = True
-    kalman._SteadyStop.__call__ = recorded
+    kalman._CovarianceRecursion.forward = staticmethod(recorded)
 
 
 def build(problem, variant, grad):
@@ -51,7 +51,7 @@ def build(problem, variant, grad):
         kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=True)  # one graph for all scan levels
     if variant == "seq_full":
         kalman._STEADY_ULPS = 0.0  # every covariance step, as without the steady-state stop
-    _record_steady_stops(kalman)
+    _record_covariance_steps(kalman)
     names = ("z", "A", "Q", "C", "R", "m0", "P0")
     eye = torch.eye(f32["A"].shape[-1])
 
@@ -63,7 +63,7 @@ def build(problem, variant, grad):
     compiled_step = torch.compile(step, dynamic=False) if variant == "seq_compiled" else None
 
     def run():
-        STOPS.clear()
+        STEPS.clear()
         leaves = [f32[k].clone().requires_grad_(grad and k in ("z", "A", "Q", "C", "R")) for k in names]
         if compiled_step is None:
             res = kalman.kalman_filter(*leaves, parallel=variant.startswith("par"))
@@ -82,7 +82,7 @@ def build(problem, variant, grad):
     def summarise(out):
         ll, outs, grads = out
         bad = sum(int((~torch.isfinite(x)).sum()) for x in (ll, *outs, *grads))
-        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad, "cov_steps": STOPS[-1] if STOPS else T}
+        return {"loglik": ll.detach().double().tolist(), "nonfinite": bad, "cov_steps": STEPS[-1] if STEPS else T}
 
     return run, summarise
 
