@@ -323,7 +323,8 @@ def _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target):
         B, u = B.to(dtype), u.to(dtype)
     named = dict(A=A, C=C, m0=m0, Q=Q, R=R, P0=P0) | ({} if u is None else dict(B=B, u=u))
     # NaN in z or target marks a missing step; their sums are finite when there is none (the common case)
-    sums = _raise_first(_problems(named, ("Q", "R", "P0")), *(x.sum() for x in (z, target) if x is not None))
+    with torch.no_grad():  # checks only: nothing for autograd to record
+        sums = _raise_first(_problems(named, ("Q", "R", "P0")), *(x.sum() for x in (z, target) if x is not None))
     observed = None
     if mask is not None or not all(math.isfinite(x) for x in sums):
         missing = torch.isnan(z).any(-1)
