@@ -904,10 +904,14 @@ class _InnovationLogLik(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, S, S_tail, L, cache: dict):
         k = L.shape[-3]
+        ctx.cache = cache
+        if L.dim() == 3 and native.usable(L):
+            w, ll = native.innovation_loglik(L, e)
+            ctx.save_for_backward(L, *_split_steps(w, k, 1))
+            return ll
         w = _step_solve(L, _split_steps(e, k, 1), upper=False)
         log_det = _repeat_last(2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1), e.shape[1], -1)
         ctx.save_for_backward(L, *w)
-        ctx.cache = cache
         return -0.5 * (torch.cat([x.square().sum(-1) for x in w], 1) + log_det + e.shape[-1] * _LOG_2PI)
 
     @staticmethod

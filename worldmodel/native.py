@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion"]
+__all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion", "innovation_loglik"]
 
 SOURCE = Path(__file__).with_name("native_kalman.c")
 BLAS_SYMBOLS = ("sgemm_", "dgemm_", "spotrf_", "dpotrf_", "strsm_", "dtrsm_")
@@ -110,6 +110,9 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"wm_mean_recursion_{suffix}")
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8
+        fn = getattr(lib, f"wm_innovation_loglik_{suffix}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -158,3 +161,15 @@ def mean_recursion(X: Tensor, A: Tensor, CA: Tensor, y: Tensor, b: Tensor | None
     fn(n, m, k, batch, steps, *(x.data_ptr() for x in (X, A, CA, y)), None if b is None else b.data_ptr(),
        x0.data_ptr(), F.data_ptr(), out.data_ptr())
     return F, out
+
+
+def innovation_loglik(L: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """``native_kalman.c``'s innovation log-likelihood for factors shared by the batch: ``L`` ``(k, m, m)``
+    (the last one for the steps after k) and residuals ``e`` ``(B, T, m)`` -> (whitened residuals
+    L_t^{-1} e_t ``(B, T, m)``, log N(e_t; 0, L_t L_t^T) ``(B, T)``)."""
+    (k, m, _), (batch, steps, _) = L.shape, e.shape
+    L, e = L.contiguous(), e.contiguous()
+    w, ll = e.new_empty(batch, steps, m), e.new_empty(batch, steps)
+    getattr(library(), f"wm_innovation_loglik_{_SUFFIX[e.dtype]}")(
+        m, k, batch, steps, L.data_ptr(), e.data_ptr(), w.data_ptr(), ll.data_ptr())
+    return w, ll

@@ -208,5 +208,35 @@ void FN(wm_mean_recursion)(int n, int m, int k, int batch, int steps, const REAL
     }
 }
 
+/* The innovation log-likelihood of the fused filter (kalman._InnovationLogLik) for factors shared by the
+   batch: with the lower Cholesky factors L (k x m x m) of S_t up to the steady state (later steps take the
+   last) and the residuals e (B x T x m), writes the whitened residuals w_t = L_t^-1 e_t (B x T x m) and
+   ll_t = log N(e_t; 0, S_t) = -(|w_t|^2 + log|S_t| + m log 2 pi) / 2 (B x T). */
+void FN(wm_innovation_loglik)(int m, int k, int batch, int steps, const REAL *L, const REAL *e, REAL *w, REAL *ll) {
+    size_t mm = (size_t)m * m;
+    int ldw = steps * m, tail = steps - k;
+    char side = 'L', uplo = 'U', trans = 'T', diag = 'N';
+    REAL one = 1;
+    memcpy(w, e, sizeof(REAL) * (size_t)batch * steps * m);
+    for (int t = 0; t < k; t++) /* the batch's rows w_t (B x m) <- w_t L_t^-T, as column-major L_t^-1 w_t^T */
+        TRSM(&side, &uplo, &trans, &diag, &m, &batch, &one, L + t * mm, &m, w + (size_t)t * m, &ldw);
+    for (int s = 0; s < batch && tail > 0; s++) /* after the steady state, each sequence's steps at once */
+        TRSM(&side, &uplo, &trans, &diag, &m, &tail, &one, L + (k - 1) * mm, &m, w + (size_t)s * ldw + (size_t)k * m, &m);
+    double log_2pi = log(2.0 * 3.14159265358979323846);
+    for (int t = 0; t < steps; t++) {
+        const REAL *Lt = L + (t < k ? t : k - 1) * mm;
+        double log_det = 0;
+        for (int i = 0; i < m; i++)
+            log_det += 2.0 * log((double)Lt[(size_t)i * m + i]);
+        for (int s = 0; s < batch; s++) {
+            const REAL *ws = w + (size_t)s * ldw + (size_t)t * m;
+            double sq = 0;
+            for (int i = 0; i < m; i++)
+                sq += (double)ws[i] * ws[i];
+            ll[(size_t)s * steps + t] = (REAL)(-0.5 * (sq + log_det + m * log_2pi));
+        }
+    }
+}
+
 #undef FN
 #endif
