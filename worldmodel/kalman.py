@@ -732,6 +732,8 @@ def _sandwich_recursion(N: Tensor, D: Tensor, reverse: bool = False) -> tuple[Te
     if not steps:
         zero = D.new_zeros(*D.shape[:-3], *D.shape[-2:])
         return zero, zero
+    if reverse and N.dim() == 2 and D.dim() == 3 and native.usable(N):
+        return native.sandwich_recursion(N, D, states=False)[1:]
     size = math.isqrt(steps)
     one_by_one = size < _CHUNKED_MIN_LEN or 2 * N.numel() * N.shape[-1] > _CHUNKED_MAX_SANDWICH
     first = steps if one_by_one else steps % size  # steps run one by one, before any chunk
@@ -863,15 +865,25 @@ class _CovarianceRecursion(torch.autograd.Function):
                 D = torch.cat([D, torch.zeros_like(D[..., :1, :, :])], -3) + gPf_tail
             G_tail, G_k = (_sym(x) for x in _sandwich_recursion(N_ss, D, reverse=True))
             carried = _sym(d_tail[..., 0, :, :]) + N_ss @ G_k @ N_ss.mT
-        gPf = gPf_head.unbind(-3) if gPf_head is not None else (None,) * k
-        add_mm, mm = (torch.addmm, torch.mm) if A.dim() == 2 else (torch.baddbmm, torch.bmm)
-        Ns, N_Ts, ds = N.unbind(-3), N_T.unbind(-3), d.unbind(-3)
-        Gs = []
-        for t in range(k - 1, -1, -1):
-            G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
-            Gs.append(torch.zeros_like(ds[t]) if G is None else G)
-            carried = add_mm(ds[t], mm(Ns[t], Gs[-1]), N_Ts[t])
-        G = torch.stack(Gs[::-1], -3)
+        if A.dim() == 2 and native.usable(A):
+            # the same recursion on states_j = G_{j-1} (j = k .. 1) and states_0 = the gradient reaching P0:
+            # states_j = d_j + g_{P_{j-1|j-1}} + N_j states_{j+1} N_j^T, states_k = g_{P_{k-1|k-1}} + carried
+            top = [x for x in (carried, None if gPf_head is None else gPf_head[-1]) if x is not None]
+            D = torch.cat([d, sum(top[1:], top[0])[None] if top else torch.zeros_like(d[:1])])
+            if gPf_head is not None:
+                D[1:k] += gPf_head[: k - 1]
+            states, _, carried = native.sandwich_recursion(N, D, states=True)
+            G = states[1:]
+        else:
+            gPf = gPf_head.unbind(-3) if gPf_head is not None else (None,) * k
+            add_mm, mm = (torch.addmm, torch.mm) if A.dim() == 2 else (torch.baddbmm, torch.bmm)
+            Ns, N_Ts, ds = N.unbind(-3), N_T.unbind(-3), d.unbind(-3)
+            Gs = []
+            for t in range(k - 1, -1, -1):
+                G = gPf[t] if carried is None else (carried if gPf[t] is None else gPf[t] + carried)
+                Gs.append(torch.zeros_like(ds[t]) if G is None else G)
+                carried = add_mm(ds[t], mm(Ns[t], Gs[-1]), N_Ts[t])
+            G = torch.stack(Gs[::-1], -3)
         need = ctx.needs_input_grad
 
         def sums(G, gS_pre, V, c, X, M_T, Pp, before):
@@ -1010,15 +1022,18 @@ class _MeanRecursion(torch.autograd.Function):
     def backward(ctx, g):
         X, CA, F, y, x0, out = ctx.saved_tensors
         shared, k = F.dim() == 3, F.shape[-3]
-        # steps k-1 .. T-1 take the steady F_{t+1}, as one constant recursion backwards in time; then the rest
-        lam_tail = _constant_recursion(F[..., -1, :, :], g[:, k - 1 :], None, reverse=True)
-        lam, lams, Fs = lam_tail[:, 0], [], F.unbind(-3)
-        for t in range(k - 2, -1, -1):
-            g_t = g[:, t]
-            lam = torch.addmm(g_t, lam, Fs[t + 1]) if shared else torch.baddbmm(
-                g_t[..., None], Fs[t + 1].mT, lam[..., None])[..., 0]
-            lams.append(lam)
-        lam = torch.cat([torch.stack(lams[::-1], 1), lam_tail], 1) if lams else lam_tail
+        if shared and native.usable(F):
+            lam = native.adjoint_mean_recursion(F, g)
+        else:
+            # steps k-1 .. T-1 take the steady F_{t+1}, as one constant recursion backwards in time; then the rest
+            lam_tail = _constant_recursion(F[..., -1, :, :], g[:, k - 1 :], None, reverse=True)
+            lam, lams, Fs = lam_tail[:, 0], [], F.unbind(-3)
+            for t in range(k - 2, -1, -1):
+                g_t = g[:, t]
+                lam = torch.addmm(g_t, lam, Fs[t + 1]) if shared else torch.baddbmm(
+                    g_t[..., None], Fs[t + 1].mT, lam[..., None])[..., 0]
+                lams.append(lam)
+            lam = torch.cat([torch.stack(lams[::-1], 1), lam_tail], 1) if lams else lam_tail
         lam_parts = _split_steps(lam, k, 1)
         # x_{t-1} for the first k steps and, as a view, for the rest
         before = (torch.cat([x0[:, None], out[:, : k - 1]], 1), out[:, k - 1 : -1])

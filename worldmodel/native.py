@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion", "innovation_loglik"]
+__all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion", "innovation_loglik",
+           "adjoint_mean_recursion", "sandwich_recursion"]
 
 SOURCE = Path(__file__).with_name("native_kalman.c")
 BLAS_SYMBOLS = ("sgemm_", "dgemm_", "spotrf_", "dpotrf_", "strsm_", "dtrsm_")
@@ -113,6 +114,12 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"wm_innovation_loglik_{suffix}")
         fn.restype = None
         fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+        fn = getattr(lib, f"wm_adjoint_mean_recursion_{suffix}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
+        fn = getattr(lib, f"wm_sandwich_recursion_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
     return lib
 
 
@@ -173,3 +180,35 @@ def innovation_loglik(L: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
     getattr(library(), f"wm_innovation_loglik_{_SUFFIX[e.dtype]}")(
         m, k, batch, steps, L.data_ptr(), e.data_ptr(), w.data_ptr(), ll.data_ptr())
     return w, ll
+
+
+def adjoint_mean_recursion(F: Tensor, g: Tensor) -> Tensor:
+    """``native_kalman.c``'s adjoint of the mean recursion: lam_t = g_t + lam_{t+1} F_{t+1} (rows), lam_{T-1} =
+    g_{T-1}, with ``F`` ``(k, n, n)`` (F_t = F_{k-1} for t >= k) and ``g`` ``(B, T, n)`` -> lam ``(B, T, n)``."""
+    (k, n, _), (batch, steps, _) = F.shape, g.shape
+    F, g = F.contiguous(), g.contiguous()
+    lam = g.new_empty(batch, steps, n)
+    getattr(library(), f"wm_adjoint_mean_recursion_{_SUFFIX[g.dtype]}")(
+        n, k, batch, steps, F.data_ptr(), g.data_ptr(), lam.data_ptr())
+    return lam
+
+
+def _steps_of_matrices(x: Tensor) -> Tensor:
+    """``x`` ``(L, n, n)`` with each matrix row-major contiguous (an expanded stack stays a view)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def sandwich_recursion(N: Tensor, D: Tensor, states: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``native_kalman.c``'s G_j = D_j + N_j G_{j+1} N_j^T for j = L-1 .. 0 from G_L = 0, with ``N`` ``(n, n)``
+    (every step) or ``(L, n, n)`` and ``D`` ``(L, n, n)`` (L >= 1; an expanded stack is read as such) ->
+    (every G_j ``(L, n, n)`` if ``states`` else None, sum_j G_j, G_0)."""
+    steps, n = D.shape[-3], D.shape[-1]
+    N, D = _steps_of_matrices(N), _steps_of_matrices(D)
+    out = D.new_empty(steps, n, n) if states else None
+    total, last = D.new_empty(n, n), D.new_empty(n, n)
+    status_ = getattr(library(), f"wm_sandwich_recursion_{_SUFFIX[D.dtype]}")(
+        n, steps, N.data_ptr(), N.stride(-3) if N.dim() == 3 else 0, D.data_ptr(), D.stride(-3),
+        None if out is None else out.data_ptr(), total.data_ptr(), last.data_ptr())
+    if status_:
+        raise MemoryError("native sandwich recursion: out of memory")
+    return out, total, last

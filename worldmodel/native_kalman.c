@@ -238,5 +238,49 @@ void FN(wm_innovation_loglik)(int m, int k, int batch, int steps, const REAL *L,
     }
 }
 
+/* The adjoint of the mean recursion (kalman._MeanRecursion's reverse pass) for parameters shared by the
+   batch: lam_t = g_t + lam_{t+1} F_{t+1} (rows; F_t = F_{k-1} for t >= k), lam_{T-1} = g_{T-1}, for B
+   sequences: F (k x n x n), g and lam (B x T x n). */
+void FN(wm_adjoint_mean_recursion)(int n, int k, int batch, int steps, const REAL *F, const REAL *g, REAL *lam) {
+    size_t nn = (size_t)n * n;
+    int ld = steps * n;
+    memcpy(lam, g, sizeof(REAL) * (size_t)batch * steps * n);
+    for (int t = steps - 2; t >= 0; t--)
+        FN(gemm_rm)('N', 'N', batch, n, n, 1, lam + (size_t)(t + 1) * n, ld, F + (t + 1 < k ? t + 1 : k - 1) * nn, n, 1,
+                    lam + (size_t)t * n, ld);
+}
+
+/* G_j = D_j + N_j G_{j+1} N_j^T for j = L-1 .. 0 from G_L = 0 (the covariance recursion's adjoint, backwards
+   in time): N_j = N + j n_stride and D_j = D + j d_stride (strides in entries; 0: one matrix for all
+   steps), each n x n. Writes, where not NULL, every G_j to states (L x n x n), sum_j G_j to total and G_0
+   to last. Returns -1 if out of memory, else 0. */
+int FN(wm_sandwich_recursion)(int n, int steps, const REAL *N, long n_stride, const REAL *D, long d_stride,
+                              REAL *states, REAL *total, REAL *last) {
+    size_t nn = (size_t)n * n;
+    REAL *G = malloc(sizeof(REAL) * 2 * nn);
+    if (!G)
+        return -1;
+    REAL *NG = G + nn;
+    if (total)
+        memset(total, 0, sizeof(REAL) * nn);
+    for (int j = steps - 1; j >= 0; j--) {
+        const REAL *Nj = N + j * n_stride;
+        if (j < steps - 1)
+            FN(gemm_rm)('N', 'N', n, n, n, 1, Nj, n, G, n, 0, NG, n);
+        memcpy(G, D + j * d_stride, sizeof(REAL) * nn);
+        if (j < steps - 1)
+            FN(gemm_rm)('N', 'T', n, n, n, 1, NG, n, Nj, n, 1, G, n);
+        if (states)
+            memcpy(states + j * nn, G, sizeof(REAL) * nn);
+        if (total)
+            for (size_t i = 0; i < nn; i++)
+                total[i] += G[i];
+    }
+    if (last)
+        memcpy(last, G, sizeof(REAL) * nn);
+    free(G);
+    return 0;
+}
+
 #undef FN
 #endif
