@@ -98,3 +98,15 @@ def test_a_failed_build_falls_back_with_the_compiler_error(tmp_path):
     env = dict(os.environ, CC="false", XDG_CACHE_HOME=str(tmp_path), WORLDMODEL_NATIVE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.startswith("python (false -O2") and "failed" in out
+
+
+@needs_native
+def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path):
+    """Where the user cache cannot be written, the library is built under the temporary directory."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache directory should be")
+    code = "from worldmodel import native; print(native.status())"
+    env = dict(os.environ, XDG_CACHE_HOME=str(blocked), TMPDIR=str(tmp_path), WORLDMODEL_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "native"
+    assert len(list(tmp_path.glob("ldm-worldmodel-*/native_kalman-*.so"))) == 1

@@ -43,6 +43,14 @@ is kept to a minimum (a page fault costs more than the arithmetic at these sizes
 once, the reverse pass takes views of its per-step inputs, and outputs of 32 MiB or more get huge pages
 (``_new_empty``). Missing steps or per-step R use the step-wise filter.
 
+With parameters shared by the batch, on CPU, the sequential loops of the fused filter run in C
+(``worldmodel.native``: the covariance recursion, the means, the innovation likelihood, and the
+sequential parts of their reverse passes), calling the BLAS/LAPACK that torch links once per matrix
+op instead of dispatching a tensor op (a 2x faster forward at T=64, d=32). The native covariance
+recursion is the standard form with a Cholesky factorisation of P_{t|t} per step (to flag a lost
+definiteness, as the joint form does) and the same steady-state stop on the joint factor. Where the
+native loops cannot be built, the Python loops run, with the same results up to round-off.
+
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
 """

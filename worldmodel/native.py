@@ -54,11 +54,12 @@ def _compile(target: Path) -> str | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return "no C compiler (set CC or install cc)"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE.resolve()), "-lm"]
+    cmd, tmp = [compiler, "-O2", "-shared", "-fPIC", "-o", "OUT", str(SOURCE.resolve()), "-lm"], None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd[cmd.index("OUT")] = tmp
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode:
             return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
@@ -69,14 +70,36 @@ def _compile(target: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{' '.join(cmd)} failed: {exc}"
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
     return None
 
 
-def _cache_dir() -> Path:
+def _build_dirs() -> list[Path]:
+    """Where the compiled library is kept: the user cache, else a per-user temporary directory."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ldm-worldmodel"
+    return [Path(base) / "ldm-worldmodel", Path(tempfile.gettempdir()) / f"ldm-worldmodel-{os.getuid()}"]
+
+
+_SIGNATURES = {  # C function (without its _f32/_f64 suffix): (return type, argument types)
+    "wm_covariance_recursion": (ctypes.c_int, [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11
+                                + [ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double]),
+    "wm_mean_recursion": (None, [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8),
+    "wm_innovation_loglik": (None, [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4),
+    "wm_adjoint_mean_recursion": (None, [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3),
+    "wm_sandwich_recursion": (ctypes.c_int, [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_long] * 2
+                              + [ctypes.c_void_p] * 3),
+}
+
+
+def _load(path: Path, pointers: list[int]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.wm_set_blas(*(ctypes.c_void_p(p) for p in pointers))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.restype, fn.argtypes = restype, argtypes
+    return lib
 
 
 @functools.cache
@@ -92,35 +115,24 @@ def library() -> ctypes.CDLL | None:
     if pointers is None:
         _why_not.append(f"torch's libraries do not export {', '.join(BLAS_SYMBOLS)}")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"native_kalman-{digest}.so"
-    if not target.exists():
-        error = _compile(target)
-        if error is None and not target.exists():
-            error = f"{target} missing after compiling"
-        if error:
-            _why_not.append(error)
-            return None
-    lib = ctypes.CDLL(str(target))
-    lib.wm_set_blas(*(ctypes.c_void_p(p) for p in pointers))
-    for suffix in _SUFFIX.values():
-        fn = getattr(lib, f"wm_covariance_recursion_{suffix}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + [ctypes.c_double, ctypes.c_int, ctypes.c_int,
-                                                                     ctypes.c_double]
-        fn = getattr(lib, f"wm_mean_recursion_{suffix}")
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8
-        fn = getattr(lib, f"wm_innovation_loglik_{suffix}")
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
-        fn = getattr(lib, f"wm_adjoint_mean_recursion_{suffix}")
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
-        fn = getattr(lib, f"wm_sandwich_recursion_{suffix}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
-    return lib
+    name = f"native_kalman-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.so"
+    errors = []
+    for target in _build_dirs():
+        error = None if target.joinpath(name).exists() else _compile(target / name)
+        if error is None:
+            try:
+                return _load(target / name, pointers)
+            except (OSError, AttributeError) as exc:
+                error = f"loading {target / name} failed: {exc}"
+        errors.append(error)
+    _why_not.append(errors[0])
+    return None
+
+
+def _call(name: str, dtype: torch.dtype, *args):
+    """Call the C function ``name`` for ``dtype``; tensors among ``args`` are passed as their data pointers."""
+    fn = getattr(library(), f"{name}_{_SUFFIX[dtype]}")
+    return fn(*(x.data_ptr() if isinstance(x, Tensor) else x for x in args))
 
 
 def status() -> str:
@@ -148,9 +160,8 @@ def covariance_recursion(A: Tensor, Q: Tensor, C: Tensor, R: Tensor, P0: Tensor,
     Pp, Pf = _new_empty(A, (steps, n, n)), _new_empty(A, (steps, n, n))
     X, S, L = A.new_empty(steps, m, n), A.new_empty(steps, m, m), A.new_empty(steps, m, m)
     info = torch.zeros(steps, dtype=torch.int32)
-    fn = getattr(library(), f"wm_covariance_recursion_{_SUFFIX[A.dtype]}")
-    k = fn(n, m, steps, *(x.data_ptr() for x in (A, Q, C, R, P0, Pp, Pf, X, S, L, info)), ulps, every, min_left,
-           torch.finfo(A.dtype).eps)
+    k = _call("wm_covariance_recursion", A.dtype, n, m, steps, A, Q, C, R, P0, Pp, Pf, X, S, L, info, ulps, every,
+              min_left, torch.finfo(A.dtype).eps)
     if k < 0:
         raise MemoryError("native covariance recursion: out of memory")
     return Pp, Pf, X[:k], S[:k], L[:k], info[:k]
@@ -164,9 +175,7 @@ def mean_recursion(X: Tensor, A: Tensor, CA: Tensor, y: Tensor, b: Tensor | None
     X, A, CA, y, x0 = (x.contiguous() for x in (X, A, CA, y, x0))
     b = None if b is None else b.contiguous()
     F, out = A.new_empty(k, n, n), A.new_empty(batch, steps, n)
-    fn = getattr(library(), f"wm_mean_recursion_{_SUFFIX[A.dtype]}")
-    fn(n, m, k, batch, steps, *(x.data_ptr() for x in (X, A, CA, y)), None if b is None else b.data_ptr(),
-       x0.data_ptr(), F.data_ptr(), out.data_ptr())
+    _call("wm_mean_recursion", A.dtype, n, m, k, batch, steps, X, A, CA, y, b, x0, F, out)
     return F, out
 
 
@@ -177,8 +186,7 @@ def innovation_loglik(L: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
     (k, m, _), (batch, steps, _) = L.shape, e.shape
     L, e = L.contiguous(), e.contiguous()
     w, ll = e.new_empty(batch, steps, m), e.new_empty(batch, steps)
-    getattr(library(), f"wm_innovation_loglik_{_SUFFIX[e.dtype]}")(
-        m, k, batch, steps, L.data_ptr(), e.data_ptr(), w.data_ptr(), ll.data_ptr())
+    _call("wm_innovation_loglik", e.dtype, m, k, batch, steps, L, e, w, ll)
     return w, ll
 
 
@@ -188,8 +196,7 @@ def adjoint_mean_recursion(F: Tensor, g: Tensor) -> Tensor:
     (k, n, _), (batch, steps, _) = F.shape, g.shape
     F, g = F.contiguous(), g.contiguous()
     lam = g.new_empty(batch, steps, n)
-    getattr(library(), f"wm_adjoint_mean_recursion_{_SUFFIX[g.dtype]}")(
-        n, k, batch, steps, F.data_ptr(), g.data_ptr(), lam.data_ptr())
+    _call("wm_adjoint_mean_recursion", g.dtype, n, k, batch, steps, F, g, lam)
     return lam
 
 
@@ -206,9 +213,7 @@ def sandwich_recursion(N: Tensor, D: Tensor, states: bool) -> tuple[Tensor | Non
     N, D = _steps_of_matrices(N), _steps_of_matrices(D)
     out = D.new_empty(steps, n, n) if states else None
     total, last = D.new_empty(n, n), D.new_empty(n, n)
-    status_ = getattr(library(), f"wm_sandwich_recursion_{_SUFFIX[D.dtype]}")(
-        n, steps, N.data_ptr(), N.stride(-3) if N.dim() == 3 else 0, D.data_ptr(), D.stride(-3),
-        None if out is None else out.data_ptr(), total.data_ptr(), last.data_ptr())
-    if status_:
+    if _call("wm_sandwich_recursion", D.dtype, n, steps, N, N.stride(-3) if N.dim() == 3 else 0, D, D.stride(-3),
+             out, total, last):
         raise MemoryError("native sandwich recursion: out of memory")
     return out, total, last
