@@ -110,3 +110,21 @@ def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "native"
     assert len(list(tmp_path.glob("ldm-worldmodel-*/native_kalman-*.so"))) == 1
+
+
+@needs_native
+def test_a_build_that_fails_its_self_test_is_never_used_and_remembered(tmp_path):
+    """A library whose results differ from the Python loops (here: a log-likelihood off by 5e-7) is
+    rejected by the self-test in its own process; the next process reads the verdict instead of rebuilding."""
+    bad = tmp_path / "native_kalman.c"
+    source = native.SOURCE.read_text()
+    assert "m * log_2pi));" in source
+    bad.write_text(source.replace("m * log_2pi));", "m * log_2pi + 1e-6));"))
+    code = ("from pathlib import Path; from worldmodel import native; "
+            f"native.SOURCE = Path({str(bad)!r}); print(native.status())")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), WORLDMODEL_NATIVE="1")
+    first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=env).stdout for _ in range(2))
+    assert first.startswith("python (the freshly built native_kalman-") and "failed its self-test" in first
+    assert "to try again" in second
+    assert not list((tmp_path / "cache").glob("*/*.so")) and len(list((tmp_path / "cache").glob("*/*.failed"))) == 1

@@ -6,10 +6,12 @@ and calls BLAS/LAPACK directly, through the ``?gemm_``/``?potrf_``/``?trsm_`` sy
 torch itself uses (MKL in the x86-64 Linux wheels): the same routines, without the dispatch.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``; about 0.2 s)
-into the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, under ``ldm-worldmodel``), keyed by a hash
-of the source. Where anything is missing (no compiler, no such symbols in torch's libraries, another
-platform), :func:`library` returns None and the filter runs its loops in Python: same results up to
-round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status` says why they are off.
+into the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, under ``ldm-worldmodel``; else a per-user
+temporary directory), keyed by a hash of the source and torch's version, and kept only once a
+subprocess has checked it against the Python loops (about 5 s, once; a failed check is remembered
+and the Python loops run). Where anything is missing (no compiler, no such symbols in torch's
+libraries, another platform), :func:`library` returns None and the filter runs its loops in Python:
+same results up to round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status` says why they are off.
 """
 
 from __future__ import annotations
@@ -63,8 +65,14 @@ def _compile(target: Path) -> str | None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode:
             return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
+        # a wrong BLAS interface (say 64-bit integers) would crash or corrupt: check in a process of its own
+        check = subprocess.run([sys.executable, "-c", _SELF_TEST, tmp], capture_output=True, text=True, timeout=300)
+        if check.returncode:  # remembered, so that later processes do not pay for the build and the test again
+            error = " ".join(check.stderr.strip().splitlines()[-4:])
+            target.with_suffix(".failed").write_text(f"the freshly built {target.name} failed its self-test: {error}")
+            return target.with_suffix(".failed").read_text()
         os.replace(tmp, target)
-        for stale in target.parent.glob("native_kalman-*.so"):  # builds of earlier versions of the source
+        for stale in target.parent.glob("native_kalman-*"):  # builds of earlier sources or torch versions
             if stale != target:
                 stale.unlink(missing_ok=True)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -73,6 +81,42 @@ def _compile(target: Path) -> str | None:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
     return None
+
+
+_SELF_TEST = "import sys; from pathlib import Path; from worldmodel import native; native._self_test(Path(sys.argv[1]))"
+
+
+def _self_test(path: Path) -> None:
+    """Raise AssertionError unless the library at ``path`` reproduces the Python loops (values and
+    gradients of a small float64 filter with controls); run in a subprocess of its own by ``_compile``."""
+    from .kalman import kalman_filter
+
+    gen = torch.Generator().manual_seed(0)
+    n, m, k, batch, steps = 4, 3, 2, 2, 40
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen)
+
+    W, V = randn(n, n), randn(m, m)
+    args = [0.3 * randn(n, n), 0.1 * torch.eye(n, dtype=torch.float64) + W @ W.mT / n, randn(m, n),
+            0.2 * torch.eye(m, dtype=torch.float64) + V @ V.mT / m, randn(n), torch.eye(n, dtype=torch.float64),
+            randn(n, k)]
+    z, u = randn(batch, steps, m), randn(batch, steps, k)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in args]
+        res = kalman_filter(z, *leaves[:6], B=leaves[6], u=u)
+        loss = res.log_likelihood.sum() + res.filtered.mean.square().sum() + res.filtered.cov.sum()
+        return [res.log_likelihood, res.filtered.mean, res.predicted.cov,
+                *torch.autograd.grad(loss, leaves)]
+
+    lib = _load(path, _blas_pointers())
+    global library, usable
+    library, usable = (lambda: lib), (lambda *xs: True)
+    got = run()
+    usable = lambda *xs: False  # noqa: E731
+    for a, b in zip(got, run()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def _build_dirs() -> list[Path]:
@@ -115,9 +159,13 @@ def library() -> ctypes.CDLL | None:
     if pointers is None:
         _why_not.append(f"torch's libraries do not export {', '.join(BLAS_SYMBOLS)}")
         return None
-    name = f"native_kalman-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.so"
+    name = f"native_kalman-{hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]}.so"
     errors = []
     for target in _build_dirs():
+        failed = (target / name).with_suffix(".failed")
+        if failed.exists():
+            errors.append(f"{failed.read_text()} (delete {failed} to try again)")
+            continue
         error = None if target.joinpath(name).exists() else _compile(target / name)
         if error is None:
             try:
