@@ -84,9 +84,10 @@ def test_native_recursion_flags_a_singular_filtered_covariance():
 
 def test_switched_off_native_loops_fall_back_to_python():
     """WORLDMODEL_NATIVE=0 runs the Python loops and says so."""
-    code = ("import torch; from worldmodel import native; from worldmodel.kalman import kalman_filter; print(native.status());"
-            "z = torch.randn(2, 8, 2); I = torch.eye(3);"
-            "print(kalman_filter(z, 0.9 * I, I, torch.ones(2, 3), torch.eye(2), torch.zeros(3), I).log_likelihood.shape)")
+    code = ("import torch; from worldmodel import native; from worldmodel.kalman import kalman_filter;"
+            "print(native.status()); z = torch.randn(2, 8, 2); I = torch.eye(3);"
+            "res = kalman_filter(z, 0.9 * I, I, torch.ones(2, 3), torch.eye(2), torch.zeros(3), I);"
+            "print(res.log_likelihood.shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, WORLDMODEL_NATIVE="0")).stdout
     assert out.splitlines() == ["python (switched off by WORLDMODEL_NATIVE=0)", "torch.Size([2])"]

@@ -11,7 +11,8 @@ temporary directory), keyed by a hash of the source and torch's version, and kep
 subprocess has checked it against the Python loops (about 5 s, once; a failed check is remembered
 and the Python loops run). Where anything is missing (no compiler, no such symbols in torch's
 libraries, another platform), :func:`library` returns None and the filter runs its loops in Python:
-same results up to round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status` says why they are off.
+same results up to round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status`
+says why they are off.
 """
 
 from __future__ import annotations
