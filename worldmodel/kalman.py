@@ -876,8 +876,8 @@ class _CovarianceRecursion(torch.autograd.Function):
         if A.dim() == 2 and native.usable(A):
             # the same recursion on states_j = G_{j-1} (j = k .. 1) and states_0 = the gradient reaching P0:
             # states_j = d_j + g_{P_{j-1|j-1}} + N_j states_{j+1} N_j^T, states_k = g_{P_{k-1|k-1}} + carried
-            top = [x for x in (carried, None if gPf_head is None else gPf_head[-1]) if x is not None]
-            D = torch.cat([d, sum(top[1:], top[0])[None] if top else torch.zeros_like(d[:1])])
+            last = carried if gPf_head is None else (gPf_head[-1] if carried is None else gPf_head[-1] + carried)
+            D = torch.cat([d, (torch.zeros_like(d[-1]) if last is None else last)[None]])
             if gPf_head is not None:
                 D[1:k] += gPf_head[: k - 1]
             states, _, carried = native.sandwich_recursion(N, D, states=True)
@@ -1065,8 +1065,9 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     if any(x.dim() == 3 for x in (A, Q, C, R, P0)):  # batched: one covariance recursion per sequence
         A, Q, C, R, P0 = (x if x.dim() == 3 else x.expand(batch, *x.shape) for x in (A, Q, C, R, P0))
     shared = A.dim() == 2
-    # the joint factorisation issues fewer, larger ops: faster while dispatch dominates (n + m <= 64 on CPU
-    # for one recursion; batched LAPACK factorises matrix by matrix, so a batch of recursions gains less)
+    # for the Python loops (the native ones take the standard form): the joint factorisation issues fewer,
+    # larger ops, faster while dispatch dominates (n + m <= 64 on CPU for one recursion; batched LAPACK
+    # factorises matrix by matrix, so a batch of recursions gains less)
     form = "joint" if n + m <= (_JOINT_MAX_DIM if shared else _JOINT_MAX_DIM // 4) else "standard"
     cache: dict = {}
     covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
