@@ -67,11 +67,16 @@ def _compile(target: Path) -> str | None:
         if proc.returncode:
             return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
         # a wrong BLAS interface (say 64-bit integers) would crash or corrupt: check in a process of its own
-        check = subprocess.run([sys.executable, "-c", _SELF_TEST, tmp], capture_output=True, text=True, timeout=300)
-        if check.returncode:  # remembered, so that later processes do not pay for the build and the test again
-            error = " ".join(check.stderr.strip().splitlines()[-4:])
-            target.with_suffix(".failed").write_text(f"the freshly built {target.name} failed its self-test: {error}")
-            return target.with_suffix(".failed").read_text()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")]))
+        check = subprocess.run([sys.executable, "-c", _SELF_TEST, tmp], capture_output=True, text=True, timeout=300,
+                               env=env)
+        if check.returncode:
+            error = f"the freshly built {target.name} failed its self-test: " + " ".join(
+                check.stderr.strip().splitlines()[-4:])
+            if check.returncode == _WRONG_RESULTS or check.returncode < 0:  # wrong results or a crash: remember it,
+                target.with_suffix(".failed").write_text(error)  # so later processes do not build and test again
+            return error
         os.replace(tmp, target)
         for stale in target.parent.glob("native_kalman-*"):  # builds of earlier sources or torch versions
             if stale != target:
@@ -84,7 +89,17 @@ def _compile(target: Path) -> str | None:
     return None
 
 
-_SELF_TEST = "import sys; from pathlib import Path; from worldmodel import native; native._self_test(Path(sys.argv[1]))"
+_WRONG_RESULTS = 3  # the self-test's exit status when the library runs but its results differ
+_SELF_TEST = f"""
+import sys
+from pathlib import Path
+from worldmodel import native
+try:
+    native._self_test(Path(sys.argv[1]))
+except AssertionError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit({_WRONG_RESULTS})
+"""
 
 
 def _self_test(path: Path) -> None:
