@@ -38,6 +38,13 @@ def _assert_close(res, ref, tol):
         torch.testing.assert_close(got, want.expand_as(got), rtol=tol, atol=tol)
 
 
+def _assert_close_with_grads(res, grads, ref, ref_grads, tol):
+    """``_assert_close`` on the results, and every gradient to ``tol`` relative to its largest entry."""
+    _assert_close(res, ref, tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max())
+
+
 def _mixed(sys, batch):
     """Shared A, C, P0 with a batched Q and R: the fused filter must batch the covariance recursion."""
     sys = dict(sys)
@@ -186,10 +193,7 @@ def test_steady_state_stop_gives_the_full_recursion(monkeypatch, batched, dtype)
     monkeypatch.setattr(kalman, "_STEADY_ULPS", 0.0)
     full, full_grads = run()
     assert steps[-1] == 80
-    tol = 1e-12 if dtype == F64 else 2e-6
-    _assert_close(res, full, tol)
-    for got, want in zip(grads, full_grads):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max())
+    _assert_close_with_grads(res, grads, full, full_grads, 1e-12 if dtype == F64 else 2e-6)
     if dtype == F64:
         _assert_close(res, _run("sequential", z, sys), 1e-10)
 

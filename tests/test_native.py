@@ -12,7 +12,7 @@ from worldmodel import kalman, native
 from worldmodel.kalman import kalman_filter
 
 from test_kalman import make_system
-from test_kalman_speed_options import _assert_close, _run
+from test_kalman_speed_options import _assert_close, _assert_close_with_grads, _run
 
 F32, F64 = torch.float32, torch.float64
 needs_native = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None,
@@ -47,10 +47,7 @@ def test_native_filter_matches_python_loops_and_float64_reference(monkeypatch, d
         return res, torch.autograd.grad(loss, list(leaves.values()))
 
     (res, grads), (ref, ref_grads) = _both_paths(monkeypatch, run)
-    tol = 1e-11 if dtype == F64 else 2e-5
-    _assert_close(res, ref, tol)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max())
+    _assert_close_with_grads(res, grads, ref, ref_grads, 1e-11 if dtype == F64 else 2e-5)
     if dtype == F64:
         _assert_close(res, _run("sequential", z, sys_), 1e-10)
 

@@ -39,7 +39,7 @@ def thread_env(threads: int, tuned_malloc: bool = True) -> dict[str, str]:
     for name in ENV_VARS:
         env.pop(name, None)
     if tuned_malloc:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+        env.update(zip(ENV_VARS, (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD))))
     return env
 
 
