@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import entropy as E
-from worldmodel.latent_models import plane
+from worldmodel.objective import entropy as E
+from worldmodel.priors import plane
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -18,7 +18,7 @@ from worldmodel.evaluation import (
     r2_score,
 )
 from worldmodel.kalman import kalman_filter
-from worldmodel.latent_models import KalmanLatentModel
+from worldmodel.priors import KalmanLatentModel
 
 DTYPES = [torch.float32, torch.float64]
 

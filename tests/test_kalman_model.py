@@ -1,4 +1,4 @@
-"""Tests for KalmanLatentModel (worldmodel/kalman_model.py, re-exported by worldmodel.latent_models)."""
+"""Tests for KalmanLatentModel (worldmodel/priors/linear_gaussian.py), the state-space prior of the kalman presets."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call
 
 from worldmodel.kalman import Gaussian, kalman_filter
-from worldmodel.kalman_model import CholeskyCovariance, spectral_radius_upper_bound
-from worldmodel.latent_models import KalmanLatentModel
+from worldmodel.priors import CholeskyCovariance, spectral_radius_upper_bound
+from worldmodel.priors import KalmanLatentModel
 
 F64 = torch.float64
 
@@ -37,11 +37,13 @@ def inputs(B=3, T=5, L=2, k=1, dtype=F64, seed=1):
     return z, u, mask
 
 
-def test_reexported_from_latent_models():
-    import worldmodel.kalman_model as km
+def test_registered_as_a_state_space_prior():
+    from worldmodel.priors import PRIORS, StateSpacePrior, build_prior
 
-    assert KalmanLatentModel is km.KalmanLatentModel
-    assert KalmanLatentModel(4).param_group_lr_multiplier == 100.0
+    assert PRIORS["kalman"] is KalmanLatentModel
+    prior = build_prior("kalman", 4, action_dim=2)
+    assert isinstance(prior, StateSpacePrior) and (prior.obs_dim, prior.state_dim, prior.action_dim) == (4, 8, 2)
+    assert prior.lr_multiplier == 100.0 and KalmanLatentModel(4, lr_multiplier=5.0).lr_multiplier == 5.0
 
 
 def test_defaults_and_initialisation():
@@ -178,12 +180,12 @@ def test_rollout_equals_dense_k_step_prediction():
 def test_observe_and_noise_overrides():
     model = make_model()
     belief = model.rollout(model.init_belief(2), torch.zeros(2, 3, 1, dtype=F64))
-    obs = model.observe(belief)
+    obs = model.predict_observation(belief)
     C, R = model.C.detach(), model.R.detach()
     torch.testing.assert_close(obs.mean, belief.mean @ C.mT)
     torch.testing.assert_close(obs.cov, C @ belief.cov @ C.mT + R)
     variances = torch.rand(2, 3, 2, dtype=F64) + 0.1
-    torch.testing.assert_close(model.observe(belief, variances).cov, C @ belief.cov @ C.mT + torch.diag_embed(variances))
+    torch.testing.assert_close(model.predict_observation(belief, variances).cov, C @ belief.cov @ C.mT + torch.diag_embed(variances))
     z, u, mask = inputs()
     var = torch.rand(3, 5, 2, dtype=F64) + 0.1
     torch.testing.assert_close(model.log_prob(z, u, mask, R=var), model.log_prob(z, u, mask, R=torch.diag_embed(var)))

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from worldmodel.encoders import ConvEncoder, LatentNorm, MLPEncoder, SequenceEncoder, normalize_frames
+from worldmodel.encoders import ConvEncoder, MLPEncoder, SequenceEncoder, normalize_frames
 from worldmodel.kalman import Gaussian
 from worldmodel.model import ModelConfig, WorldModel, shift_actions
+from worldmodel.objective import LatentNorm, multistep_log_likelihood
 
 DTYPES = [torch.float32, torch.float64]
 SMALL = dict(image_size=16, pool=1, depth=4, latent_dim=3, action_dim=1, multistep_horizon=0)
@@ -145,7 +146,7 @@ def test_action_shift_convention():
     # nothing in the filter changes; change action[0] and the prediction for t=1 changes
     model = _model(torch.float64)
     with torch.no_grad():
-        model.latent_model.G.fill_(1.0)
+        model.prior.G.fill_(1.0)
         frames, acts = _data()
         acts = acts.double()
         base = model.filter(frames, acts).predicted.mean
@@ -200,7 +201,7 @@ def test_dropped_frames_widen_covariance_and_never_crash(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_imagine_matches_dense_k_step_formula(dtype):
     model = _model(dtype)
-    lm = model.latent_model
+    lm = model.prior
     frames, actions = _data()
     actions = actions.to(dtype)
     with torch.no_grad():
@@ -226,14 +227,14 @@ def test_imagine_matches_dense_k_step_formula(dtype):
 # ---- WorldModel: training, methods, checkpoints ------------------------------------------------
 def test_loss_trains_and_param_groups_use_kalman_multiplier():
     torch.manual_seed(0)
-    model = WorldModel.from_config(ModelConfig(**SMALL, kalman_lr_multiplier=50.0))
+    model = WorldModel.from_config(ModelConfig(**SMALL, prior_lr_multiplier=50.0))
     groups = model.param_groups(1e-3)
-    kalman_ids = {id(p) for p in model.latent_model.parameters()}
+    kalman_ids = {id(p) for p in model.prior.parameters()}
     assert [g["lr"] for g in groups] == [1e-3, 5e-2]
     assert {id(p) for p in groups[1]["params"]} == kalman_ids
     assert not kalman_ids & {id(p) for p in groups[0]["params"]}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    assert model.latent_model.param_group_lr_multiplier == 50.0
+    assert model.prior.lr_multiplier == 50.0
     frames, actions = _data(batch=4, steps=8)
     out = model.loss(frames, actions)
     out.loss.backward()
@@ -249,9 +250,10 @@ def test_non_kalman_method_trains_but_cannot_filter():
     out.loss.backward()
     assert math.isfinite(float(out.loss.detach()))
     assert model.features(frames).shape == (8, 2, 3)
-    with pytest.raises(TypeError, match="Kalman"):
+    assert not model.can_filter
+    with pytest.raises(TypeError, match="state-space prior"):
         model.filter(frames, actions)
-    with pytest.raises(TypeError, match="Kalman"):
+    with pytest.raises(TypeError, match="state-space prior"):
         model.init_belief(1)
 
 
@@ -343,8 +345,8 @@ def test_multistep_term_matches_k_step_predictive_nll():
     actions = actions.double()
     with torch.no_grad():
         z = model.encode(frames)
-        term = model._multistep_log_likelihood(z, shift_actions(actions), None, None, z)
-        nll = predictive_metrics(model.latent_model, z, actions, horizon=4, burn_in=0)["nll"]
+        term = multistep_log_likelihood(model.prior, z, z, 4, shift_actions(actions))
+        nll = predictive_metrics(model.prior, z, actions, horizon=4, burn_in=0)["nll"]
     counts = [9 - k for k in (2, 3, 4)]
     ref = sum(c * n for c, n in zip(counts, nll[1:])) / sum(counts)
     assert float(-term) == pytest.approx(ref, rel=1e-9)
@@ -353,5 +355,7 @@ def test_multistep_term_matches_k_step_predictive_nll():
     assert "multistep" in out.logs and math.isfinite(out.logs["loss"])
     with pytest.raises(ValueError, match="multistep_horizon"):
         ModelConfig(**{**SMALL, "multistep_horizon": 1})
-    vicreg = WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": 3}))
-    assert "multistep" not in vicreg.loss(frames, actions.float()).logs  # ignored by non-Kalman methods
+    with pytest.raises(ValueError, match="state-space prior"):  # pair priors cannot predict k steps
+        WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": 3}))
+    vicreg = WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": None}))
+    assert "multistep" not in vicreg.loss(frames, actions.float()).logs

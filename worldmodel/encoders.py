@@ -11,9 +11,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from worldmodel.distributed import gather
 
-__all__ = ["ChannelLayerNorm", "ConvEncoder", "LatentNorm", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
+__all__ = ["ChannelLayerNorm", "ConvEncoder", "LinearEncoder", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
 
 
 def normalize_frames(frames: Tensor) -> Tensor:
@@ -145,76 +144,36 @@ class SequenceEncoder(nn.Module):
         return rearrange(out, "(b t) d -> b t d", b=b)
 
 
-class LatentNorm(nn.Module):
-    """Normalises latents (B, T, d) to zero mean and unit (co)variance; no learned parameters.
+class LinearEncoder(nn.Module):
+    """Inputs (N, H, W, C) frames or (N, input_dim) vectors -> z = W P x, (N, out_dim).
 
-    kind="batch": per-dimension standardisation (z - mu) / sigma; kind="whiten": Cholesky whitening
-    L^{-1} (z - mu) with Cov = L L^T; kind="none": identity. Fixing the latent scale removes the trivial
-    collapse of the stop-gradient Kalman objective (a plug-in with a detached target has no entropy term
-    that would prevent it).
-
-    Training normalises with the statistics of the batch (their gradient is what stops the encoder
-    from collapsing); eval (filtering, stepping, evaluation) with running statistics. These are
-    bias-corrected exponential averages of the batch mean and of the uncentred second moment E[z z^T],
-    so Cov = E[z z^T] - mu mu^T estimates the population covariance, not the smaller average
-    within-batch covariance of time-correlated windows (which would mis-scale the latents in eval).
-    Statistics use observed, finite rows only (mask (B, T) True = observed) and are gathered over
-    ranks under torch.distributed (DDP sees the global batch).
+    P is a fixed random projection with orthonormal rows (a buffer, saved with the model) of the
+    flattened, `pool`-average-pooled input; W is a learned square map (`weight`, initialised to I). This is
+    the invertible linear encoder of ICA: the `jacobian` entropy log|det W| is exact for the learned part.
     """
 
-    def __init__(self, dim: int, kind: str = "batch", momentum: float = 0.02, eps: float = 1e-4):
+    def __init__(self, input_shape: tuple[int, ...], out_dim: int, pool: int = 1):
         super().__init__()
-        if kind not in ("batch", "whiten", "none"):
-            raise ValueError(f"kind must be 'batch', 'whiten' or 'none', got {kind!r}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        self.kind, self.momentum, self.eps = kind, momentum, eps
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_moment", torch.zeros(dim, dim))
-        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+        self.pool = nn.AvgPool2d(pool) if len(input_shape) == 3 and pool > 1 else nn.Identity()
+        if len(input_shape) == 3:
+            height, width, channels = input_shape
+            features = (height // pool) * (width // pool) * channels if pool > 1 else height * width * channels
+        else:
+            features = int(input_shape[0])
+        if features < out_dim:
+            raise ValueError(f"LinearEncoder needs at least out_dim={out_dim} input features, got {features}")
+        self.image = len(input_shape) == 3
+        self.register_buffer("projection", torch.linalg.qr(torch.randn(features, out_dim))[0].T.contiguous())
+        self.linear = nn.Linear(out_dim, out_dim, bias=False)
+        nn.init.eye_(self.linear.weight)
 
-    def statistics(self) -> tuple[Tensor, Tensor]:
-        """Running (mean (d,), covariance (d, d)); (0, I) before the first training batch."""
-        n = int(self.num_batches)
-        if n == 0:
-            return self.running_mean.clone(), torch.eye(len(self.running_mean), dtype=self.running_mean.dtype,
-                                                        device=self.running_mean.device)
-        correction = 1.0 - (1.0 - self.momentum) ** n
-        mean = self.running_mean / correction
-        return mean, self.running_moment / correction - torch.outer(mean, mean)
+    @property
+    def weight(self) -> Tensor:
+        """The learned square map W (out_dim, out_dim)."""
+        return self.linear.weight
 
-    def _normalise(self, z: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
-        x = z - mean.to(z.dtype)
-        cov = cov.to(z.dtype)
-        if self.kind == "batch":
-            return x / (cov.diagonal() + self.eps).sqrt()
-        chol = torch.linalg.cholesky(cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
-        return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
-
-    def forward(self, z: Tensor, mask: Tensor | None = None, running: bool = False) -> Tensor:
-        """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d). running=True uses the running statistics even
-        in training mode (online filtering of single frames)."""
-        if self.kind == "none":
-            return z
-        missing = ~torch.isfinite(z).all(-1)
-        if missing.any():  # normalise zeros in their place (NaN must not reach the backward pass)
-            observed = ~missing if mask is None else mask & ~missing
-            return self(z.masked_fill(missing[..., None], 0.0), observed, running).masked_fill(missing[..., None],
-                                                                                              float("nan"))
-        if running or not self.training:
-            return self._normalise(z, *self.statistics())
-        rows = rearrange(z, "b t d -> (b t) d")
-        if mask is not None:
-            rows = rows[rearrange(mask, "b t -> (b t)")]
-        rows = gather(rows)
-        if rows.shape[0] < 2:
-            raise ValueError("LatentNorm needs at least 2 observed latents in a training batch")
-        mean = rows.mean(0)
-        centred = rows - mean
-        cov = centred.mT @ centred / (rows.shape[0] - 1)
-        with torch.no_grad():
-            moment = rows.mT @ rows / rows.shape[0]
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_moment.lerp_(moment.to(self.running_moment.dtype), self.momentum)
-            self.num_batches += 1
-        return self._normalise(z, mean, cov)
+    def forward(self, x: Tensor) -> Tensor:
+        if self.image:
+            x = self.pool(rearrange(normalize_frames(x), "n h w c -> n c h w"))
+        flat = x.flatten(1).to(self.projection.dtype)
+        return self.linear(flat @ self.projection.T)

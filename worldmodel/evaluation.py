@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch import Tensor
 
 __all__ = [
@@ -166,82 +165,56 @@ def mcc(latents: Any, sources: Any, return_assignment: bool = False) -> float | 
     return (value, cols) if return_assignment else value
 
 
-def _gaussian_nll_and_z(x: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
-    """-log N(x; mean, cov) (...,) and the per-dimension standardised errors (..., d) (marginal)."""
-    d = x.shape[-1]
-    chol, _ = torch.linalg.cholesky_ex(cov)
-    white = torch.linalg.solve_triangular(chol, (x - mean).unsqueeze(-1), upper=False).squeeze(-1)
-    nll = 0.5 * white.pow(2).sum(-1) + torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) \
-        + 0.5 * d * math.log(2 * math.pi)
-    marginal = (x - mean) / torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    return nll, marginal
-
-
 @torch.no_grad()
-def predictive_metrics(latent_model: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
+def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
                        burn_in: int = 5, mask: Tensor | None = None, R: Tensor | None = None) -> dict[str, list[float]]:
     """k-step predictive NLL and calibration of the exact predictive Gaussian, k = 1..horizon.
 
-    For each filtered belief N(m_{t|t}, P_{t|t}) with burn_in <= t < T - k, the model's exact k-step
-    prediction of the next latent, observe(rollout(belief, actions[t : t+k]))[k-1] = N(mu, Sigma), is
-    scored against the encoder latent z_{t+k}:
+    For each filtered belief N(m_{t|t}, P_{t|t}) with burn_in <= t < T - k, the prior's exact k-step
+    prediction of the latent (`worldmodel.objective.kstep_predictive`) N(mu, Sigma) is scored against the
+    encoder latent z_{t+k}:
       nll[k-1]       = mean over beliefs of -log N(z_{t+k}; mu, Sigma) / d   (nats per latent dimension),
       coverage_1sigma[k-1], coverage_2sigma[k-1] = fraction of latent coordinates with
                        |z - mu| <= c sqrt(diag Sigma) (nominal 68.27 % and 95.45 %).
 
     Args:
-        latent_model: a KalmanLatentModel (filter, rollout, observe).
+        prior: a state-space prior (`worldmodel.priors.StateSpacePrior`).
         z: (B, T, d) latents. actions: (B, T, a) stored actions (action[t] taken after frame t) or None.
         mask: (B, T) bool, True = observed (used when filtering). R: optional per-step observation noise
-            (B, T, d, d) passed to the filter (heteroscedastic models); observe() then uses the model's R.
+            (B, T, d, d) passed to the filter (heteroscedastic models); predictions use the prior's R.
     Returns:
         dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma", plus the
         nominal coverages "nominal_1sigma", "nominal_2sigma".
     """
+    from worldmodel.model import shift_actions
+    from worldmodel.objective import kstep_predictive
+
     if z.dim() != 3:
         raise ValueError(f"z must have shape (B, T, d), got {tuple(z.shape)}")
     b, t_len, d = z.shape
     if t_len - burn_in - 1 < 1:
         raise ValueError(f"sequences of length {t_len} are too short for burn_in={burn_in}")
     horizon = min(horizon, t_len - burn_in - 1)
-    u = None
-    if actions is not None:
-        u = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
-    kwargs = {} if R is None else {"R": R}
-    filtered = latent_model.filter(z, u=u, mask=mask, **kwargs).filtered
-    starts = torch.arange(burn_in, t_len - 1)
-    mean0 = rearrange(filtered.mean[:, starts], "b s n -> (b s) n")
-    cov0 = rearrange(filtered.cov[:, starts], "b s n m -> (b s) n m")
-    # actions[t : t + horizon] for each start (zero-padded past the end; those steps are not scored)
-    if actions is not None:
-        padded = torch.cat([actions, actions.new_zeros(b, horizon, actions.shape[-1])], 1)
-        idx = starts[:, None] + torch.arange(horizon)
-        act = rearrange(padded[:, idx], "b s h a -> (b s) h a")
-    else:
-        act = z.new_zeros(len(mean0), horizon, 0)
-    from worldmodel.kalman import Gaussian  # local import: issue 2's module
-
-    pred = latent_model.rollout(Gaussian(mean0, cov0), act)  # (N, H, n)
-    pz = latent_model.observe(pred)
-    target_idx = starts[:, None] + torch.arange(1, horizon + 1)  # (S, H)
-    valid = target_idx < t_len
-    target = z[:, target_idx.clamp(max=t_len - 1)]  # (B, S, H, d)
-    target = rearrange(target, "b s h d -> (b s) h d").to(pz.mean.dtype)
-    valid = valid.expand(b, -1, -1).reshape(-1, horizon)
+    u = shift_actions(actions)
+    filtered = prior.filter(z, u=u, mask=mask, R=R).filtered
+    starts = torch.arange(burn_in, t_len - 1, device=z.device)
+    pred, times, valid = kstep_predictive(prior, filtered, u, starts, horizon)
+    target = z[:, times].to(pred.mean.dtype)  # (B, S, H, d)
+    valid = valid.expand(b, -1, -1) & torch.isfinite(target).all(-1)
     if mask is not None:
-        valid = valid & rearrange(mask[:, target_idx.clamp(max=t_len - 1)], "b s h -> (b s) h")
-    valid = valid & torch.isfinite(target).all(-1)
+        valid = valid & mask[:, times]
     target = torch.nan_to_num(target)
-    nll, marg = _gaussian_nll_and_z(target, pz.mean, pz.cov)
+    nll = -pred.log_prob(target)
+    marginal = (target - pred.mean) / torch.diagonal(pred.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     out: dict[str, list[float]] = {"k": [], "nll": [], "coverage_1sigma": [], "coverage_2sigma": []}
     for k in range(horizon):
-        v = valid[:, k]
+        v = valid[..., k]
         if not v.any():
             continue
         out["k"].append(k + 1)
-        out["nll"].append(float(nll[v, k].mean() / d))
-        out["coverage_1sigma"].append(float((marg[v, k].abs() <= 1).double().mean()))
-        out["coverage_2sigma"].append(float((marg[v, k].abs() <= 2).double().mean()))
+        out["nll"].append(float(nll[..., k][v].mean() / d))
+        out["coverage_1sigma"].append(float((marginal[..., k, :][v].abs() <= 1).double().mean()))
+        out["coverage_2sigma"].append(float((marginal[..., k, :][v].abs() <= 2).double().mean()))
     out["nominal_1sigma"] = [math.erf(1 / math.sqrt(2))] * len(out["k"])
     out["nominal_2sigma"] = [math.erf(2 / math.sqrt(2))] * len(out["k"])
     return out

@@ -1,13 +1,13 @@
-"""Method presets: name -> LDMLoss on the two dials (latent model P_theta, entropy estimator H).
+"""Method presets: name -> LDMLoss on the two dials (prior P_theta, entropy estimator H).
 
 | preset          | latent model                        | entropy                      | F    |
 |-----------------|-------------------------------------|------------------------------|------|
-| kalman          | KalmanLatentModel                   | plugin (stop-gradient target) | LDM  |
+| kalman          | KalmanLatentModel, whitened latents | plugin (stop-gradient target) | LDM  |
 | kalman_knn      | KalmanLatentModel                   | knn (k=3, clip at 90 % quantile) | MI |
 | kalman_logdet   | KalmanLatentModel                   | logdet over windows of 2     | LDM  |
 | vicreg          | plane (sigma=1)                     | logdet                       | MI   |
 | vicreg_ldm      | plane (sigma=1)                     | logdet of the joint (z, z')  | LDM  |
-| vicreg_original | official VICReg loss 25/25/1        | (variance + covariance terms) | -   |
+| vicreg_original | official VICReg loss 25/25/1 on consecutive pairs | (variance + covariance terms) | - |
 | simclr          | sphere (beta = 1/temperature = 10)  | kde (NT-Xent denominator)    | MI   |
 | cpc             | bilinear predictor, steps=1         | kde (InfoNCE denominator)    | MI   |
 | byol            | MLP predictor, vMF (beta=2)         | plugin, EMA target 0.996     | LDM  |
@@ -15,9 +15,17 @@
 | jepa            | MLP predictor on context, Gaussian  | plugin, EMA target 0.996     | LDM  |
 | ica             | factorized (logistic sources)       | jacobian (linear encoder)    | LDM  |
 
-`make(name, dim, **overrides)` forwards overrides to the latent model (e.g. sigma, beta, kind,
-hidden, steps, source, or KalmanLatentModel's action_dim, state_dim, ...), to the estimator (eps;
-k, clip_quantile) and to LDMLoss (entropy, mi, window, target_ema, encoder, gather).
+The Kalman presets also fit the exact k-step predictive (multistep_horizon=10, weight 3).
+
+`make(name, dim, **overrides)` forwards overrides to the prior (e.g. sigma, beta, kind, hidden, steps,
+source, or KalmanLatentModel's action_dim, state_dim, lr_multiplier, ...), to the estimator (eps; k,
+clip_quantile) and to LDMLoss (entropy, mi, window, target_ema, encoder, gather, latent_norm,
+multistep_horizon, multistep_weight). The loss trains on its own:
+
+    loss_fn = make("kalman", 8)
+    opt = torch.optim.Adam([{"params": encoder.parameters(), "lr": lr}, *loss_fn.param_groups(lr)])
+
+A preset is one row of PRESETS: a prior of `worldmodel.priors.PRIORS`, an estimator, and their options.
 
 The paper's 8-combination ablation (plane/sphere x logdet/kde x LDM/MI) is
 make("vicreg" | "simclr", dim, entropy="logdet" | "kde", mi=False | True). Pair presets model
@@ -35,91 +43,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldmodel.distributed import gather
-from worldmodel.latent_models import KalmanLatentModel, factorized, plane, predictor, sphere
-from worldmodel.ldm import ESTIMATOR_OPTIONS, LDMLoss, LossOutput
+from worldmodel.objective.ldm import ESTIMATOR_OPTIONS, LDMLoss
+from worldmodel.priors import build_prior, prior_options
 
-__all__ = ["make", "PRESETS", "VICRegLoss"]
+__all__ = ["make", "Preset", "PRESETS", "VICRegLoss"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    model: str  # kalman | plane | sphere | predictor | factorized
+    """One method: a prior, an entropy estimator and their options.
+
+    estimator_kwargs belong to the estimator (its options, window, target_ema, latent_norm) and are dropped
+    when `make` is given another `entropy`; objective_kwargs (the k-step term) stay. `encoder="linear"`:
+    the entropy term needs an invertible linear encoder (`make(..., encoder=module)`; WorldModel builds one).
+    """
+
+    prior: str  # a row of worldmodel.priors.PRIORS
     entropy: str | None
     mi: bool = False
-    model_kwargs: dict = field(default_factory=dict)
-    loss_kwargs: dict = field(default_factory=dict)
+    prior_kwargs: dict = field(default_factory=dict)
+    estimator_kwargs: dict = field(default_factory=dict)
+    objective_kwargs: dict = field(default_factory=dict)
+    encoder: str = "any"
+    loss: type = LDMLoss
 
 
-PRESETS: dict[str, Preset | None] = {
-    "kalman": Preset("kalman", "plugin"),
-    "kalman_knn": Preset("kalman", "knn", mi=True, loss_kwargs={"k": 3, "clip_quantile": 0.9}),
-    "kalman_logdet": Preset("kalman", "logdet", loss_kwargs={"window": 2}),
-    "vicreg": Preset("plane", "logdet", mi=True),
-    "vicreg_ldm": Preset("plane", "logdet"),
-    "vicreg_original": None,  # VICRegLoss
-    "simclr": Preset("sphere", "kde", mi=True, model_kwargs={"beta": 10.0}),
-    "cpc": Preset("predictor", "kde", mi=True, model_kwargs={"kind": "bilinear"}),
-    "byol": Preset("predictor", "plugin", model_kwargs={"beta": 2.0}, loss_kwargs={"target_ema": 0.996}),
-    "simsiam": Preset("predictor", "plugin", model_kwargs={"beta": 2.0}),
-    "jepa": Preset("predictor", "plugin", loss_kwargs={"target_ema": 0.996}),
-    "ica": Preset("factorized", "jacobian"),
-}
-
-_MODEL_FACTORIES = {"plane": plane, "sphere": sphere, "predictor": predictor, "factorized": factorized}
-_LOSS_OPTIONS = {"entropy", "mi", "window", "target_ema", "encoder", "gather"}
-
-
-def _model_options(model: str) -> set[str]:
-    factory = KalmanLatentModel if model == "kalman" else _MODEL_FACTORIES[model]
-    skip = {"self", "dim", "obs_dim"}
-    params = inspect.signature(factory).parameters.values()
-    return {p.name for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-
-
-def make(name: str, dim: int, **overrides) -> LDMLoss:
-    """The LDMLoss of preset `name` for latents of dimension `dim` (see the module table).
-
-    e.g. make("kalman", dim=8, action_dim=1), make("simclr", 128, beta=2.0),
-    make("vicreg", 64, entropy=None)  # no entropy term: collapses (ablation)
-    """
-    if name not in PRESETS:
-        raise ValueError(f"unknown method {name!r}; valid: {sorted(PRESETS)}")
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    preset = PRESETS[name]
-    if preset is None:
-        valid = {"sim_coeff", "std_coeff", "cov_coeff", "gather"}
-        _reject_unknown(name, overrides, valid)
-        return VICRegLoss(dim=dim, **overrides)
-    entropy = overrides.pop("entropy", preset.entropy)
-    model_options = _model_options(preset.model)
-    estimator_options = ESTIMATOR_OPTIONS.get(entropy, set())
-    _reject_unknown(name, overrides, model_options | estimator_options | _LOSS_OPTIONS - {"entropy"})
-
-    model_kwargs = {**preset.model_kwargs, **{k: v for k, v in overrides.items() if k in model_options}}
-    if preset.model == "kalman":
-        latent_model = KalmanLatentModel(dim, **model_kwargs)
-    elif preset.model == "predictor":
-        latent_model = predictor(dim, **model_kwargs)
-    else:
-        latent_model = _MODEL_FACTORIES[preset.model](**model_kwargs)
-
-    # the preset's loss defaults belong to its estimator: another estimator starts from scratch
-    defaults = {**preset.loss_kwargs, "mi": preset.mi} if entropy == preset.entropy else {}
-    options = {**defaults, **{k: v for k, v in overrides.items() if k not in model_options}}
-    entropy_kwargs = {k: options.pop(k) for k in list(options) if k in estimator_options}
-    return LDMLoss(latent_model, entropy, entropy_kwargs=entropy_kwargs, dim=dim, **options)
-
-
-def _reject_unknown(name: str, overrides: dict, valid: set[str]) -> None:
-    unknown = set(overrides) - valid
-    if unknown:
-        raise ValueError(f"unknown override(s) {sorted(unknown)} for method {name!r}; valid: {sorted(valid)}")
+_MULTISTEP = {"multistep_horizon": 10, "multistep_weight": 3.0}
 
 
 class VICRegLoss(LDMLoss):
     """The official VICReg loss (Bardes, Ponce & LeCun 2022, ICLR; facebookresearch/vicreg
-    main_vicreg.py), for comparison with the LDM presets. For z (B, 2, d), x = z[:, 0], y = z[:, 1]:
+    main_vicreg.py), for comparison with the LDM presets. Over the pairs of consecutive latents
+    (x, y) = (z_t, z_{t+1}) with both observed (for T = 2: the two views):
 
         invariance = mean((x - y)^2)                                   (per rank, like the original)
         variance   = mean(relu(1 - sqrt(Var x + 1e-4))) / 2 + same for y   (unbiased Var)
@@ -130,39 +85,84 @@ class VICRegLoss(LDMLoss):
     alignment = -sim_coeff * invariance, entropy = -(std_coeff * variance + cov_coeff * covariance).
     """
 
-    def __init__(
-        self,
-        sim_coeff: float = 25.0,
-        std_coeff: float = 25.0,
-        cov_coeff: float = 1.0,
-        gather: bool = True,
-        dim: int | None = None,
-    ):
-        super().__init__(plane(), entropy=None, gather=gather, dim=dim)
+    def __init__(self, prior, entropy=None, *, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                 cov_coeff: float = 1.0, gather: bool = True, dim: int | None = None):
+        super().__init__(prior, None, gather=gather, dim=dim)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
-    def forward(self, z: Tensor, u=None, mask=None, target=None, R=None) -> LossOutput:
-        z = self._check(z, u, mask, target, R)
-        if z.shape[1] != 2 or mask is not None:
-            raise ValueError(f"vicreg_original needs exactly two views z (B, 2, d) and no mask, got T={z.shape[1]}")
-        x, y = z[:, 0], z[:, 1]
+    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor]:
+        x, y = z[:, :-1], z[:, 1:]
+        if mask is None:
+            x, y = x.flatten(0, 1), y.flatten(0, 1)
+        else:
+            both = mask[:, :-1] & mask[:, 1:]
+            x, y = x[both], y[both]
         invariance = F.mse_loss(x, y)
         if self.gather:
             x, y = gather(x), gather(y)
         if x.shape[0] < 2:
-            raise ValueError("vicreg_original needs a batch of at least 2")
+            raise ValueError("vicreg_original needs at least 2 observed pairs in a batch")
         variance = _hinge_std(x) / 2 + _hinge_std(y) / 2
         covariance = _off_diagonal_cov(x) + _off_diagonal_cov(y)
-        alignment = -self.sim_coeff * invariance
-        entropy = -(self.std_coeff * variance + self.cov_coeff * covariance)
-        loss = -(alignment + entropy)
-        logs = {
-            "loss": float(loss.detach()),
-            "alignment": float(alignment.detach()),
-            "entropy": float(entropy.detach()),
-            "latent_std": float(z.detach().flatten(0, 1).std(dim=0).mean()),
-        }
-        return LossOutput(loss, alignment, entropy, logs)
+        return -self.sim_coeff * invariance, -(self.std_coeff * variance + self.cov_coeff * covariance)
+
+
+PRESETS: dict[str, Preset] = {
+    "kalman": Preset("kalman", "plugin", estimator_kwargs={"latent_norm": "whiten"}, objective_kwargs=_MULTISTEP),
+    "kalman_knn": Preset("kalman", "knn", mi=True, estimator_kwargs={"k": 3, "clip_quantile": 0.9},
+                         objective_kwargs=_MULTISTEP),
+    "kalman_logdet": Preset("kalman", "logdet", estimator_kwargs={"window": 2}, objective_kwargs=_MULTISTEP),
+    "vicreg": Preset("plane", "logdet", mi=True),
+    "vicreg_ldm": Preset("plane", "logdet"),
+    "vicreg_original": Preset("plane", None, loss=VICRegLoss),
+    "simclr": Preset("sphere", "kde", mi=True, prior_kwargs={"beta": 10.0}),
+    "cpc": Preset("predictor", "kde", mi=True, prior_kwargs={"kind": "bilinear"}),
+    "byol": Preset("predictor", "plugin", prior_kwargs={"beta": 2.0}, estimator_kwargs={"target_ema": 0.996}),
+    "simsiam": Preset("predictor", "plugin", prior_kwargs={"beta": 2.0}),
+    "jepa": Preset("predictor", "plugin", estimator_kwargs={"target_ema": 0.996}),
+    "ica": Preset("factorized", "jacobian", encoder="linear"),
+}
+
+
+def _loss_options(loss: type) -> set[str]:
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = inspect.signature(loss).parameters.values()
+    return {p.name for p in params if p.kind not in kinds} - {"prior", "entropy", "entropy_kwargs", "dim"}
+
+
+def make(name: str, dim: int, **overrides) -> LDMLoss:
+    """The LDMLoss of preset `name` for latents of dimension `dim` (see the module table).
+
+    e.g. make("kalman", dim=8, action_dim=1), make("simclr", 128, beta=2.0),
+    make("vicreg", 64, entropy=None)  # no entropy term: collapses (ablation)
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(PRESETS)}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    preset = PRESETS[name]
+    loss_options = _loss_options(preset.loss)
+    if preset.loss is not LDMLoss:  # a loss of its own (vicreg_original): only its options
+        _reject_unknown(name, overrides, loss_options)
+        return preset.loss(build_prior(preset.prior, dim, **preset.prior_kwargs), None, dim=dim, **overrides)
+    entropy = overrides.pop("entropy", preset.entropy)
+    model_options = prior_options(preset.prior)
+    estimator_options = ESTIMATOR_OPTIONS.get(entropy, set())
+    _reject_unknown(name, overrides, model_options | estimator_options | loss_options)
+
+    prior_kwargs = {**preset.prior_kwargs, **{k: v for k, v in overrides.items() if k in model_options}}
+    prior = build_prior(preset.prior, dim, **prior_kwargs)
+    # the preset's estimator options belong to its estimator: another estimator starts from scratch
+    own = {**preset.estimator_kwargs, "mi": preset.mi} if entropy == preset.entropy else {}
+    options = {**preset.objective_kwargs, **own, **{k: v for k, v in overrides.items() if k not in model_options}}
+    entropy_kwargs = {k: options.pop(k) for k in list(options) if k in estimator_options}
+    return LDMLoss(prior, entropy, entropy_kwargs=entropy_kwargs, dim=dim, **options)
+
+
+def _reject_unknown(name: str, overrides: dict, valid: set[str]) -> None:
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ValueError(f"unknown override(s) {sorted(unknown)} for method {name!r}; valid: {sorted(valid)}")
 
 
 def _hinge_std(x: Tensor) -> Tensor:

@@ -1,10 +1,13 @@
-"""WorldModel: encoder + latent normalisation + LDM objective (latent model P_theta and entropy H).
+"""WorldModel: an encoder and an LDM objective (prior P_theta, entropy H); filtering and imagination when
+the prior is a state-space prior.
 
 Pixels go in as uint8 (B, T, H, W, C), exactly as the envs and the rollout store hold them (float
 frames are also accepted; NaN frames count as dropped). The encoder maps every frame x_t to a latent
-z_t in R^L; for the Kalman presets z_t is the observation of a hidden state h_t in R^S of a learned
-linear-Gaussian state-space model, which gives exact filtering (`filter`, `step`) and exact k-step
-prediction (`imagine`) (DESIGN section 1; Mikulasch & Zenke 2026, Sec. 6.1).
+z_t in R^L; the objective (`worldmodel.methods.make`) normalises the latents and scores them under its
+prior. When the prior is a `StateSpacePrior` (the Kalman presets: z_t observes a hidden state h_t of a
+learned linear-Gaussian model) the model also filters (`filter`, `step`) and predicts k steps ahead
+(`imagine`) exactly (DESIGN section 1; Mikulasch & Zenke 2026, Sec. 6.1). The model never tests the
+preset's name: it asks the prior what it can do.
 
 Actions follow the store's convention: actions[:, t] is taken after frame t. The model shifts them to
 the filter's convention itself, u = cat(0, actions[:, :-1]) (u[:, t] drives the transition into t).
@@ -14,33 +17,37 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from worldmodel import __version__
-from worldmodel.encoders import ConvEncoder, LatentNorm, MLPEncoder, SequenceEncoder
+from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, SequenceEncoder
 from worldmodel.kalman import FilterResult, Gaussian
-from worldmodel.ldm import LossOutput
 from worldmodel.methods import PRESETS, make
+from worldmodel.objective import NORMS, LossOutput
+from worldmodel.priors import StateSpacePrior, prior_options
 
-__all__ = ["ModelConfig", "WorldModel", "shift_actions"]
+__all__ = ["ModelConfig", "WorldModel", "shift_actions", "upgrade_state_dict"]
 
 CHECKPOINT_FORMAT = "ldm-worldmodel/world-model"
+ENCODERS = ("auto", "conv", "mlp", "linear")
+_RENAMED = {"kalman_lr_multiplier": "prior_lr_multiplier"}  # fields of older configs
 
 
 @dataclass
 class ModelConfig:
-    """Architecture and objective of a WorldModel (plain values only: it is stored in checkpoints)."""
+    """Architecture and objective of a WorldModel (plain values only: it is stored in checkpoints).
+    None means "the method's own default" (see worldmodel.methods.PRESETS)."""
 
-    encoder: str = field(default="conv", metadata={"help": "conv (frames) or mlp (vector observations)"})
-    image_size: int = field(default=64, metadata={"help": "H = W of the frames (conv encoder)"})
-    channels: int = field(default=3, metadata={"help": "C of the frames (conv encoder)"})
+    encoder: str = field(default="auto", metadata={
+        "help": "conv (frames), mlp (vector observations), linear (fixed projection + learned square map, as "
+                "ica needs) or auto (linear when the method needs it, mlp when input_dim > 0, else conv)"})
+    image_size: int = field(default=64, metadata={"help": "H = W of the frames (conv and linear encoders)"})
+    channels: int = field(default=3, metadata={"help": "C of the frames (conv and linear encoders)"})
     depth: int = field(default=16, metadata={"help": "conv encoder width multiplier: widths depth*(1,2,4,8)"})
     pool: int = field(default=2, metadata={
         "help": "average-pool the frames by this factor before the convs (2: a cheap first stage)"})
@@ -49,55 +56,73 @@ class ModelConfig:
     hidden: int = field(default=256, metadata={"help": "hidden width (mlp encoder)"})
     layers: int = field(default=2, metadata={"help": "hidden layers (mlp encoder)"})
     latent_dim: int = field(default=8, metadata={"help": "L, the encoder latent (observation) dimension"})
-    state_dim: int | None = field(default=None, metadata={"help": "S, the Kalman state dimension (none = 2 L)"})
+    state_dim: int | None = field(default=None, metadata={
+        "help": "S, the state dimension of a state-space prior (none = 2 L)"})
     action_dim: int = field(default=1, metadata={"help": "action size (0 = uncontrolled)"})
     method: str = field(default="kalman", metadata={"help": "preset of worldmodel.methods (kalman, vicreg, ...)"})
     method_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON overrides of methods.make"})
     latent_norm: str = field(default="auto", metadata={
-        "help": "batch, whiten, none, or auto (whiten for plug-in Kalman presets, none otherwise)"})
+        "help": "batch, whiten, none, or auto (the method's own: whiten for the kalman preset)"})
     heteroscedastic: bool = field(default=False, metadata={
-        "help": "predict the Kalman observation noise per frame from the encoder"})
-    kalman_lr_multiplier: float = field(default=100.0, metadata={
-        "help": "learning-rate multiplier of the Kalman parameters (the paper uses 100)"})
-    multistep_horizon: int = field(default=10, metadata={
-        "help": "Kalman methods: also fit the exact k-step predictive log-likelihoods, k = 2..H (0 = off; "
-                "ignored by other methods)"})
-    multistep_weight: float = field(default=3.0, metadata={"help": "weight of the k-step term in the loss"})
+        "help": "predict the observation noise per frame from the encoder (state-space priors)"})
+    prior_lr_multiplier: float | None = field(default=None, metadata={
+        "help": "learning-rate multiplier of the prior's parameters (none = the prior's own: 100 for kalman, "
+                "as in the paper)"})
+    multistep_horizon: int | None = field(default=None, metadata={
+        "help": "state-space priors: also fit the exact k-step predictive log-likelihoods, k = 2..H (0 = off; "
+                "none = the method's own: 10 for the kalman presets)"})
+    multistep_weight: float | None = field(default=None, metadata={
+        "help": "weight of the k-step term in the loss (none = the method's own: 3 for the kalman presets)"})
 
     def __post_init__(self):
-        if self.encoder not in ("conv", "mlp"):
-            raise ValueError(f"encoder must be 'conv' or 'mlp', got {self.encoder!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.method not in PRESETS:
             raise ValueError(f"method must be one of {sorted(PRESETS)}, got {self.method!r}")
-        if self.latent_norm not in ("auto", "batch", "whiten", "none"):
+        if self.latent_norm not in ("auto", *NORMS):
             raise ValueError(f"latent_norm must be auto, batch, whiten or none, got {self.latent_norm!r}")
         if self.latent_dim < 1 or self.action_dim < 0 or (self.state_dim is not None and self.state_dim < 1):
             raise ValueError("latent_dim and state_dim must be >= 1 and action_dim >= 0")
-        if self.encoder == "mlp" and self.input_dim < 1:
-            raise ValueError("encoder='mlp' needs input_dim >= 1")
-        if self.heteroscedastic and not self.is_kalman:
-            raise ValueError(f"heteroscedastic=True needs a Kalman method, got {self.method!r}")
-        if self.multistep_horizon < 0 or self.multistep_horizon == 1:
+        if self.multistep_horizon is not None and (self.multistep_horizon < 0 or self.multistep_horizon == 1):
             raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {self.multistep_horizon}")
+        if self.resolved_encoder == "mlp" and self.input_dim < 1:
+            raise ValueError("encoder='mlp' needs input_dim >= 1")
 
     @property
-    def is_kalman(self) -> bool:
-        """True when the method's latent model is a KalmanLatentModel (filtering is available)."""
+    def resolved_encoder(self) -> str:
+        """The encoder built: `encoder`, or for auto the one the method and the input call for."""
+        if self.encoder != "auto":
+            return self.encoder
+        if PRESETS[self.method].encoder == "linear":
+            return "linear"
+        return "mlp" if self.input_dim > 0 else "conv"
+
+    def objective_overrides(self) -> dict[str, Any]:
+        """Keyword overrides of `methods.make` this config asks for (method_kwargs win)."""
         preset = PRESETS[self.method]
-        return preset is not None and preset.model == "kalman"
-
-    @property
-    def resolved_latent_norm(self) -> str:
-        if self.latent_norm != "auto":
-            return self.latent_norm
-        entropy = self.method_kwargs.get("entropy", PRESETS[self.method].entropy if PRESETS[self.method] else None)
-        return "whiten" if self.is_kalman and entropy == "plugin" else "none"
+        accepted = prior_options(preset.prior)
+        overrides: dict[str, Any] = {}
+        if "action_dim" in accepted:
+            overrides["action_dim"] = self.action_dim
+        if "state_dim" in accepted:
+            overrides["state_dim"] = self.state_dim
+        for name in ("latent_norm", "multistep_horizon", "multistep_weight"):
+            value = getattr(self, name)
+            if value not in (None, "auto"):
+                overrides[name] = value
+        return {**overrides, **self.method_kwargs}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; configs of earlier versions (kalman_lr_multiplier) are upgraded."""
+        values = dict(values)
+        if any(old in values for old in _RENAMED):  # before priors: multistep settings only for state-space ones
+            values = {_RENAMED.get(k, k): v for k, v in values.items()}
+            if "multistep_horizon" not in PRESETS.get(values.get("method"), PRESETS["kalman"]).objective_kwargs:
+                values.update(multistep_horizon=None, multistep_weight=None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names
         if unknown:
@@ -114,12 +139,11 @@ def shift_actions(actions: Tensor | None) -> Tensor | None:
 
 
 class WorldModel(nn.Module):
-    """Encoder + latent normalisation + LDM objective; filtering and imagination for Kalman presets.
+    """Encoder + LDM objective; filtering and imagination when the prior is a state-space prior.
 
     Build with `WorldModel.from_config(ModelConfig(...))`. Attributes: `encoder` (SequenceEncoder),
-    `latent_norm` (LatentNorm), `objective` (LDMLoss of `worldmodel.methods.make`), `latent_model`
-    (the objective's latent model), `target_encoder` / `target_norm` (EMA copies, only when the
-    objective has `target_ema`).
+    `objective` (LDMLoss of `worldmodel.methods.make`, holding the latent normalisation and the prior),
+    `prior` (the objective's prior), `target_encoder` (EMA copy, only when the objective has `target_ema`).
     """
 
     def __init__(self, config: ModelConfig):
@@ -127,59 +151,73 @@ class WorldModel(nn.Module):
         self.config = config
         L = config.latent_dim
         out_dim = 2 * L if config.heteroscedastic else L
-        if config.encoder == "conv":
+        kind = config.resolved_encoder
+        frame_shape = (config.image_size, config.image_size, config.channels)
+        if kind == "conv":
             item = ConvEncoder(config.image_size, config.channels, out_dim, config.depth, config.norm, config.pool)
-        else:
+        elif kind == "mlp":
             item = MLPEncoder(config.input_dim, out_dim, config.hidden, config.layers)
+        else:
+            item = LinearEncoder((config.input_dim,) if config.input_dim else frame_shape, out_dim, config.pool)
         self.encoder = SequenceEncoder(item)
-        self.latent_norm = LatentNorm(L, config.resolved_latent_norm)
-        overrides = dict(config.method_kwargs)
-        if config.is_kalman:
-            overrides.setdefault("action_dim", config.action_dim)
-            overrides.setdefault("state_dim", config.state_dim)
+        overrides = config.objective_overrides()
+        if PRESETS[config.method].encoder == "linear":
+            if kind != "linear" or config.heteroscedastic:
+                raise ValueError(f"method {config.method!r} needs encoder='linear' (or auto) and no heteroscedastic "
+                                 f"noise (its entropy is log|det| of a square linear encoder)")
+            overrides.setdefault("encoder", item)
         self.objective = make(config.method, L, **overrides)
-        if config.is_kalman:
-            self.latent_model.param_group_lr_multiplier = float(config.kalman_lr_multiplier)
+        if config.heteroscedastic and not self.can_filter:
+            raise ValueError(f"heteroscedastic=True needs a state-space prior, method {config.method!r} has none")
+        if config.prior_lr_multiplier is not None:
+            self.prior.lr_multiplier = float(config.prior_lr_multiplier)
         self.target_encoder: SequenceEncoder | None = None
-        self.target_norm: LatentNorm | None = None
-        if getattr(self.objective, "target_ema", None) is not None:
+        if self.objective.target_ema is not None:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-            self.target_norm = copy.deepcopy(self.latent_norm)
 
     @classmethod
     def from_config(cls, config: ModelConfig | dict) -> "WorldModel":
         return cls(ModelConfig.from_dict(config) if isinstance(config, dict) else config)
 
     @property
-    def latent_model(self) -> nn.Module:
-        return self.objective.latent_model
+    def prior(self) -> nn.Module:
+        """The latent model P_theta (`worldmodel.priors.LatentPrior`)."""
+        return self.objective.prior
+
+    @property
+    def can_filter(self) -> bool:
+        """True when the prior is a state-space prior: filter, step, imagine and k-step metrics work."""
+        return isinstance(self.prior, StateSpacePrior)
 
     # ---- encoding ----------------------------------------------------------------------------
     def _check_frames(self, frames: Tensor, extra: int) -> None:
         cfg = self.config
-        item = (cfg.image_size, cfg.image_size, cfg.channels) if cfg.encoder == "conv" else (cfg.input_dim,)
+        item = (cfg.input_dim,) if cfg.input_dim and cfg.resolved_encoder != "conv" else \
+            (cfg.image_size, cfg.image_size, cfg.channels)
         if frames.dim() != extra + len(item) or tuple(frames.shape[extra:]) != item:
             lead = "(B, T, " if extra == 2 else "(B, "
             raise ValueError(f"frames must have shape {lead}{', '.join(map(str, item))}) for this config "
                              f"(image_size={cfg.image_size}, channels={cfg.channels}), got {tuple(frames.shape)}")
 
-    def _latents(self, frames: Tensor, mask: Tensor | None = None, target: bool = False,
-                 running: bool = False) -> tuple[Tensor, Tensor | None]:
-        """frames (B, T, ...) -> normalised latents z (B, T, L) (NaN where a frame is NaN) and the
-        per-frame observation-noise variances (B, T, L) (heteroscedastic) or None. running=True
-        normalises with the running statistics also in training mode."""
+    def _raw_latents(self, frames: Tensor, target: bool = False) -> tuple[Tensor, Tensor | None]:
+        """frames (B, T, ...) -> encoder latents z (B, T, L) before normalisation (NaN where a frame is NaN)
+        and the per-frame observation-noise variances (B, T, L) (heteroscedastic) or None."""
         self._check_frames(frames, 2)
-        encoder, norm = (self.target_encoder, self.target_norm) if target else (self.encoder, self.latent_norm)
-        out = encoder(frames)
+        out = (self.target_encoder if target else self.encoder)(frames)
         L = self.config.latent_dim
-        z, variances = out[..., :L], None
-        if self.config.heteroscedastic:
-            variances = nn.functional.softplus(out[..., L:]) + 1e-4
-            variances = torch.nan_to_num(variances, nan=1.0)
-        return norm(z, mask, running), variances
+        if not self.config.heteroscedastic:
+            return out, None
+        variances = torch.nan_to_num(nn.functional.softplus(out[..., L:]) + 1e-4, nan=1.0)
+        return out[..., :L], variances
+
+    def _latents(self, frames: Tensor, mask: Tensor | None = None, running: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Normalised latents (B, T, L) and variances, as the objective sees them (running=True: running
+        statistics also in training mode)."""
+        z, variances = self._raw_latents(frames)
+        return self.objective.latent_norm(z, mask, running), variances
 
     def encode(self, frames: Tensor) -> Tensor:
-        """Latents z (B, T, L) of frames (B, T, H, W, C) (or (B, T, input_dim) for the mlp encoder)."""
+        """Latents z (B, T, L) of frames (B, T, H, W, C) (or (B, T, input_dim) for vector encoders)."""
         return self._latents(frames)[0]
 
     # ---- training ----------------------------------------------------------------------------
@@ -187,59 +225,17 @@ class WorldModel(nn.Module):
         """The LDM loss of a batch of windows: frames (B, T, ...), actions (B, T, a) stored convention,
         mask (B, T) bool (True = observed; NaN frames are also treated as dropped)."""
         self._check_actions(frames, actions)
-        z, variances = self._latents(frames, mask)
+        z, variances = self._raw_latents(frames)
         observed = torch.isfinite(z).all(-1)
         if mask is not None:
             observed = observed & mask.to(torch.bool)
-        has_missing = not bool(observed.all())
-        z = torch.where(observed[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+        mask = None if bool(observed.all()) else observed
         target = None
         if self.target_encoder is not None:
             with torch.no_grad():
-                target = self._latents(frames, mask, target=True)[0]
-                target = torch.where(observed[..., None], target, torch.zeros((), dtype=z.dtype, device=z.device))
-        kwargs = {} if variances is None else {"R": variances}
-        u = shift_actions(actions) if self.config.is_kalman else None
-        mask = observed if has_missing else None
-        out = self.objective(z, u=u, mask=mask, target=target, **kwargs)
-        if not (self.config.multistep_horizon and self.config.is_kalman):
-            return out
-        multistep = self._multistep_log_likelihood(z, u, mask, variances, z.detach() if target is None else target)
-        loss = out.loss - self.config.multistep_weight * multistep
-        return LossOutput(loss, out.alignment, out.entropy,
-                          {**out.logs, "loss": float(loss.detach()), "multistep": float(multistep.detach())})
-
-    def _multistep_log_likelihood(self, z: Tensor, u: Tensor | None, mask: Tensor | None, variances: Tensor | None,
-                                  target: Tensor) -> Tensor:
-        """Mean over t and k = 2..H of log N(SG[z_{t+k}]; C m_{t+k|t}, C P_{t+k|t} C^T + R) per latent dimension:
-        the exact k-step predictive from every filtered belief (latent overshooting, Hafner et al. 2019, with
-        the stop-gradient target of the plug-in). Fits the long-horizon predictive spread of a misspecified
-        linear model, which the one-step likelihood alone leaves too narrow."""
-        lm = self.latent_model
-        b, t_len, d = z.shape
-        horizon = min(self.config.multistep_horizon, t_len - 1)
-        if horizon < 2:
-            return z.new_zeros(())
-        filtered = lm.filter(z, u=u, mask=mask, R=variances).filtered
-        steps = torch.arange(t_len - 2, device=z.device)  # beliefs with at least 2 steps ahead
-        times = steps[:, None] + torch.arange(1, horizon + 1, device=z.device)  # (S, H) target steps
-        valid = (times < t_len).expand(b, -1, -1)
-        times = times.clamp(max=t_len - 1)
-        belief = Gaussian(rearrange(filtered.mean[:, steps], "b s n -> (b s) n"),
-                          rearrange(filtered.cov[:, steps], "b s n m -> (b s) n m"))
-        controls = z.new_zeros(b, len(steps), horizon, lm.action_dim) if u is None else u[:, times]
-        controls = rearrange(controls * valid[..., None], "b s h a -> (b s) h a")
-        noise = None if variances is None else rearrange(variances[:, times], "b s h d -> (b s) h d")
-        pred = lm.observe(lm.rollout(belief, controls), noise)
-        if mask is not None:
-            valid = valid & mask[:, times]
-        valid = rearrange(valid, "b s h -> (b s) h")[:, 1:]
-        tgt = rearrange(target[:, times], "b s h d -> (b s) h d")[:, 1:].to(pred.mean.dtype)
-        chol = torch.linalg.cholesky_ex(pred.cov[:, 1:])[0]
-        white = torch.linalg.solve_triangular(chol, (tgt - pred.mean[:, 1:]).unsqueeze(-1), upper=False).squeeze(-1)
-        ll = -0.5 * white.pow(2).sum(-1) - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) \
-            - 0.5 * d * math.log(2 * math.pi)
-        return (ll * valid).sum() / valid.sum().clamp_min(1) / d
+                target = self._raw_latents(frames, target=True)[0]
+        u = shift_actions(actions) if self.can_filter else None
+        return self.objective(z, u=u, mask=mask, target=target, R=variances)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -247,31 +243,23 @@ class WorldModel(nn.Module):
         if self.target_encoder is None:
             return
         decay = float(self.objective.target_ema)
-        for target, online in ((self.target_encoder, self.encoder), (self.target_norm, self.latent_norm)):
-            for t, o in zip(target.parameters(), online.parameters()):
-                t.lerp_(o, 1.0 - decay)
-            for t, o in zip(target.buffers(), online.buffers()):
-                t.copy_(o)
+        for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+            t.lerp_(o, 1.0 - decay)
+        for t, o in zip(self.target_encoder.buffers(), self.encoder.buffers()):
+            t.copy_(o)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: the Kalman parameters at lr * kalman_lr_multiplier, the rest at lr."""
-        fast: list[nn.Parameter] = []
-        seen: set[int] = set()
-        if self.config.is_kalman:
-            fast = [p for p in self.latent_model.parameters() if p.requires_grad]
-            seen = {id(p) for p in fast}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
-        groups = [{"params": rest, "lr": lr}]
-        if fast:
-            groups.append({"params": fast, "lr": lr * self.config.kalman_lr_multiplier})
-        return groups
+        """Optimizer parameter groups: the encoder at lr, then the objective's (`LDMLoss.param_groups`: the
+        prior at lr * its lr_multiplier)."""
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        return [{"params": encoder, "lr": lr}, *self.objective.param_groups(lr)]
 
-    # ---- filtering and imagination (Kalman presets) ------------------------------------------
-    def _require_kalman(self, what: str) -> None:
-        if not self.config.is_kalman:
-            kalman = sorted(n for n, p in PRESETS.items() if p is not None and p.model == "kalman")
-            raise TypeError(f"WorldModel.{what} needs a Kalman latent model (method one of {kalman}), "
-                            f"got method {self.config.method!r}")
+    # ---- filtering and imagination (state-space priors) ----------------------------------------
+    def _state_space(self, what: str) -> StateSpacePrior:
+        if not self.can_filter:
+            raise TypeError(f"WorldModel.{what} needs a state-space prior (e.g. method 'kalman'); method "
+                            f"{self.config.method!r} uses {type(self.prior).__name__}")
+        return self.prior
 
     def _check_actions(self, frames: Tensor, actions: Tensor | None) -> None:
         if actions is None:
@@ -282,31 +270,30 @@ class WorldModel(nn.Module):
                              f"got {tuple(actions.shape)}")
 
     def filter(self, frames: Tensor, actions: Tensor | None = None, mask: Tensor | None = None) -> FilterResult:
-        """Exact Kalman filtering of frames (B, T, ...): FilterResult with filtered N(m_{t|t}, P_{t|t})
-        and predicted N(m_{t|t-1}, P_{t|t-1}) state beliefs (B, T, S). Missing frames (mask False or
-        NaN) are only predicted."""
-        self._require_kalman("filter")
+        """Exact filtering of frames (B, T, ...): FilterResult with filtered N(m_{t|t}, P_{t|t}) and
+        predicted N(m_{t|t-1}, P_{t|t-1}) state beliefs (B, T, S). Missing frames (mask False or NaN) are
+        only predicted."""
+        prior = self._state_space("filter")
         self._check_actions(frames, actions)
         z, variances = self._latents(frames, mask)
-        return self.latent_model.filter(z, u=shift_actions(actions), mask=mask, R=variances)
+        return prior.filter(z, u=shift_actions(actions), mask=mask, R=variances)
 
     def features(self, frames: Tensor, actions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """Readout features (B, T, F): filtered state means m_{t|t} for Kalman methods, else the latents."""
-        if self.config.is_kalman:
+        """Readout features (B, T, F): filtered state means m_{t|t} for state-space priors, else the latents."""
+        if self.can_filter:
             return self.filter(frames, actions, mask).filtered.mean
         return self.encode(frames)
 
     def init_belief(self, batch_size: int) -> Gaussian:
         """Belief N(m0, P0) of the state before the first frame: mean (B, S), cov (B, S, S)."""
-        self._require_kalman("init_belief")
-        return self.latent_model.init_belief(batch_size)
+        return self._state_space("init_belief").init_belief(batch_size)
 
     def step(self, belief: Gaussian, frame: Tensor | None = None, action: Tensor | None = None) -> Gaussian:
         """One online filter step: predict with `action` (B, a), the action applied since the belief's
         time (None = zero action), then update with the live `frame` (B, H, W, C). frame=None, or a
         frame with NaN, only predicts. Starting from init_belief and calling step(belief, frame[:, t],
         action[:, t-1]) (action None at t=0) reproduces `filter`'s filtered beliefs."""
-        self._require_kalman("step")
+        prior = self._state_space("step")
         batch = belief.mean.shape[0]
         if action is not None and tuple(action.shape) != (batch, self.config.action_dim):
             raise ValueError(f"action must have shape ({batch}, {self.config.action_dim}), got {tuple(action.shape)}")
@@ -317,7 +304,7 @@ class WorldModel(nn.Module):
                 raise ValueError(f"frame batch {frame.shape[0]} differs from the belief's {batch}")
             z, var = self._latents(frame[:, None], running=True)
             z_t, variances = z[:, 0], None if var is None else var[:, 0]
-        return self.latent_model.step(belief, z_t, action, R_t=variances)
+        return prior.step(belief, z_t, action, R_t=variances)
 
     def imagine(self, belief: Gaussian, actions: Tensor | int, observe: bool = False) -> Gaussian:
         """Exact k-step predictive Gaussians from `belief`, k = 1..H (no sampling).
@@ -326,9 +313,9 @@ class WorldModel(nn.Module):
         Returns the state beliefs N(m_{t+k|t}, P_{t+k|t}) (B, H, S), or with observe=True the
         predictive distribution of the latents N(C m, C P C^T + R) (B, H, L).
         """
-        self._require_kalman("imagine")
-        states = self.latent_model.rollout(belief, actions)
-        return self.latent_model.observe(states) if observe else states
+        prior = self._state_space("imagine")
+        states = prior.rollout(belief, actions)
+        return prior.predict_observation(states) if observe else states
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -362,7 +349,25 @@ class WorldModel(nn.Module):
                 raise ValueError(f"checkpoint {str(path)!r} was saved with another config ({detail})")
         model = cls(stored)
         try:
-            model.load_state_dict(ckpt["state_dict"])
+            model.load_state_dict(upgrade_state_dict(ckpt["state_dict"]))
         except RuntimeError as err:
             raise ValueError(f"checkpoint {str(path)!r} does not match its config: {err}") from err
         return model
+
+
+# parameter names of checkpoints written before the prior interface (latent norm and prior inside the objective)
+_OLD_PREFIXES = {"latent_norm.": "objective.latent_norm.", "objective.latent_model.": "objective.prior.",
+                 "target_norm.": None}
+
+
+def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A WorldModel state dict with the parameter names of this version (older names are renamed)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _OLD_PREFIXES.items():
+            if key.startswith(old):
+                key = None if new is None else new + key[len(old):]
+                break
+        if key is not None:
+            out[key] = value
+    return out

@@ -2,7 +2,7 @@
 
 Sample-based estimators take x (N, D), rows i.i.d. samples, and return a scalar entropy in nats
 including all constants, so that they converge to the true differential entropy. The LDM loss
-(`worldmodel.ldm.LDMLoss`) applies them to the joint window of views (F_LDM) or to each view
+(`worldmodel.objective.ldm.LDMLoss`) applies them to the joint window of views (F_LDM) or to each view
 separately (F_MI); `kde` takes the latent model's own log-kernel matrix (the InfoNCE denominator).
 """
 
@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["logdet", "kde", "knn", "plugin", "jacobian", "pairwise_sq_dists"]
+from worldmodel.priors.pairs import pairwise_sq_dists
+
+__all__ = ["logdet", "kde", "knn", "plugin", "jacobian"]
 
 
 def _check_samples(x: Tensor, name: str, min_n: int) -> None:
@@ -69,12 +71,6 @@ def kde(log_kernel: Tensor, exclude_self: bool = False) -> Tensor:
         raise ValueError("kde: no row has a kernel centre")
     log_density = torch.logsumexp(log_kernel[rows], dim=-1) - count[rows].to(log_kernel.dtype).log()
     return -log_density.mean()
-
-
-def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    """Squared Euclidean distances (..., N, M) between rows of x (..., N, D) and y (..., M, D)."""
-    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
-    return sq.clamp_min(0)
 
 
 def knn(x: Tensor, k: int = 3, clip_quantile: float | None = None) -> Tensor:

@@ -6,18 +6,22 @@
 (Mikulasch & Zenke 2026, "Understanding SSL via Latent Distribution Matching", arXiv 2605.03517;
 F_MI after Aitchison & Ganev). Conventions of `LDMLoss.forward`, for z (B, T, d):
 
-- alignment = mean over the modelled terms of log P, divided by d. Kalman model: the T one-step
-  predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) (observed steps only). Transition models
-  (plane/sphere/predictor): log P(z_{t+k} | z_t) for k = 1..steps, averaged over t and k (the first
-  step's marginal is flat). Factorized (ICA): log P(z_t), averaged over t.
+- latents are first normalised (`latent_norm`: none, batch or whiten; batch statistics in training,
+  running statistics in eval): the stop-gradient Kalman preset whitens, which is what keeps its
+  plug-in objective from collapsing, so that `make("kalman", d)` trains on its own.
+- alignment = the prior's `alignment` (mean over the modelled terms of log P), divided by d. State-space
+  prior: the T one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) (observed steps only).
+  Pair priors (plane/sphere/predictor): log P(z_{t+k} | z_t) for k = 1..steps, averaged over t and k (the
+  first step's marginal is flat). Factorized (ICA): log P(z_t), averaged over t.
 - entropy = H per time step, divided by d. Joint: H[window of w consecutive latents] / w over all
   windows (w = `window`, default T; for T=2 that is H[z, z'] / 2). MI: mean_t H[z_t]. Hence
   F_MI - F_LDM = I[z; z'] / (T d) for a pair. `kde` uses the latent model's own kernel: a symmetric
   model (plane/sphere) pools all B*T latents leave-one-out (NT-Xent's denominator); a predictor
   scores every target of the batch against each context per (t, k) (CPC's InfoNCE denominator).
   `plugin` contributes 0 to the value: it detaches the target (see `entropy.plugin`).
-- loss = -(alignment + entropy). So d * loss equals NT-Xent - log(2N - 1) for simclr and
-  InfoNCE - log B for cpc (checked in tests/test_methods.py).
+- loss = -(alignment + entropy) - multistep_weight * multistep, where multistep is the exact k-step
+  predictive log-likelihood (`objective.multistep`, state-space priors, k = 2..multistep_horizon; 0 = off).
+  So d * loss equals NT-Xent - log(2N - 1) for simclr and InfoNCE - log B for cpc (tests/test_methods.py).
 
 Multi-process: logdet, kde and knn see the batch gathered over all ranks (`distributed.gather`,
 autograd-aware); the alignment stays per rank. The rank average of the loss, and the DDP-averaged
@@ -32,9 +36,12 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from worldmodel import entropy as estimators
 from worldmodel.distributed import gather
-from worldmodel.latent_models import FactorizedModel, TransitionModel
+from worldmodel.objective import entropy as estimators
+from worldmodel.objective.multistep import multistep_log_likelihood
+from worldmodel.objective.normalization import LatentNorm
+from worldmodel.priors.base import LatentPrior, StateSpacePrior
+from worldmodel.priors.pairs import TransitionPrior
 
 __all__ = ["LossOutput", "LDMLoss", "ENTROPIES", "ESTIMATOR_OPTIONS"]
 
@@ -44,18 +51,17 @@ ESTIMATOR_OPTIONS = {"logdet": {"eps"}, "knn": {"k", "clip_quantile"}}
 
 
 class LossOutput(NamedTuple):
-    loss: Tensor  # scalar, -(alignment + entropy)
+    loss: Tensor  # scalar, -(alignment + entropy) [- multistep_weight * multistep]
     alignment: Tensor  # scalar, <log P> per step and latent dimension
     entropy: Tensor  # scalar, H per step and latent dimension
     logs: dict[str, float]
 
 
 class LDMLoss(nn.Module):
-    """-F_LDM (or -F_MI) for a latent model and an entropy estimator (the two dials).
+    """-F_LDM (or -F_MI) for a prior and an entropy estimator (the two dials).
 
     Args:
-        latent_model: a `TransitionModel` (plane/sphere/predictor), a `FactorizedModel`, or a
-            `KalmanLatentModel` (anything with `log_prob(z, u, mask, R, stop_gradient_target)`).
+        prior: a `worldmodel.priors.LatentPrior` (its `alignment` is the first term).
         entropy: one of ENTROPIES, or None to drop the entropy term (collapses; for ablations).
         mi: marginal entropies (F_MI) instead of the joint one (F_LDM); batch estimators only.
         entropy_kwargs: options of the estimator (logdet: eps; knn: k, clip_quantile).
@@ -66,11 +72,14 @@ class LDMLoss(nn.Module):
             Not registered as a submodule: its owner holds (and saves) its parameters.
         gather: gather latents over ranks for batch estimators when torch.distributed is on.
         dim: the latent dimension d, if fixed (`make` sets it); forward then checks z against it.
+        latent_norm: "none", "batch" or "whiten" (`LatentNorm`), applied to z (and to `target`, with
+            its own batch statistics) before everything else; needs `dim`.
+        multistep_horizon, multistep_weight: the k-step predictive term (state-space priors; 0 = off).
     """
 
     def __init__(
         self,
-        latent_model: nn.Module,
+        prior: LatentPrior,
         entropy: str | None,
         mi: bool = False,
         *,
@@ -80,27 +89,23 @@ class LDMLoss(nn.Module):
         encoder: nn.Module | None = None,
         gather: bool = True,
         dim: int | None = None,
+        latent_norm: str = "none",
+        multistep_horizon: int = 0,
+        multistep_weight: float = 1.0,
     ):
         super().__init__()
+        if not isinstance(prior, LatentPrior):
+            raise ValueError(f"prior must be a worldmodel.priors.LatentPrior, got {type(prior).__name__}")
         if entropy is not None and entropy not in ENTROPIES:
             raise ValueError(f"entropy must be one of {ENTROPIES} or None, got {entropy!r}")
-        self.kind = (
-            "transition"
-            if isinstance(latent_model, TransitionModel)
-            else "factorized"
-            if isinstance(latent_model, FactorizedModel)
-            else "kalman"
-        )
-        if self.kind == "kalman" and not (hasattr(latent_model, "log_prob") and hasattr(latent_model, "filter")):
-            raise ValueError(f"latent_model: unsupported type {type(latent_model).__name__}")
         if mi and entropy not in ("logdet", "kde", "knn"):
             raise ValueError(f"mi=True needs a batch estimator (logdet, kde, knn), got entropy={entropy!r}")
-        if entropy == "kde" and self.kind != "transition":
-            raise ValueError("entropy='kde' needs a transition latent model (plane, sphere, predictor)")
-        if entropy == "plugin" and self.kind == "factorized":
-            raise ValueError("entropy='plugin' needs a conditional latent model (transition or kalman)")
-        if entropy == "kde" and not mi and not latent_model.symmetric:
-            raise ValueError("joint kde (mi=False) needs a symmetric latent model (plane or sphere)")
+        if entropy == "kde" and not isinstance(prior, TransitionPrior):
+            raise ValueError("entropy='kde' needs a kernel prior (plane, sphere, predictor)")
+        if entropy == "plugin" and not prior.conditional:
+            raise ValueError("entropy='plugin' needs a conditional prior (it detaches the predicted latents)")
+        if entropy == "kde" and not mi and not prior.symmetric:
+            raise ValueError("joint kde (mi=False) needs a symmetric prior (plane or sphere)")
         options = dict(entropy_kwargs or {})
         unknown = set(options) - ESTIMATOR_OPTIONS.get(entropy, set())
         if unknown:
@@ -112,10 +117,28 @@ class LDMLoss(nn.Module):
             raise ValueError(f"window must be >= 1, got {window}")
         if target_ema is not None and (entropy != "plugin" or not 0.0 <= target_ema < 1.0):
             raise ValueError(f"target_ema must be in [0, 1) and needs entropy='plugin', got {target_ema}")
-        self.latent_model = latent_model
+        if multistep_horizon < 0 or multistep_horizon == 1:
+            raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {multistep_horizon}")
+        if multistep_horizon and not isinstance(prior, StateSpacePrior):
+            raise ValueError("multistep_horizon needs a state-space prior (one that filters, e.g. kalman)")
+        if latent_norm != "none" and dim is None:
+            raise ValueError(f"latent_norm={latent_norm!r} needs the latent dimension dim")
+        self.prior = prior
+        self.latent_norm = LatentNorm(dim or 1, latent_norm)
         self.entropy, self.mi, self.entropy_kwargs = entropy, bool(mi), options
         self.window, self.target_ema, self.gather, self.dim = window, target_ema, gather, dim
+        self.multistep_horizon, self.multistep_weight = int(multistep_horizon), float(multistep_weight)
         object.__setattr__(self, "encoder", encoder)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups of the loss's own parameters: the prior's at lr * prior.lr_multiplier, others at lr."""
+        prior = [p for p in self.prior.parameters() if p.requires_grad]
+        seen = {id(p) for p in prior}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        groups = [{"params": rest, "lr": lr}] if rest else []
+        if prior:
+            groups.append({"params": prior, "lr": lr * self.prior.lr_multiplier})
+        return groups
 
     def forward(
         self,
@@ -125,46 +148,42 @@ class LDMLoss(nn.Module):
         target: Tensor | None = None,
         R: Tensor | None = None,
     ) -> LossOutput:
-        """z (B, T, d) latents; u (B, T, k) shifted actions (used by the Kalman model, ignored by
-        the others) and mask (B, T) bool, as for `kalman_filter`; target (B, T, d) latents of a
-        target branch (plugin only; default z.detach()); R (B, T, d, d) or variances (B, T, d):
-        per-frame observation noise (Kalman model only)."""
-        z = self._check(z, u, mask, target, R)
-        if mask is not None:
-            z = torch.where(mask[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
-        alignment = self._alignment(z, u, mask, target, R)
-        entropy = self._entropy(z, mask)
-        d = z.shape[-1]
-        alignment, entropy = alignment / d, entropy / d
+        """z (B, T, d) latents (NaN rows count as missing when masked); u (B, T, k) shifted actions
+        (state-space priors; ignored by the others) and mask (B, T) bool, as for `kalman_filter`;
+        target (B, T, d) latents of a target branch (plugin only; default z.detach()); R (B, T, d, d) or
+        variances (B, T, d): per-frame observation noise (state-space priors only)."""
+        self._check(z, u, mask, target, R)
+        z = self._observed(self.latent_norm(z, mask), mask)
+        if target is not None:
+            target = self._observed(self.latent_norm(target, mask, update=False), mask)
+        self._check_finite(z, target, mask)
+        alignment, entropy = self._terms(z, u, mask, target, R)
         loss = -(alignment + entropy)
         with torch.no_grad():
             observed = z.flatten(0, 1) if mask is None else z[mask]
             std = observed.std(dim=0).mean() if observed.shape[0] > 1 else z.new_tensor(float("nan"))
-        logs = {
-            "loss": float(loss.detach()),
-            "alignment": float(alignment.detach()),
-            "entropy": float(entropy.detach()),
-            "latent_std": float(std),
-        }
-        return LossOutput(loss, alignment, entropy, logs)
+        logs = {"alignment": float(alignment.detach()), "entropy": float(entropy.detach()), "latent_std": float(std)}
+        if self.multistep_horizon:
+            stopped = z.detach() if target is None else target.detach()
+            multistep = multistep_log_likelihood(self.prior, z, stopped, self.multistep_horizon, u, mask, R)
+            loss = loss - self.multistep_weight * multistep
+            logs["multistep"] = float(multistep.detach())
+        return LossOutput(loss, alignment, entropy, {"loss": float(loss.detach()), **logs})
 
-    # -- alignment <log P> -------------------------------------------------------------------
-    def _alignment(self, z, u, mask, target, R) -> Tensor:
-        model = self.latent_model
-        if self.kind == "kalman":
-            plugin = self.entropy == "plugin"
-            target = estimators.plugin(z, target) if plugin else None
-            ll = model.log_prob(z, u=u, mask=mask, R=R, stop_gradient_target=plugin, target=target)
-            steps = z.shape[0] * z.shape[1] if mask is None else mask.sum()
-            return ll.sum() / steps
-        if self.kind == "factorized":
-            return _masked_mean(model.log_prob(z), mask)
-        tgt = estimators.plugin(z, target) if self.entropy == "plugin" else z
-        terms = []
-        for k in range(1, model.steps + 1):
-            pair_mask = None if mask is None else mask[:, :-k] & mask[:, k:]
-            terms.append(_masked_mean(model.log_prob(z[:, :-k], tgt[:, k:], k), pair_mask))
-        return torch.stack(terms).mean()
+    @staticmethod
+    def _observed(z: Tensor, mask: Tensor | None) -> Tensor:
+        """z with zeros at missing steps (their NaNs must never reach a computation)."""
+        if mask is None:
+            return z
+        return torch.where(mask[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor]:
+        """(alignment, entropy), each per step and latent dimension."""
+        d = z.shape[-1]
+        if self.entropy == "plugin":
+            target = estimators.plugin(z, target)
+        alignment = self.prior.alignment(z, u=u, mask=mask, target=target, R=R)
+        return alignment / d, self._entropy(z, mask) / d
 
     # -- entropy H -------------------------------------------------------------------------------
     def _entropy(self, z: Tensor, mask: Tensor | None) -> Tensor:
@@ -174,8 +193,7 @@ class LDMLoss(nn.Module):
             if self.encoder is None:
                 raise ValueError("entropy='jacobian' needs the linear encoder: make('ica', dim, encoder=...)")
             return estimators.jacobian(self.encoder.weight).to(z.dtype)
-        if self.kind == "transition":
-            z = self.latent_model.project(z)
+        z = self.prior.project(z)
         if self.gather:
             z = gather(z)
             mask = None if mask is None else gather(mask.to(torch.uint8)).bool()
@@ -197,7 +215,7 @@ class LDMLoss(nn.Module):
         return estimate(windows, **self.entropy_kwargs) / w
 
     def _kde(self, z: Tensor, mask: Tensor | None) -> Tensor:
-        model = self.latent_model
+        model = self.prior
         if not self.mi:  # joint: product kernel over the window, leave-one-out over windows
             w = self._window(z)
             windows = rearrange(z.unfold(1, w, 1), "b n d w -> w (b n) d")
@@ -226,21 +244,18 @@ class LDMLoss(nn.Module):
         return w
 
     # -- input checks ----------------------------------------------------------------------------
-    def _check(self, z, u, mask, target, R) -> Tensor:
+    def _check(self, z, u, mask, target, R) -> None:
         if not isinstance(z, Tensor) or z.dim() != 3 or not z.is_floating_point():
             raise ValueError(f"z must be a float tensor (B, T, d), got {_describe(z)}")
         B, T, d = z.shape
         if self.dim is not None and d != self.dim:
             raise ValueError(f"z: latent dimension {d} does not match this loss (dim={self.dim})")
-        if self.kind == "transition" and T < self.latent_model.steps + 1:
-            raise ValueError(
-                f"z: this latent model pairs z_t with z_(t+k) for k <= {self.latent_model.steps}, "
-                f"so it needs T >= {self.latent_model.steps + 1} steps, got T={T}"
-            )
+        if T < self.prior.min_steps:
+            raise ValueError(f"z: this prior needs sequences of T >= {self.prior.min_steps} steps, got T={T}")
         if u is not None and (not isinstance(u, Tensor) or u.dim() != 3 or u.shape[:2] != (B, T)):
             raise ValueError(f"u must be (B, T, k) = ({B}, {T}, k), got {_describe(u)}")
-        if R is not None and self.kind != "kalman":
-            raise ValueError("R (observation noise) is only used by the Kalman latent model")
+        if R is not None and not isinstance(self.prior, StateSpacePrior):
+            raise ValueError("R (observation noise) is only used by state-space priors")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (B, T)):
             raise ValueError(f"mask must be a bool tensor (B, T) = ({B}, {T}), got {_describe(mask)}")
         if target is not None:
@@ -248,20 +263,15 @@ class LDMLoss(nn.Module):
                 raise ValueError("target is only used by the plugin estimator (stop-gradient / EMA target branch)")
             if not isinstance(target, Tensor) or target.shape != z.shape:
                 raise ValueError(f"target must have z's shape {tuple(z.shape)}, got {_describe(target)}")
-        observed = z if mask is None else z[mask]
-        if not bool(torch.isfinite(observed).all()):
+
+    @staticmethod
+    def _check_finite(z: Tensor, target: Tensor | None, mask: Tensor | None) -> None:
+        if not bool(torch.isfinite(z).all()):
             raise ValueError(
                 "z contains non-finite values (NaN/inf) at observed steps; pass mask (False = missing frame)"
             )
-        if target is not None and not bool(torch.isfinite(target if mask is None else target[mask]).all()):
+        if target is not None and not bool(torch.isfinite(target).all()):
             raise ValueError("target contains non-finite values (NaN/inf) at observed steps")
-        return z
-
-
-def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return x.mean()
-    return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _describe(x) -> str:

@@ -1,4 +1,4 @@
-"""KalmanLatentModel: the learned linear-Gaussian state-space prior of the `kalman` LDM presets.
+"""KalmanLatentModel: the learned linear-Gaussian state-space prior (a `StateSpacePrior`) of the `kalman` presets.
 
 DESIGN section 1 ("The Kalman latent model"; Mikulasch & Zenke 2026, Sec. 6.1)::
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.kalman import FilterResult, Gaussian, _sym, kalman_filter, predict, update
+from worldmodel.priors.base import StateSpacePrior
 
 __all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound"]
 
@@ -80,7 +81,7 @@ class CholeskyCovariance(nn.Module):
         return _sym(L @ L.mT)
 
 
-class KalmanLatentModel(nn.Module):
+class KalmanLatentModel(StateSpacePrior):
     """Learned linear-Gaussian state-space model over encoder latents, with exact Kalman filtering.
 
     Args:
@@ -95,13 +96,9 @@ class KalmanLatentModel(nn.Module):
         init_radius: A starts at ``I + 0.1 N(0, 1)`` rescaled to this spectral radius (DESIGN: 0.91).
         q_std, r_std: initial standard deviations of the process / observation noise.
         min_noise_std: floor added to the Cholesky diagonals of Q and R (keeps float32 filtering sane).
-
-    Attributes:
-        param_group_lr_multiplier: learning-rate multiplier for these parameters relative to the
-            encoder (the paper uses 100x).
+        lr_multiplier: learning-rate multiplier of these parameters relative to the encoder (the paper
+            uses 100x).
     """
-
-    param_group_lr_multiplier: float = 100.0
 
     def __init__(
         self,
@@ -115,8 +112,12 @@ class KalmanLatentModel(nn.Module):
         q_std: float = 0.3,
         r_std: float = 0.3,
         min_noise_std: float = 1e-3,
+        lr_multiplier: float = 100.0,
     ):
         super().__init__()
+        if not lr_multiplier > 0:
+            raise ValueError(f"lr_multiplier must be positive, got {lr_multiplier}")
+        self.lr_multiplier = float(lr_multiplier)
         state_dim = 2 * obs_dim if state_dim is None else state_dim
         if obs_dim < 1 or state_dim < 1 or action_dim < 0:
             raise ValueError(
@@ -207,8 +208,8 @@ class KalmanLatentModel(nn.Module):
         u: Tensor | None = None,
         mask: Tensor | None = None,
         R: Tensor | None = None,
-        parallel: bool = False,
         target: Tensor | None = None,
+        parallel: bool = False,
     ) -> FilterResult:
         """Kalman filter over latents ``z`` ``(B, T, L)``; see :func:`worldmodel.kalman.kalman_filter`.
 
@@ -244,7 +245,7 @@ class KalmanLatentModel(nn.Module):
         """
         if target is None and stop_gradient_target:
             target = z.detach()
-        return self.filter(z, u, mask, R, parallel, target).log_likelihood
+        return self.filter(z, u, mask, R, target, parallel).log_likelihood
 
     def forward(self, z: Tensor, u: Tensor | None = None, mask: Tensor | None = None, **kwargs) -> Tensor:
         """Same as :meth:`log_prob`."""
@@ -318,7 +319,7 @@ class KalmanLatentModel(nn.Module):
         return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
 
     @_full_precision
-    def observe(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
+    def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
         """Predictive distribution of the latent: N(C m, C P C^T + R), over any leading dims of ``belief``.
 
         ``R`` optionally overrides the learned noise (full ``(..., L, L)`` or variances ``(..., L)``).

@@ -1,17 +1,14 @@
-"""Latent models P_theta for the LDM objective: plane, sphere, kalman, predictor, factorized.
+"""Pair priors: the conditional P(z_{t+k} | z_t), k = 1..steps, of the image-SSL presets (plane, sphere, predictor).
 
-Two kinds besides the Kalman model (worldmodel/kalman_model.py, re-exported here):
+`TransitionPrior` maps the context through `predict` (identity, a network g_k, or a bilinear map W_k) and
+scores the target with one of three kernels:
 
-- `TransitionModel` (built by `plane`, `sphere`, `predictor`): the conditional P(z_{t+k} | z_t)
-  for k = 1..steps. It maps the context through `predict` (identity, a network g_k, or a bilinear
-  map W_k) and scores the target with one of three kernels:
-      gaussian: log N(z'; m, sigma^2 I)    vmf: beta m^T z' / (|m| |z'|)    dot: m^T z'
-  `log_prob(context, target, step)` is elementwise over leading dims; `log_kernel` gives the
-  pairwise matrix that the `kde` entropy estimator needs (the InfoNCE denominator).
-- `FactorizedModel` (built by `factorized`): independent non-Gaussian sources for ICA,
-  log P(z) = sum_i log p(z_i).
+    gaussian: log N(z'; m, sigma^2 I)    vmf: beta m^T z' / (|m| |z'|)    dot: m^T z'
 
-The marginal of the first step is flat (improper) for transition models, as in the paper.
+`log_prob(context, target, step)` is elementwise over leading dims; `log_kernel` gives the pairwise matrix
+that the `kde` entropy estimator needs (the InfoNCE denominator). The marginal of the first step is flat
+(improper), as in the paper. Built by `plane` (VICReg), `sphere` (SimCLR) and `predictor` (BYOL, SimSiam,
+JEPA, CPC).
 """
 
 from __future__ import annotations
@@ -21,23 +18,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from worldmodel.entropy import pairwise_sq_dists
-from worldmodel.kalman_model import KalmanLatentModel
+from worldmodel.priors.base import LatentPrior
 
-__all__ = [
-    "KalmanLatentModel",
-    "TransitionModel",
-    "FactorizedModel",
-    "plane",
-    "sphere",
-    "predictor",
-    "factorized",
-]
+__all__ = ["TransitionPrior", "plane", "sphere", "predictor", "masked_mean", "pairwise_sq_dists"]
 
 KERNELS = ("gaussian", "vmf", "dot")
 
 
-class TransitionModel(nn.Module):
+class TransitionPrior(LatentPrior):
     """P(z_{t+k} | z_t) = kernel(z_{t+k}; predict(z_t, k)) for k = 1..steps (see module docstring).
 
     Args:
@@ -68,6 +56,10 @@ class TransitionModel(nn.Module):
         return 1 if self.networks is None else len(self.networks)
 
     @property
+    def min_steps(self) -> int:
+        return self.steps + 1
+
+    @property
     def symmetric(self) -> bool:
         """True when log k(a, b) = log k(b, a) (no network between context and target)."""
         return self.networks is None
@@ -82,6 +74,16 @@ class TransitionModel(nn.Module):
         if not 1 <= step <= self.steps:
             raise ValueError(f"step must be in 1..{self.steps}, got {step}")
         return context if self.networks is None else self.networks[step - 1](context)
+
+    def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
+        """Mean over k = 1..steps of the mean log P(target_{t+k} | z_t) over observed pairs; target
+        defaults to z (u is ignored: these priors have no controls)."""
+        target = z if target is None else target
+        terms = []
+        for k in range(1, self.steps + 1):
+            pair_mask = None if mask is None else mask[:, :-k] & mask[:, k:]
+            terms.append(masked_mean(self.log_prob(z[:, :-k], target[:, k:], k), pair_mask))
+        return torch.stack(terms).mean()
 
     def log_prob(self, context: Tensor, target: Tensor, step: int = 1) -> Tensor:
         """log P(target | context) for aligned (..., d) tensors -> (...)."""
@@ -108,15 +110,15 @@ class TransitionModel(nn.Module):
         return mean @ target.transpose(-1, -2)
 
 
-def plane(sigma: float = 1.0) -> TransitionModel:
+def plane(sigma: float = 1.0) -> TransitionPrior:
     """Gaussian transition on the plane: z' ~ N(z, sigma^2 I) (VICReg's invariance term)."""
-    return TransitionModel("gaussian", sigma=sigma)
+    return TransitionPrior("gaussian", sigma=sigma)
 
 
-def sphere(beta: float = 10.0) -> TransitionModel:
+def sphere(beta: float = 10.0) -> TransitionPrior:
     """von Mises-Fisher on the unit sphere: log P(z'|z) = beta z^T z' + const on normalised z
     (SimCLR with temperature 1 / beta)."""
-    return TransitionModel("vmf", beta=beta)
+    return TransitionPrior("vmf", beta=beta)
 
 
 def predictor(
@@ -126,7 +128,7 @@ def predictor(
     steps: int = 1,
     sigma: float = 1.0,
     beta: float | None = None,
-) -> TransitionModel:
+) -> TransitionPrior:
     """Learned predictor g_k: z_{t+k} ~ N(g_k(z_t), sigma^2 I), or vMF around g_k(z_t) if `beta`.
 
     kind: "mlp" (Linear-ReLU-Linear, `hidden` units, default 4 dim; BYOL/SimSiam/JEPA),
@@ -149,33 +151,20 @@ def predictor(
 
     networks = [network() for _ in range(steps)]
     if kind == "bilinear":
-        return TransitionModel("dot", networks=networks)
+        return TransitionPrior("dot", networks=networks)
     if beta is not None:
-        return TransitionModel("vmf", beta=beta, networks=networks)
-    return TransitionModel("gaussian", sigma=sigma, networks=networks)
+        return TransitionPrior("vmf", beta=beta, networks=networks)
+    return TransitionPrior("gaussian", sigma=sigma, networks=networks)
 
 
-class FactorizedModel(nn.Module):
-    """Independent sources: log P(z) = sum_i log p(z_i), p logistic or Laplace (unit scale).
-
-    logistic: log p(s) = -s - 2 log(1 + e^{-s});  laplace: log p(s) = -|s| - log 2.
-    """
-
-    SOURCES = ("logistic", "laplace")
-
-    def __init__(self, source: str = "logistic"):
-        super().__init__()
-        if source not in self.SOURCES:
-            raise ValueError(f"source must be one of {self.SOURCES}, got {source!r}")
-        self.source = source
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        """z (..., d) -> (...)."""
-        if self.source == "logistic":
-            return (-z - 2 * nn.functional.softplus(-z)).sum(-1)
-        return (-z.abs() - math.log(2)).sum(-1)
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of x (B, T) over the entries where mask (B, T) is True (all when mask is None)."""
+    if mask is None:
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def factorized(source: str = "logistic") -> FactorizedModel:
-    """Factorized ICA source model (logistic or Laplace sources)."""
-    return FactorizedModel(source)
+def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
+    """Squared Euclidean distances (..., N, M) between rows of x (..., N, D) and y (..., M, D)."""
+    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
+    return sq.clamp_min(0)

@@ -1,0 +1,103 @@
+"""The prior interface: what the objective, the WorldModel, evaluation and planning ask of a latent model.
+
+A prior P_theta is the *alignment* dial of LDM (DESIGN section 1). Every prior is a `LatentPrior`:
+
+    alignment(z, u, mask, target, R) -> scalar   <log P_theta(z)>_R per modelled term (the objective's term)
+    project(z)                                    latents on the prior's support (where entropy is measured)
+    min_steps, conditional, lr_multiplier         what the objective checks and how fast it learns
+
+A *state-space* prior (`StateSpacePrior`: a belief over a hidden state h_t that explains z_t) adds exact
+inference, which `WorldModel.filter/step/imagine`, the k-step loss term, evaluation and planning use:
+
+    init_belief(B) -> Gaussian (B, S)             belief of h_0 before the first frame
+    filter(z, u, mask, R, target) -> FilterResult filtered / predicted beliefs (B, T, S), log-likelihood (B,)
+    step(belief, z_t, u_t, mask_t, R_t)           one online predict + update
+    rollout(belief, actions) -> Gaussian (B, H, S)  exact k-step state predictive
+    predict_observation(belief, R) -> Gaussian    the latent's predictive N(C m, C P C^T + R)
+
+Nothing outside a prior tests which prior it is: callers ask `isinstance(prior, StateSpacePrior)` (can it
+filter?) or read the attributes above. A new prior is one new module in `worldmodel/priors/` and one row
+of `worldmodel.priors.PRIORS`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from worldmodel.kalman import FilterResult, Gaussian
+
+__all__ = ["LatentPrior", "StateSpacePrior"]
+
+
+class LatentPrior(nn.Module):
+    """Base class of the latent models P_theta (see the module docstring).
+
+    Class attributes a subclass may change:
+        conditional: the prior scores z_t given other latents, so the stop-gradient `plugin`
+            entropy estimator applies (False for the factorized ICA prior).
+        lr_multiplier: learning-rate multiplier of its parameters relative to the encoder
+            (`LDMLoss.param_groups`); instances may override it.
+    """
+
+    conditional: bool = True
+    lr_multiplier: float = 1.0
+
+    @property
+    def min_steps(self) -> int:
+        """Shortest sequence length T the prior can score."""
+        return 1
+
+    def project(self, z: Tensor) -> Tensor:
+        """Latents (..., d) on the prior's support, where entropies are measured (identity by default)."""
+        return z
+
+    def alignment(self, z: Tensor, u: Tensor | None = None, mask: Tensor | None = None,
+                  target: Tensor | None = None, R: Tensor | None = None) -> Tensor:
+        """<log P_theta(z)> per modelled term, a scalar (not yet divided by d).
+
+        z (B, T, d) latents (zeros at missing steps); u (B, T, a) controls, u[:, t] driving the transition
+        into step t; mask (B, T) bool, True = observed; target (B, T, d) detached latents that replace z
+        as the predicted quantity (stop-gradient plug-in / EMA target branch); R per-frame observation
+        noise (state-space priors only).
+        """
+        raise NotImplementedError
+
+
+class StateSpacePrior(LatentPrior):
+    """A prior with a Gaussian belief over a hidden state h_t in R^S observed through z_t in R^L.
+
+    Subclasses set `obs_dim` (L), `state_dim` (S), `action_dim` (a) and implement the inference methods;
+    `alignment` (the one-step predictive log-likelihood per observed step) comes from `filter`.
+    """
+
+    obs_dim: int
+    state_dim: int
+    action_dim: int
+
+    def init_belief(self, batch_size: int) -> Gaussian:
+        """N(m0, P0) as mean (B, S), cov (B, S, S)."""
+        raise NotImplementedError
+
+    def filter(self, z: Tensor, u: Tensor | None = None, mask: Tensor | None = None, R: Tensor | None = None,
+               target: Tensor | None = None) -> FilterResult:
+        """Exact filtering of z (B, T, L); `target` replaces z in the likelihood term only."""
+        raise NotImplementedError
+
+    def step(self, belief: Gaussian, z_t: Tensor | None, u_t: Tensor | None = None, mask_t: Tensor | None = None,
+             R_t: Tensor | None = None) -> Gaussian:
+        """Predict with u_t (B, a), then update with z_t (B, L) (None: predict only)."""
+        raise NotImplementedError
+
+    def rollout(self, belief: Gaussian, actions: Tensor | int) -> Gaussian:
+        """Exact k-step state beliefs (B, H, S) under actions (B, H, a) (or a horizon H: zero actions)."""
+        raise NotImplementedError
+
+    def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
+        """The latent's predictive distribution N(C m, C P C^T + R) over any leading dims of `belief`."""
+        raise NotImplementedError
+
+    def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
+        """Sum of the one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) per observed step."""
+        log_likelihood = self.filter(z, u, mask, R, target).log_likelihood
+        steps = z.shape[0] * z.shape[1] if mask is None else mask.sum()
+        return log_likelihood.sum() / steps
