@@ -21,7 +21,7 @@ def state_tensor(state, dim: int | None = None) -> Tensor:
     """``state`` (..., dim) (numpy or torch) as a float64 CPU tensor; ValueError unless it has at least one
     axis and (when ``dim`` is given) a last axis of ``dim``."""
     s = torch.as_tensor(state.detach() if isinstance(state, Tensor) else state).cpu().double()
-    if s.dim() < 1 or s.shape[-1] != (s.shape[-1] if dim is None else dim):
+    if s.dim() < 1 or (dim is not None and s.shape[-1] != dim):
         raise ValueError(f"state must have shape (..., {dim or 'd'}), got {tuple(s.shape)}")
     return s
 
