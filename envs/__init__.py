@@ -14,10 +14,28 @@ Observations are uint8 (H, W, 3); ``info["state"]`` is a float64 vector, for eva
     cartpole, gym_pendulum, acrobot (or any rgb_array gymnasium id): the env's action space,
                   its ``unwrapped.state`` (needs pygame for rendering)
 
+``readout_targets(env, state) -> (targets, names)``: what a linear readout of the latent state is
+scored against (``env.unwrapped.readout_targets`` on our envs). ``env_defaults(name)``: the frame size,
+action width (as the rollout store holds actions: one-hot for Discrete), steps per episode and
+``make_env`` kwargs of the training data, so that no run needs env-specific flags:
+
+    name          readout targets                          image  action  episode  env_kwargs
+    pendulum      sin θ, cos θ, θ̇                          64     1       100      friction=0.5
+    balls         x_i, y_i, vx_i, vy_i (the state)         32     0       100
+    nlink         sin θ_i, cos θ_i, θ̇_i                    64     2       100
+    dot_figure8   x, y                                     10     0       100
+    dot_square    x, y, sin φ, cos φ (φ: lap phase)        10     0       100
+    dot_swirl     x, y                                     10     0       100
+    cartpole      state[0..3] = (x, ẋ, θ, θ̇)               64     2       100 (ends early on a fall)
+    gym_pendulum  sin θ, cos θ, θ̇                          64     1       100
+    acrobot       sin θ_i, cos θ_i, θ̇_i (i = 1, 2)          64     3       100
+
 Noise: ``make_env(..., pixel_noise=s, correlated_noise=r, drop_prob=p)`` (see ``ObservationNoise``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import gymnasium
 
@@ -25,6 +43,7 @@ from .balls import BouncingBallsEnv
 from .dots import DotEnv
 from .nlink import NLinkPendulumEnv
 from .pendulum import PendulumEnv
+from .readout import readout_targets
 from .wrappers import ObservationNoise, PixelObservation, resize_frame, true_state
 
 __all__ = [
@@ -32,31 +51,70 @@ __all__ = [
     "GYM_PIXEL_ENVS",
     "BouncingBallsEnv",
     "DotEnv",
+    "EnvDefaults",
     "NLinkPendulumEnv",
     "ObservationNoise",
     "PendulumEnv",
     "PixelObservation",
+    "env_defaults",
     "make_env",
+    "readout_targets",
     "resize_frame",
     "true_state",
 ]
 
-# short name -> (gymnasium id, entry point, default kwargs) of our own simulated environments
+# short name -> (gymnasium id, env class, constructor kwargs) of our own simulated environments; each
+# class declares ``defaults`` (image_size, episode_length, env_kwargs) for ``env_defaults``
 _OWN = {
-    "pendulum": ("worldmodel/Pendulum-v0", "worldmodel.envs.pendulum:PendulumEnv", {}),
-    "balls": ("worldmodel/BouncingBalls-v0", "worldmodel.envs.balls:BouncingBallsEnv", {}),
-    "nlink": ("worldmodel/NLinkPendulum-v0", "worldmodel.envs.nlink:NLinkPendulumEnv", {}),
-    "dot_figure8": ("worldmodel/DotFigure8-v0", "worldmodel.envs.dots:DotEnv", {"path": "figure8"}),
-    "dot_square": ("worldmodel/DotSquare-v0", "worldmodel.envs.dots:DotEnv", {"path": "square"}),
-    "dot_swirl": ("worldmodel/DotSwirl-v0", "worldmodel.envs.dots:DotEnv", {"path": "swirl"}),
+    "pendulum": ("worldmodel/Pendulum-v0", PendulumEnv, {}),
+    "balls": ("worldmodel/BouncingBalls-v0", BouncingBallsEnv, {}),
+    "nlink": ("worldmodel/NLinkPendulum-v0", NLinkPendulumEnv, {}),
+    "dot_figure8": ("worldmodel/DotFigure8-v0", DotEnv, {"path": "figure8"}),
+    "dot_square": ("worldmodel/DotSquare-v0", DotEnv, {"path": "square"}),
+    "dot_swirl": ("worldmodel/DotSwirl-v0", DotEnv, {"path": "swirl"}),
 }
 ENV_IDS = {name: env_id for name, (env_id, _, _) in _OWN.items()}
 # short name -> gymnasium id of classic envs wrapped by PixelObservation (rendering needs pygame)
 GYM_PIXEL_ENVS = {"cartpole": "CartPole-v1", "gym_pendulum": "Pendulum-v1", "acrobot": "Acrobot-v1"}
+# training data of gymnasium envs wrapped by PixelObservation (their frames are resized to image_size)
+_GYM_DEFAULTS = {"image_size": 64, "episode_length": 100, "env_kwargs": {}}
 
-for _env_id, _entry, _kwargs in _OWN.values():
+for _env_id, _cls, _kwargs in _OWN.values():
     if _env_id not in gymnasium.registry:
-        gymnasium.register(id=_env_id, entry_point=_entry, kwargs=_kwargs)
+        gymnasium.register(id=_env_id, entry_point=f"{_cls.__module__}:{_cls.__name__}", kwargs=_kwargs)
+
+
+@dataclass(frozen=True)
+class EnvDefaults:
+    """Everything a training run needs to collect data and build a model for one env (``env_defaults``).
+
+    image_size: H = W of the training frames; channels: C of the frames; action_dim: width of the
+    stored action vector (one-hot for Discrete, 0 = uncontrolled); episode_length: steps per collected
+    episode (an upper bound where the env terminates early); env_kwargs: ``make_env`` kwargs of the data,
+    ``make_env(name, image_size=d.image_size, **d.env_kwargs)``.
+    """
+
+    image_size: int
+    channels: int
+    action_dim: int
+    episode_length: int
+    env_kwargs: dict = field(default_factory=dict)
+
+
+def env_defaults(name: str) -> EnvDefaults:
+    """The ``EnvDefaults`` of env ``name`` (one of ``ENV_IDS`` or ``GYM_PIXEL_ENVS``, or a gymnasium id
+    that renders ``rgb_array``). Builds the env once, without rendering, to read its spaces."""
+    from worldmodel.datasets.collect import action_dim  # the store's action width (datasets imports envs)
+
+    declared = _OWN[name][1].defaults if name in _OWN else _GYM_DEFAULTS
+    env_kwargs = dict(declared["env_kwargs"])
+    env = make_env(name, image_size=declared["image_size"], **env_kwargs)  # ValueError for unknown names
+    try:
+        return EnvDefaults(image_size=declared["image_size"], channels=env.observation_space.shape[-1],
+                           action_dim=action_dim(env.action_space), episode_length=declared["episode_length"],
+                           env_kwargs=env_kwargs)
+    finally:
+        env.close()
 
 
 def make_env(

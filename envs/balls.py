@@ -13,6 +13,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
+from .readout import state_tensor
 from .render import Canvas, image_shape
 
 COLORS = ((1.0, 0.25, 0.25), (0.25, 1.0, 0.25), (0.35, 0.5, 1.0))
@@ -28,6 +29,7 @@ class BouncingBallsEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    defaults = {"image_size": 32, "episode_length": 100, "env_kwargs": {}}  # for ``worldmodel.envs.env_defaults``
 
     def __init__(
         self,
@@ -59,6 +61,13 @@ class BouncingBallsEnv(gymnasium.Env):
         """1/2 sum |v_i|^2 (unit masses) of state(s) (..., 4 n)."""
         v = np.asarray(state)[..., 2 * self.n_balls :]
         return 0.5 * np.sum(v**2, axis=-1)
+
+    def readout_targets(self, state):
+        """State (..., 4 n) -> float64 targets (..., 4 n): the state itself (positions, then velocities),
+        names "x1", "y1", .., "vx1", "vy1", ..."""
+        balls = range(1, self.n_balls + 1)
+        names = [f"{c}{i}" for i in balls for c in "xy"] + [f"v{c}{i}" for i in balls for c in "xy"]
+        return state_tensor(state, 4 * self.n_balls), names
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

@@ -19,6 +19,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .physics import rk4, wrap_angle
+from .readout import angle_targets
 from .render import Canvas, image_shape
 
 LINK_COLORS = ((1.0, 1.0, 1.0), (1.0, 0.6, 0.2), (0.3, 0.8, 1.0), (0.4, 1.0, 0.4), (1.0, 0.4, 0.8))
@@ -33,6 +34,7 @@ class NLinkPendulumEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    defaults = {"image_size": 64, "episode_length": 100, "env_kwargs": {}}  # for ``worldmodel.envs.env_defaults``
 
     def __init__(
         self,
@@ -77,6 +79,11 @@ class NLinkPendulumEnv(gymnasium.Env):
         force = tau - np.append(tau[1:], 0.0)
         rhs = force - (self._mass_lengths * np.sin(diff)) @ (omega**2) - self.gravity * self.lengths * np.sin(theta) * self._tail
         return np.concatenate([omega, np.linalg.solve(mass, rhs)])
+
+    def readout_targets(self, state):
+        """State (..., 2 n) -> float64 targets (..., 3 n) = (sin θ1, cos θ1, .., sin θn, cos θn, θ̇1, .., θ̇n)
+        and their names (see ``readout.angle_targets``)."""
+        return angle_targets(state, self.n)
 
     def energy(self, state: np.ndarray) -> np.ndarray:
         """Total mechanical energy of state(s) (..., 2 n)."""

@@ -17,6 +17,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .physics import rk4, wrap_angle
+from .readout import angle_targets
 from .render import Canvas, image_shape
 
 
@@ -31,6 +32,9 @@ class PendulumEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    # training data for ``worldmodel.envs.env_defaults``; friction 0.5: few full rotations, so theta_dot
+    # is linearly recoverable
+    defaults = {"image_size": 64, "episode_length": 100, "env_kwargs": {"friction": 0.5}}
 
     def __init__(
         self,
@@ -70,6 +74,10 @@ class PendulumEnv(gymnasium.Env):
         """Mechanical energy 1/2 m l^2 theta_dot^2 + m g l (1 - cos theta) of state(s) (..., 2)."""
         theta, theta_dot = np.asarray(state)[..., 0], np.asarray(state)[..., 1]
         return 0.5 * self.mass * self.length**2 * theta_dot**2 + self.mass * self.gravity * self.length * (1 - np.cos(theta))
+
+    def readout_targets(self, state):
+        """State (..., 2) -> float64 targets (..., 3) = (sin θ, cos θ, θ̇), names ["sin θ", "cos θ", "θ̇"]."""
+        return angle_targets(state, 1)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

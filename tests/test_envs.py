@@ -1,4 +1,5 @@
-"""Environments: determinism under seed, true state matches the physics, rendering sensitivity."""
+"""Environments: determinism under seed, true state matches the physics, rendering sensitivity, training
+defaults and readout targets."""
 
 import importlib.util
 import subprocess
@@ -7,8 +8,12 @@ import sys
 import gymnasium
 import numpy as np
 import pytest
+import torch
 
-from worldmodel.envs import make_env
+from worldmodel.datasets.collect import action_vector
+from worldmodel.encoders import ConvEncoder
+from worldmodel.envs import ENV_IDS, GYM_PIXEL_ENVS, env_defaults, make_env, readout_targets
+from worldmodel.evaluation import pendulum_targets
 
 
 def rollout(env, actions, seed):
@@ -232,6 +237,87 @@ def test_dot_swirl_follows_the_documented_system():
         np.testing.assert_allclose(states[k + 1], [z.real, z.imag], atol=1e-12)
     plain = make_env("dot_swirl", image_size=10, swirl_strength=0.0)
     assert not np.array_equal(plain.reset(seed=1)[0], env.reset(seed=1)[0])  # the distortion changes the frame
+
+
+# ---------------------------------------------------------------- training defaults and readout targets
+@pytest.mark.parametrize("name", [*ENV_IDS, *GYM_PIXEL_ENVS])
+def test_env_defaults_build_data_a_model_accepts_and_readout_targets(name):
+    if name in GYM_PIXEL_ENVS:
+        pytest.importorskip("pygame", reason="gymnasium's classic-control rendering needs pygame")
+    d = env_defaults(name)
+    assert d.channels == 3 and d.episode_length >= 1
+    encoder = ConvEncoder(d.image_size, d.channels, out_dim=4, depth=2, pool=2)  # pool: the model's default
+    env = make_env(name, image_size=d.image_size, **d.env_kwargs)
+    env.action_space.seed(0)
+    obs, info = env.reset(seed=0)
+    states = [info["state"]]
+    for _ in range(5):
+        action = env.action_space.sample()
+        assert action_vector(env.action_space, action).shape == (d.action_dim,)
+        obs, _, _, _, info = env.step(action)
+        states.append(info["state"])
+    assert obs.shape == (d.image_size, d.image_size, d.channels) and obs.dtype == np.uint8
+    assert encoder(torch.as_tensor(obs)[None]).shape == (1, 4)
+    states = np.stack(states)[None]  # (B, T, state_dim)
+    targets, names = readout_targets(env, states)
+    assert targets.dtype == torch.float64 and targets.shape == (1, 6, len(names)) and torch.isfinite(targets).all()
+    assert len(set(names)) == len(names) and all(isinstance(n, str) and n for n in names)
+    # float32 torch states (as the rollout store holds them) give the same targets
+    torch.testing.assert_close(readout_targets(env, torch.as_tensor(states, dtype=torch.float32))[0], targets,
+                               rtol=0, atol=1e-6)
+
+
+def test_env_defaults_of_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown env name 'nope'; choose one of .*'pendulum'.*'cartpole'"):
+        env_defaults("nope")
+
+
+def test_pendulum_readout_targets_closed_form_in_order():
+    env = make_env("pendulum", image_size=16)
+    theta, theta_dot = np.array([0.3, -2.5, 3.0]), np.array([-2.0, 0.7, 5.0])  # all components distinct
+    targets, names = readout_targets(env, np.stack([theta, theta_dot], -1))
+    assert names == ["sin θ", "cos θ", "θ̇"]
+    np.testing.assert_array_equal(targets.numpy(), np.stack([np.sin(theta), np.cos(theta), theta_dot], -1))
+    np.testing.assert_array_equal(targets.numpy(), pendulum_targets(np.stack([theta, theta_dot], -1)).numpy())
+    with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
+        readout_targets(env, theta[:, None])
+
+
+def test_angle_readout_targets_of_nlink_and_gym_envs():
+    state = np.array([0.3, -2.5, -2.0, 0.7])  # (theta_1, theta_2, theta_dot_1, theta_dot_2)
+    expected = [np.sin(0.3), np.cos(0.3), np.sin(-2.5), np.cos(-2.5), -2.0, 0.7]
+    for env in (make_env("nlink", image_size=16), make_env("acrobot", image_size=16)):
+        targets, names = readout_targets(env, state)
+        assert names == ["sin θ1", "cos θ1", "sin θ2", "cos θ2", "θ̇1", "θ̇2"]
+        np.testing.assert_array_equal(targets.numpy(), expected)
+    single, pendulum = make_env("nlink", image_size=16, n_links=1), make_env("pendulum", image_size=16)
+    for env in (single, make_env("gym_pendulum", image_size=16)):
+        got, want = readout_targets(env, state[:2]), readout_targets(pendulum, state[:2])
+        assert got[1] == want[1]
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    targets, names = readout_targets(make_env("cartpole", image_size=16), state)  # no angle-aware targets
+    assert names == ["state[0]", "state[1]", "state[2]", "state[3]"]
+    np.testing.assert_array_equal(targets.numpy(), state)
+
+
+def test_balls_and_dot_readout_targets():
+    env = make_env("balls", image_size=16, n_balls=2)
+    state = np.arange(8.0)
+    targets, names = readout_targets(env, state)
+    assert names == ["x1", "y1", "x2", "y2", "vx1", "vy1", "vx2", "vy2"]
+    np.testing.assert_array_equal(targets.numpy(), state)
+    for name in ("dot_figure8", "dot_swirl"):
+        assert readout_targets(make_env(name, image_size=10), state[:2])[1] == ["x", "y"]
+    env = make_env("dot_square", image_size=10)  # the sinusoid at the motion frequency: the lap phase
+    env.reset(seed=0)
+    states, phases = [], []
+    for _ in range(60):
+        states.append(env.step(np.zeros(0, np.float32))[4]["state"])
+        phases.append(env.unwrapped.phase)
+    targets, names = readout_targets(env, np.stack(states))
+    assert names == ["x", "y", "sin φ", "cos φ"]
+    np.testing.assert_allclose(targets[:, :2].numpy(), np.stack(states), rtol=0, atol=0)
+    np.testing.assert_allclose(targets[:, 2:].numpy(), np.stack([np.sin(phases), np.cos(phases)], -1), atol=1e-12)
 
 
 # ---------------------------------------------------------------- observation noise and pixel wrapper

@@ -46,37 +46,45 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class ConvEncoder(nn.Module):
-    """Frames (N, H, W, C) -> features (N, out_dim).
+    """Frames (N, H, W, C) -> features (N, out_dim), for any square H = W >= 8.
 
-    Four stride-2 4x4 convolutions with widths depth * (1, 2, 4, 8), each followed by a norm and
-    SiLU (DreamerV3), then a linear head on the flattened (H/16/pool)^2 * 8 depth map. `pool` > 1
-    average-pools the input first: a cheap first stage for small CPU budgets.
+    Average-pools the input by ``pool`` (reduced to the largest factor that divides H and leaves at
+    least 16 px; 1 if none), then applies up to four stride-2 4x4 convolutions (padding 1, so each
+    maps s px to floor(s / 2)) with widths depth * (1, 2, 4, 8), each followed by a norm and SiLU
+    (DreamerV3), and a linear head on the flattened final map. A stage is left out only when it would
+    shrink the map below 1x1 (pooled sizes 8..15 get three stages), so every size that is a multiple
+    of 16 * pool keeps the four-stage architecture with an (H / 16 / pool)^2 * 8 depth map.
 
     Args:
-        image_size: H = W of the input frames; image_size / pool must be a multiple of 16.
+        image_size: H = W of the input frames, >= 8.
         channels: C of the input frames.
         out_dim: output feature size.
         depth: width multiplier of the conv stages.
         norm: "layer" (per-pixel channel LayerNorm), "group" or "none".
-        pool: average-pooling factor applied to the input before the convs.
+        pool: largest average-pooling factor applied to the input before the convs (2: a cheap first
+            stage for small CPU budgets); the factor used is ``self.pool``.
     """
 
     def __init__(self, image_size: int = 64, channels: int = 3, out_dim: int = 8, depth: int = 32,
                  norm: str = "layer", pool: int = 1):
         super().__init__()
-        if pool < 1 or image_size % pool or (image_size // pool) % 16 or image_size <= 0:
-            raise ValueError(f"image_size / pool must be a positive multiple of 16, got image_size={image_size}, "
-                             f"pool={pool}")
+        if int(image_size) != image_size or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        if int(pool) != pool or pool < 1:
+            raise ValueError(f"pool must be an int >= 1, got {pool!r}")
+        image_size = int(image_size)
+        pool = max((p for p in range(1, int(pool) + 1) if image_size % p == 0 and image_size // p >= 16), default=1)
         self.image_size, self.channels, self.out_dim, self.pool = image_size, channels, out_dim, pool
         layers: list[nn.Module] = [nn.AvgPool2d(pool)] if pool > 1 else []
-        width_in = channels
+        width_in, res = channels, image_size // pool
         for mult in (1, 2, 4, 8):
+            if res < 2:
+                break
             width = depth * mult
             layers += [nn.Conv2d(width_in, width, 4, stride=2, padding=1, bias=norm == "none"),
                        _norm(norm, width), nn.SiLU()]
-            width_in = width
+            width_in, res = width, res // 2
         self.convs = nn.Sequential(*layers)
-        res = image_size // pool // 16
         self.head = nn.Linear(width_in * res * res, out_dim)
 
     def forward(self, frames: Tensor) -> Tensor:
