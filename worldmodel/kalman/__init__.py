@@ -58,7 +58,8 @@ Layout: ``types`` (Gaussian, FilterResult, symmetrize, the Gaussian log-density 
 ``checks`` (input checks, once at entry), ``reference`` (predict, update and the step-by-step filter),
 ``recursions`` and ``fused`` (the fused fast path and its autograd Functions), ``parallel`` (the
 associative scan), ``smoother`` (rts_smoother), ``native`` + ``native_kalman.c`` (the loops in C);
-:func:`kalman_filter`, here, picks the path.
+:func:`kalman_filter`, here, picks the path. :func:`gaussian_log_prob` (also :meth:`Gaussian.log_prob`)
+is the project's one Gaussian log-density.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ from .fused import _calling_thread_only, _filter_fused
 from .parallel import _filter_parallel
 from .reference import _filter_sequential, predict, update
 from .smoother import rts_smoother
-from .types import _JITTERS, FilterResult, Gaussian, symmetrize
+from .types import _JITTERS, FilterResult, Gaussian, gaussian_log_prob, symmetrize
 
-__all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother", "symmetrize"]
+__all__ = ["Gaussian", "FilterResult", "predict", "update", "kalman_filter", "rts_smoother", "symmetrize",
+           "gaussian_log_prob"]
 
 
 def kalman_filter(

@@ -1,7 +1,8 @@
 """The filter's types and the numerical helpers every path shares.
 
-:class:`Gaussian` and :class:`FilterResult`; :func:`symmetrize`; the Gaussian log-density
-(:func:`log_prob_from_cholesky`); Cholesky factorisation with jitter retry; huge-page buffers.
+:class:`Gaussian` and :class:`FilterResult`; :func:`symmetrize`; the project's one Gaussian
+log-density (:func:`gaussian_log_prob`, :meth:`Gaussian.log_prob`, built on
+:func:`log_prob_from_cholesky`); Cholesky factorisation with jitter retry; huge-page buffers.
 No validation here: the helpers broadcast over leading dimensions.
 """
 
@@ -14,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .checks import _dtype
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # relative diagonal jitters tried, in order, when a Cholesky factorisation fails
@@ -28,6 +31,10 @@ class Gaussian(NamedTuple):
 
     mean: Tensor
     cov: Tensor
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; mean, cov) ``(...)`` for ``x`` ``(..., n)`` (see :func:`gaussian_log_prob`)."""
+        return gaussian_log_prob(x, self.mean, self.cov)
 
 
 class FilterResult(NamedTuple):
@@ -88,6 +95,23 @@ def log_prob_from_cholesky(residual: Tensor, L: Tensor) -> Tensor:
     and the lower Cholesky factor ``L`` ``(..., n, n)``: -1/2 (|residual|^2 + 2 sum log diag L + n log 2 pi)."""
     log_det = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     return -0.5 * (residual.square().sum(-1) + log_det + residual.shape[-1] * _LOG_2PI)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+    """log N(x; mean, cov): ``x`` and ``mean`` ``(..., n)``, ``cov`` ``(..., n, n)``, leading dimensions
+    broadcast -> ``(...)``.
+
+    One Cholesky factorisation ``cov = L L^T`` (retried with a small relative diagonal jitter only for
+    the matrices where round-off makes it fail; FloatingPointError where it still fails) and one
+    triangular solve; no explicit inverse. Computes in float32 or float64 (the promoted dtype of the
+    inputs; half precision is upcast to float32), with autocast disabled.
+    """
+    dtype = _dtype(x, mean, cov)
+    with torch.autocast(x.device.type, enabled=False):
+        L = _cholesky(cov.to(dtype))
+        residual = (x.to(dtype) - mean.to(dtype)).unsqueeze(-1)
+        white = torch.linalg.solve_triangular(L, residual, upper=False).squeeze(-1)
+        return log_prob_from_cholesky(white, L)
 
 
 def _per_step(x: Tensor, event_dims: int) -> Tensor:
