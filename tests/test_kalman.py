@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, rts_smoother, update
+from worldmodel.kalman import FilterResult, Gaussian, gaussian_log_prob, kalman_filter, predict, rts_smoother, update
 
 F64, F32 = torch.float64, torch.float32
 
@@ -417,3 +417,45 @@ def test_predict_update_reject_mismatched_shapes():
         update(belief, torch.zeros(2, 2), torch.eye(3), torch.eye(2))
     with pytest.raises(ValueError, match=r"\bR\b"):
         update(belief, torch.zeros(2, 2), torch.eye(2, 3), torch.eye(3))
+
+
+# ---- the Gaussian log-density -----------------------------------------------------------------------
+
+
+def _mvn_inputs(seed=0, n=4):
+    """x (2, 5, 3, n) against means (5, 3, n) and covariances (5, 3, n, n): the leading 2 broadcasts."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(5, 3, n, dtype=F64, generator=gen)
+    cov = _spd(5, 3, n=n, gen=gen)
+    return torch.randn(2, 5, 3, n, dtype=F64, generator=gen), mean, cov
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (F32, 1e-5)])
+def test_gaussian_log_prob_equals_torch_multivariate_normal(dtype, tol):
+    x, mean, cov = _mvn_inputs()
+    want = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).log_prob(x)  # float64
+    got = gaussian_log_prob(x.to(dtype), mean.to(dtype), cov.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, 5, 3)
+    torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(Gaussian(mean.to(dtype), cov.to(dtype)).log_prob(x.to(dtype)), got, rtol=0, atol=0)
+
+
+def test_gaussian_log_prob_gradients_and_shared_covariance_equal_multivariate_normal():
+    x, mean, cov = _mvn_inputs(seed=1)
+    cov = cov[0, 0]  # one (n, n) covariance for every mean
+    got_inputs = [t.clone().requires_grad_() for t in (x, mean, cov)]
+    want_inputs = [t.clone().requires_grad_() for t in (x, mean, cov)]
+    got = gaussian_log_prob(*got_inputs)
+    want = torch.distributions.MultivariateNormal(want_inputs[1], covariance_matrix=want_inputs[2]).log_prob(
+        want_inputs[0])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got.sum(), got_inputs), torch.autograd.grad(want.sum(), want_inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_gaussian_log_prob_promotes_dtypes_and_rejects_non_pd():
+    x, mean, cov = _mvn_inputs()
+    assert gaussian_log_prob(x.float(), mean.float(), cov).dtype == F64
+    assert gaussian_log_prob(x.half(), mean.half(), cov.half()).dtype == F32
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        gaussian_log_prob(x, mean, -cov)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from test_kalman import F32, F64, make_system
-from worldmodel import kalman, native
+from worldmodel.kalman import checks, fused, native, recursions, reference, types
 from worldmodel.kalman import kalman_filter
 
 ARGS = ("A", "Q", "C", "R", "m0", "P0")
@@ -22,10 +22,13 @@ def loops(request, monkeypatch):
     return request.param
 
 
+FILTERS = {"fused": fused._filter_fused, "sequential": reference._filter_sequential}
+
+
 def _run(path, z, sys, target=None):
-    """Run ``kalman._filter_<path>`` on prepared inputs, as kalman_filter would."""
-    args = kalman._prepare(z, *(sys[k] for k in ARGS), sys.get("B"), sys.get("u"), None, target)
-    result, ok = getattr(kalman, f"_filter_{path}")(*args, jitter=0.0)
+    """Run the filter ``FILTERS[path]`` on prepared inputs, as kalman_filter would."""
+    args = checks._prepare(z, *(sys[k] for k in ARGS), sys.get("B"), sys.get("u"), None, target)
+    result, ok = FILTERS[path](*args, jitter=0.0)
     assert ok
     return result
 
@@ -122,7 +125,7 @@ def test_covariance_recursion_forms_agree_and_differentiate(form):
     args = (sys["A"], sym["Q"], sys["C"], sym["R"], sym["P0"])
 
     def recursion(A, Q, C, R, P0, form=form):  # P_{t|t-1}, P_{t|t}, K_t^T, S_t and L_t (5 steps: no stop)
-        outs = kalman._CovarianceRecursion.apply(A, Q, C, R, P0, 5, form, {})
+        outs = fused._CovarianceRecursion.apply(A, Q, C, R, P0, 5, form, {})
         return [outs[i] for i in (0, 1, 2, 4, 6)]
 
     ref = recursion(*args, form="standard" if form == "joint" else "joint")
@@ -141,7 +144,7 @@ def test_covariance_recursion_forms_agree_and_differentiate(form):
 @pytest.mark.parametrize("batched", [False, True])
 def test_fused_forms_through_kalman_filter(monkeypatch, joint_max_dim, batched):
     """kalman_filter gives the step-wise result whichever covariance form the fused path picks."""
-    monkeypatch.setattr(kalman, "_JOINT_MAX_DIM", joint_max_dim)
+    monkeypatch.setattr(fused, "_JOINT_MAX_DIM", joint_max_dim)
     z, sys = make_system(batch=3, steps=6, n=5, m=3, k=1, batched=batched, seed=16)
     _assert_close(kalman_filter(z, **sys), _run("sequential", z, sys), 1e-10)
 
@@ -159,14 +162,14 @@ def test_singular_filtered_covariance_falls_back_to_joseph_form():
 
 def _covariance_steps(monkeypatch) -> list:
     """Record how many steps each covariance recursion computed before its steady-state stop."""
-    steps, forward = [], kalman._CovarianceRecursion.forward
+    steps, forward = [], fused._CovarianceRecursion.forward
 
     def spy(ctx, *args):
         out = forward(ctx, *args)
         steps.append(out[2].shape[-3])
         return out
 
-    monkeypatch.setattr(kalman._CovarianceRecursion, "forward", staticmethod(spy))
+    monkeypatch.setattr(fused._CovarianceRecursion, "forward", staticmethod(spy))
     return steps
 
 
@@ -190,7 +193,7 @@ def test_steady_state_stop_gives_the_full_recursion(monkeypatch, batched, dtype)
 
     res, grads = run()
     assert steps[-1] <= 40, "the recursion did not stop at its steady state within the first 40 of 80 steps"
-    monkeypatch.setattr(kalman, "_STEADY_ULPS", 0.0)
+    monkeypatch.setattr(recursions, "_STEADY_ULPS", 0.0)
     full, full_grads = run()
     assert steps[-1] == 80
     _assert_close_with_grads(res, grads, full, full_grads, 1e-12 if dtype == F64 else 2e-6)
@@ -223,7 +226,7 @@ def test_steady_state_stop_on_a_slowly_converging_system():
 def test_constant_recursion_equals_the_step_loop(monkeypatch, batched, dtype, steps, reverse, max_work):
     """x_t = x_{t-1} F + c_t (``reverse``: x_t = x_{t+1} F + c_t), run in chunks of ~sqrt(T) steps (padding
     the last chunk) or step by step (``max_work`` 0), equals the plain loop."""
-    monkeypatch.setattr(kalman, "_CHUNKED_MAX_WORK", max_work)
+    monkeypatch.setattr(recursions, "_CHUNKED_MAX_WORK", max_work)
     gen = torch.Generator().manual_seed(20)
     batch, n = 3, 4
     F = torch.randn((batch, n, n) if batched else (n, n), generator=gen, dtype=F64)
@@ -234,11 +237,11 @@ def test_constant_recursion_equals_the_step_loop(monkeypatch, batched, dtype, st
         x = (x[:, None] @ F)[:, 0] + c_t
         want.append(x)
     want = torch.stack(want[::-1] if reverse else want, 1)
-    got = kalman._constant_recursion(F.to(dtype), c.to(dtype), x0.to(dtype), reverse)
+    got = recursions._constant_recursion(F.to(dtype), c.to(dtype), x0.to(dtype), reverse)
     tol = 1e-12 if dtype == F64 else 1e-5
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    from_zero = kalman._constant_recursion(F.to(dtype), c.to(dtype), None, reverse)
-    from_x0 = kalman._constant_recursion(F.to(dtype), 0 * c.to(dtype), x0.to(dtype), reverse)
+    from_zero = recursions._constant_recursion(F.to(dtype), c.to(dtype), None, reverse)
+    from_x0 = recursions._constant_recursion(F.to(dtype), 0 * c.to(dtype), x0.to(dtype), reverse)
     torch.testing.assert_close(from_zero + from_x0, got, rtol=tol, atol=tol)
 
 
@@ -257,13 +260,13 @@ def test_sandwich_recursion_in_chunks_equals_the_step_loop(batched, dtype, steps
     for D_s in D.unbind(-3)[:: -1 if reverse else 1]:
         G = D_s + N @ G @ N.mT
         total = total + G
-    got_total, got_last = kalman._sandwich_recursion(N.to(dtype), D.to(dtype), reverse)
+    got_total, got_last = recursions._sandwich_recursion(N.to(dtype), D.to(dtype), reverse)
     tol = 1e-12 if dtype == F64 else 2e-5
     torch.testing.assert_close(got_total.double(), total, rtol=tol, atol=tol * max(steps, 1))
     torch.testing.assert_close(got_last.double(), G, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not hasattr(kalman.mmap, "MADV_HUGEPAGE"), reason="needs madvise(MADV_HUGEPAGE) (Linux)")
+@pytest.mark.skipif(not hasattr(types.mmap, "MADV_HUGEPAGE"), reason="needs madvise(MADV_HUGEPAGE) (Linux)")
 def test_huge_page_output_buffers_hold_the_same_results(monkeypatch):
     """Covariance outputs in buffers of their own (``_new_empty``, used from 32 MiB on; here from 1 byte)
     give the step-wise filter's beliefs and the usual gradients; the mappings outlive the call."""
@@ -277,14 +280,14 @@ def test_huge_page_output_buffers_hold_the_same_results(monkeypatch):
 
     ref, ref_grads = run()
     mappings = []
-    real_mmap = kalman.mmap.mmap
+    real_mmap = types.mmap.mmap
 
     def counting_mmap(*args, **kwargs):
         mappings.append(real_mmap(*args, **kwargs))
         return mappings[-1]
 
-    monkeypatch.setattr(kalman, "_HUGE_PAGE_MIN_BYTES", 1)
-    monkeypatch.setattr(kalman.mmap, "mmap", counting_mmap)
+    monkeypatch.setattr(types, "_HUGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(types.mmap, "mmap", counting_mmap)
     res, grads = run()
     assert len(mappings) == 2  # P_{t|t-1} and P_{t|t}
     mappings.clear()  # only the tensors hold the mappings now

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from worldmodel import kalman, native
+from worldmodel.kalman import native, recursions
 from worldmodel.kalman import kalman_filter
 
 from test_kalman import make_system
@@ -59,10 +59,10 @@ def test_native_recursion_stops_where_the_python_joint_form_does():
     _, sys_ = make_system(batch=1, steps=200, n=6, m=2, k=0, seed=32)
     args = [sys_[key].float() for key in ("A", "Q", "C", "R", "P0")]
     args[1], args[3], args[4] = (0.5 * (x + x.mT) for x in (args[1], args[3], args[4]))
-    stop = (kalman._STEADY_ULPS, kalman._STEADY_EVERY, kalman._STEADY_MIN_LEFT)
+    stop = (recursions._STEADY_ULPS, recursions._STEADY_EVERY, recursions._STEADY_MIN_LEFT)
     k_native = native.covariance_recursion(*args, 200, *stop)[2].shape[0]
-    k_python = kalman._joint_recursion(*args, 200)[2].shape[0]
-    assert abs(k_native - k_python) <= kalman._STEADY_EVERY and max(k_native, k_python) < 200
+    k_python = recursions._joint_recursion(*args, 200)[2].shape[0]
+    assert abs(k_native - k_python) <= recursions._STEADY_EVERY and max(k_native, k_python) < 200
 
 
 @needs_native
@@ -81,7 +81,7 @@ def test_native_recursion_flags_a_singular_filtered_covariance():
 
 def test_switched_off_native_loops_fall_back_to_python():
     """WORLDMODEL_NATIVE=0 runs the Python loops and says so."""
-    code = ("import torch; from worldmodel import native; from worldmodel.kalman import kalman_filter;"
+    code = ("import torch; from worldmodel.kalman import kalman_filter, native;"
             "print(native.status()); z = torch.randn(2, 8, 2); I = torch.eye(3);"
             "res = kalman_filter(z, 0.9 * I, I, torch.ones(2, 3), torch.eye(2), torch.zeros(3), I);"
             "print(res.log_likelihood.shape)")
@@ -92,7 +92,7 @@ def test_switched_off_native_loops_fall_back_to_python():
 
 def test_a_failed_build_falls_back_with_the_compiler_error(tmp_path):
     """A compiler that fails leaves the Python loops, and status() quotes the error."""
-    code = "from worldmodel import native; print(native.status())"
+    code = "from worldmodel.kalman import native; print(native.status())"
     env = dict(os.environ, CC="false", XDG_CACHE_HOME=str(tmp_path), WORLDMODEL_NATIVE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.startswith("python (false -O2") and "failed" in out
@@ -103,7 +103,7 @@ def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path):
     """Where the user cache cannot be written, the library is built under the temporary directory."""
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache directory should be")
-    code = "from worldmodel import native; print(native.status())"
+    code = "from worldmodel.kalman import native; print(native.status())"
     env = dict(os.environ, XDG_CACHE_HOME=str(blocked), TMPDIR=str(tmp_path), WORLDMODEL_NATIVE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "native"
@@ -118,7 +118,7 @@ def test_a_build_that_fails_its_self_test_is_never_used_and_remembered(tmp_path)
     source = native.SOURCE.read_text()
     assert "m * log_2pi));" in source
     bad.write_text(source.replace("m * log_2pi));", "m * log_2pi + 1e-6));"))
-    code = ("from pathlib import Path; from worldmodel import native; "
+    code = ("from pathlib import Path; from worldmodel.kalman import native; "
             f"native.SOURCE = Path({str(bad)!r}); print(native.status())")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), WORLDMODEL_NATIVE="1")
     first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

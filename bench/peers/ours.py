@@ -15,16 +15,16 @@ from common import child_main
 
 def versions() -> dict:
     import torch
-    from worldmodel import native
+    from worldmodel.kalman import native
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "loops": native.status()}
 
 
 STEPS: list[int] = []  # covariance steps computed by each covariance recursion (up to its steady-state stop)
 
 
-def _record_covariance_steps(kalman) -> None:
+def _record_covariance_steps(fused) -> None:
     """Append to STEPS the step count of every covariance recursion, native or Python (once per process)."""
-    forward = kalman._CovarianceRecursion.forward
+    forward = fused._CovarianceRecursion.forward
     if hasattr(forward, "recorded"):
         return
 
@@ -34,12 +34,12 @@ def _record_covariance_steps(kalman) -> None:
         return out
 
     recorded.recorded = True
-    kalman._CovarianceRecursion.forward = staticmethod(recorded)
+    fused._CovarianceRecursion.forward = staticmethod(recorded)
 
 
 def build(problem, variant, grad):
     import torch
-    from worldmodel import kalman
+    from worldmodel.kalman import fused, kalman_filter, parallel, recursions, reference
 
     f32 = {k: torch.tensor(problem[k], dtype=torch.float32) for k in ("z", "A", "Q", "C", "R", "m0", "P0")}
     B, T, _ = f32["z"].shape
@@ -47,17 +47,17 @@ def build(problem, variant, grad):
         for k in ("A", "Q", "C", "R", "P0"):
             f32[k] = f32[k].expand(B, *f32[k].shape).contiguous()
         f32["m0"] = f32["m0"].expand(B, -1).contiguous()
-    if variant == "par_compiled" and not hasattr(kalman._filtering_combine, "_torchdynamo_orig_callable"):
-        kalman._filtering_combine = torch.compile(kalman._filtering_combine, dynamic=True)  # one graph for all scan levels
+    if variant == "par_compiled" and not hasattr(parallel._filtering_combine, "_torchdynamo_orig_callable"):
+        parallel._filtering_combine = torch.compile(parallel._filtering_combine, dynamic=True)  # one graph, all levels
     if variant == "seq_full":
-        kalman._STEADY_ULPS = 0.0  # every covariance step, as without the steady-state stop
-    _record_covariance_steps(kalman)
+        recursions._STEADY_ULPS = 0.0  # every covariance step, as without the steady-state stop
+    _record_covariance_steps(fused)
     names = ("z", "A", "Q", "C", "R", "m0", "P0")
     eye = torch.eye(f32["A"].shape[-1])
 
     def step(mean, cov, z_t, A, Q, C, R):
-        mean, cov = kalman._predict(mean, cov, A, Q, None)
-        mean, cov, ll, _ = kalman._update(mean, cov, z_t, C, R, None, None, 0.0, eye)
+        mean, cov = reference._predict(mean, cov, A, Q, None)
+        mean, cov, ll, _ = reference._update(mean, cov, z_t, C, R, None, None, 0.0, eye)
         return mean, cov, ll
 
     compiled_step = torch.compile(step, dynamic=False) if variant == "seq_compiled" else None
@@ -66,7 +66,7 @@ def build(problem, variant, grad):
         STEPS.clear()
         leaves = [f32[k].clone().requires_grad_(grad and k in ("z", "A", "Q", "C", "R")) for k in names]
         if compiled_step is None:
-            res = kalman.kalman_filter(*leaves, parallel=variant.startswith("par"))
+            res = kalman_filter(*leaves, parallel=variant.startswith("par"))
             ll, outs = res.log_likelihood, (res.filtered.mean, res.filtered.cov)
         else:
             z, A, Q, C, R, mean, cov = leaves

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from worldmodel.kalman import FilterResult, Gaussian, _sym, kalman_filter, predict, update
+from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, symmetrize, update
 from worldmodel.priors.base import StateSpacePrior
 
 __all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound"]
@@ -78,7 +78,7 @@ class CholeskyCovariance(nn.Module):
         if self.lower is None:
             return torch.diag_embed((self.min_std + self.log_diag.exp()).square())
         L = self.factor()
-        return _sym(L @ L.mT)
+        return symmetrize(L @ L.mT)
 
 
 class KalmanLatentModel(StateSpacePrior):
@@ -327,4 +327,4 @@ class KalmanLatentModel(StateSpacePrior):
         C = self.C
         mean = belief.mean @ C.mT
         noise = self._obs_noise(R, tuple(belief.mean.shape[:-1]))
-        return Gaussian(mean, _sym(C @ belief.cov @ C.mT + noise))
+        return Gaussian(mean, symmetrize(C @ belief.cov @ C.mT + noise))

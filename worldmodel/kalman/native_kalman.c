@@ -1,4 +1,4 @@
-/* Native loops of the fused Kalman filter on CPU (see worldmodel/native.py, which compiles this file).
+/* Native loops of the fused Kalman filter on CPU (see worldmodel/kalman/native.py, which compiles this file).
 
    The loops call BLAS/LAPACK through function pointers that the loader takes from the library
    PyTorch itself links (MKL on x86-64 Linux): one call per matrix operation, with none of the

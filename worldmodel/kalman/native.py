@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .types import _new_empty  # huge pages for large outputs
+
 __all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion", "innovation_loglik",
            "adjoint_mean_recursion", "sandwich_recursion"]
 
@@ -67,7 +69,7 @@ def _compile(target: Path) -> str | None:
         if proc.returncode:
             return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
         # a wrong BLAS interface (say 64-bit integers) would crash or corrupt: check in a process of its own
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]),
                                                           os.environ.get("PYTHONPATH", "")]))
         check = subprocess.run([sys.executable, "-c", _SELF_TEST, tmp], capture_output=True, text=True, timeout=300,
                                env=env)
@@ -93,20 +95,19 @@ _WRONG_RESULTS = 3  # the self-test's exit status when the library runs but its 
 _SELF_TEST = f"""
 import sys
 from pathlib import Path
-from worldmodel import native
+from worldmodel.kalman import kalman_filter, native
 try:
-    native._self_test(Path(sys.argv[1]))
+    native._self_test(Path(sys.argv[1]), kalman_filter)
 except AssertionError as exc:
     print(exc, file=sys.stderr)
     sys.exit({_WRONG_RESULTS})
 """
 
 
-def _self_test(path: Path) -> None:
+def _self_test(path: Path, kalman_filter) -> None:
     """Raise AssertionError unless the library at ``path`` reproduces the Python loops (values and
-    gradients of a small float64 filter with controls); run in a subprocess of its own by ``_compile``."""
-    from .kalman import kalman_filter
-
+    gradients of a small float64 ``kalman_filter`` with controls); run in a subprocess of its own by
+    ``_compile``, whose script passes the filter in (this module does not import the package above it)."""
     gen = torch.Generator().manual_seed(0)
     n, m, k, batch, steps = 4, 3, 2, 2, 40
 
@@ -217,8 +218,6 @@ def covariance_recursion(A: Tensor, Q: Tensor, C: Tensor, R: Tensor, P0: Tensor,
     ``(m, n)``, ``R`` ``(m, m)`` (symmetric). Returns P_{t|t-1} and P_{t|t} ``(steps, n, n)`` (symmetrised,
     extended past the stop), and for the k computed steps X_t = S_t^{-1} C P_{t|t-1} ``(k, m, n)``, S_t and
     its lower Cholesky factor L_t ``(k, m, m)`` and the info ``(k,)`` int32."""
-    from .kalman import _new_empty  # huge pages for large outputs
-
     n, m = A.shape[-1], C.shape[-2]
     A, Q, C, R, P0 = (x.contiguous() for x in (A, Q, C, R, P0))
     Pp, Pf = _new_empty(A, (steps, n, n)), _new_empty(A, (steps, n, n))
