@@ -1,9 +1,10 @@
 """Evaluation of a trained run: held-out linear readout R^2 (the model and its baselines), k-step
 predictive NLL / coverage, the text table, the metrics.jsonl record and the PNG figures.
 
-Three small functions are the only places that know the env or the kind of latent model:
-``readout_targets`` (what a readout should recover), ``can_filter`` (whether the model filters and
-predicts, i.e. has a state-space prior) and ``kstep_metrics`` (its k-step predictive scores).
+Four small functions are the only places that know the env or the kind of latent model:
+``readout_targets`` (what a readout should recover), ``scatter_colour`` (what colours the latent
+scatter), ``can_filter`` (whether the model filters and predicts, i.e. has a state-space prior) and
+``kstep_metrics`` (its k-step predictive scores).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from worldmodel.training.data import ensure_dataset, load_split
 from worldmodel.training.run import append_jsonl, load_matching_run, load_run, read_metrics
 
 __all__ = ["baseline_model_config", "can_filter", "encode_episodes", "evaluate", "evaluate_run", "kstep_metrics",
-           "print_eval_table", "readout_features", "readout_targets", "report", "split_features", "write_plots"]
+           "print_eval_table", "readout_features", "readout_targets", "report", "scatter_colour", "split_features",
+           "write_plots"]
 
 
 # ---------------------------------------------------------------------------------------- what is read out
@@ -35,6 +37,11 @@ def readout_targets(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor
     if cfg.env == "pendulum":
         return pendulum_targets(state), ["sin θ", "cos θ", "θ̇"]
     return state, [f"state[{i}]" for i in range(state.shape[-1])]
+
+
+def scatter_colour(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The quantity that colours the latent scatter: the first state component (N * T,), and its name."""
+    return state[..., 0].reshape(-1), "theta" if cfg.env == "pendulum" else "state[0]"
 
 
 def can_filter(model: WorldModel) -> bool:
@@ -185,9 +192,9 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     y_val, _ = readout_targets(cfg, val_data["state"][:1])
     paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
                                     title="linear readout of the latent features (held-out episode)"))
-    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]),
-                                      val_data["state"][..., 0].reshape(-1), run_dir / "latents.png",
-                                      "theta" if cfg.env == "pendulum" else "state[0]"))
+    colour, colour_name = scatter_colour(cfg, val_data["state"])
+    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), colour, run_dir / "latents.png",
+                                      colour_name))
     if can_filter(model):
         device = next(model.parameters()).device
         episode = {k: v[:1].to(device) for k, v in val_data.items()}
