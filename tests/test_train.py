@@ -1,4 +1,5 @@
-"""train.py: generated CLI flags, exact resume, Ctrl-C checkpoints, DDP first-step loss, bad inputs.
+"""worldmodel.training through train.py: exact resume, Ctrl-C checkpoints, DDP first-step loss, bad inputs
+(the flags themselves: test_cli.py).
 
 Training tests are tiny (12 episodes x 20 steps of 16x16 frames, a few optimizer steps) and marked slow.
 """
@@ -13,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,83 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (the repository-root entry script)
-from worldmodel.cli import add_flags, apply_overrides, config_from_dict, config_to_argv, parse_overrides  # noqa: E402
 from worldmodel.training import TrainConfig, WindowSampler, lr_factor, read_metrics  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------- CLI
-@dataclass
-class _Inner:
-    width: int = 4
-    scale: float | None = None
-    tag: str = "a"
-
-
-@dataclass
-class _Outer:
-    steps: int = 10
-    flag: bool = True
-    ks: tuple[int, ...] = (1, 2)
-    kwargs: dict = field(default_factory=dict)
-    inner: _Inner = field(default_factory=_Inner)
-
-
-def _parse(cls, argv):
-    import argparse
-
-    parser = argparse.ArgumentParser(allow_abbrev=False)
-    add_flags(parser, cls)
-    return apply_overrides(cls(), parse_overrides(parser.parse_args(argv), cls))
-
-
-def test_flags_round_trip_every_field_type():
-    cfg = _Outer(steps=3, flag=False, ks=(5,), kwargs={"g": 9.8}, inner=_Inner(width=7, scale=0.25, tag="b"))
-    assert _parse(_Outer, config_to_argv(cfg)) == cfg
-    assert _parse(_Outer, []) == _Outer()
-    # nested fields also answer to their unique short name; none -> None; empty tuple
-    short = _parse(_Outer, ["--width", "9", "--inner.scale", "none", "--ks", "--no-flag"])
-    assert short == _Outer(flag=False, ks=(), inner=_Inner(width=9))
-    with pytest.raises(SystemExit):
-        _parse(_Outer, ["--steps", "three"])
-    with pytest.raises(SystemExit):
-        _parse(_Outer, ["--kwargs", "[1, 2]"])  # not a JSON object
-
-
-def test_train_config_round_trips_through_flags_and_json():
-    cfg = TrainConfig()
-    changed = dataclasses.replace(cfg, name="x", steps=7, lr=1.5e-3, max_steps=2, progress=False,
-                                  env_kwargs={"friction": 0.0},
-                                  model=dataclasses.replace(cfg.model, latent_dim=5, state_dim=7, heteroscedastic=True,
-                                                            method_kwargs={"q_std": 0.1}),
-                                  eval=dataclasses.replace(cfg.eval, ks=(1, 3), baselines=()),
-                                  filter=dataclasses.replace(cfg.filter, drop=(4, 8)))
-    command, parsed = train.parse_args(config_to_argv(changed))
-    assert command == "train" and parsed == changed
-    assert TrainConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
-    _, method = train.parse_args(["--method", "vicreg"])
-    assert method.model.method == "vicreg"
-    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
-        config_from_dict(TrainConfig, {"stepz": 1})
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--window", "200", "--episode-length", "100"], "window"),
-    (["--filter.drop", "3"], "start stop pairs"),
-    (["eval", "--out-dir", "/nonexistent-runs"], "no run at"),
-])
-def test_invalid_config_exits_with_message(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        train.parse_args(argv)
-
-
+# ------------------------------------------------------------------------------------------- schedule
 def test_window_sampler_ranks_partition_the_global_batch():
     full = WindowSampler(1000, 8, seed=3)
     parts = [WindowSampler(1000, 8, seed=3, rank=r, world=2) for r in range(2)]
     for step in (1, 2, 50):
         assert parts[0](step) + parts[1](step) == full(step)
     assert full(1) == WindowSampler(1000, 8, seed=3)(1) and full(1) != full(2)
-    with pytest.raises(SystemExit, match="divisible"):
+    with pytest.raises(ValueError, match="divisible"):
         WindowSampler(1000, 7, seed=0, rank=0, world=2)
 
 
@@ -127,7 +61,11 @@ def tiny(tmp_path_factory):
     def argv(name: str, *extra: str) -> list[str]:
         return [*base, "--name", name, *extra]
 
-    argv.root = root
+    def run(name: str, *extra: str) -> list[str]:
+        """the flags of eval / filter (run control only) for run ``name``"""
+        return ["--out-dir", str(root / "runs"), "--name", name, "--no-progress", "--no-plots", *extra]
+
+    argv.root, argv.run = root, run
     return argv
 
 
@@ -161,18 +99,19 @@ def test_default_outputs_and_exact_resume(tiny, capsys):
     assert {r["step"]: r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"} == losses
 
     # eval re-scores the checkpoint (same numbers) and appends; filter replays with dropped frames
-    results = train.main(["eval", *tiny("full", "--eval.baselines", "untrained", "vicreg", "--baseline-steps", "2")])
+    results = train.main(["eval", *tiny.run("full", "--eval.baselines", "untrained", "vicreg", "--eval.baseline-steps",
+                                            "2", "--eval.ks", "1", "2", "--eval.burn-in", "2")])
     evals = [r for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "eval"]
     assert len(evals) == 2 and evals[1]["r2"] == results["r2"] and list(results["r2"]) == ["kalman", "untrained",
                                                                                            "vicreg"]
     assert torch.load(full / "baseline-vicreg" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert evals[1]["r2"]["kalman"] == pytest.approx(evals[0]["r2"]["kalman"], abs=1e-9)
     capsys.readouterr()
-    path = train.main(["filter", *tiny("full", "--filter.drop", "8", "14", "--filter.episode", "1")])
+    path = train.main(["filter", *tiny.run("full", "--filter.drop", "8", "14", "--filter.episode", "1")])
     assert path == full / "filter.png" and path.stat().st_size > 0
     gap = re.search(r"(\d+) dropped frames.*match the batch filter to (\S+) ", capsys.readouterr().out)
     assert gap and int(gap[1]) == 6 and float(gap[2]) < 1e-4  # online step() == batch filter(), with drops
-    assert train.main(["filter", *tiny("full", "--live", "--filter.length", "12")]).stat().st_size > 0
+    assert train.main(["filter", *tiny.run("full", "--filter.live", "--filter.length", "12")]).stat().st_size > 0
 
 
 def _run_script(args: list[str]) -> subprocess.Popen:
@@ -219,13 +158,27 @@ def test_ddp_two_ranks_match_one_rank_first_step_loss(tiny):
 @pytest.mark.slow
 def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
     from worldmodel.datasets import RolloutStore
+    from worldmodel.model import WorldModel
+    from worldmodel.training import train as train_run
 
+    base = tiny.root / "runs" / "base"
     train.main(tiny("base", "--max-steps", "1"))  # also builds the shared dataset
     with pytest.raises(SystemExit, match="another config.*lr"):
         train.main(tiny("base", "--resume", "--lr", "0.5"))
+    # eval scores the checkpoint with the settings of config.json (a restart of the run that has not saved
+    # yet): refused when they differ
+    stored = (base / "config.json").read_text()
+    changed = json.loads(stored)
+    changed["model"]["latent_dim"] = 6
+    (base / "config.json").write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="another config.*model.latent_dim"):
-        train.main(["eval", *tiny("base", "--model.latent-dim", "6")])
-    with pytest.raises(SystemExit, match="16x16 images.*image_size=32"):
+        train.main(["eval", *tiny.run("base")])
+    (base / "config.json").write_text(stored)
+    # the library raises exceptions; train.py turns them into 'error: ...' exits
+    _, cfg = train.parse_args(tiny("wrong-size", "--model.image-size", "32"))
+    with pytest.raises(ValueError, match="16x16 images.*image_size=32"):
+        train_run(cfg)
+    with pytest.raises(SystemExit, match="^error: the dataset .*16x16 images.*image_size=32"):
         train.main(tiny("wrong-size", "--model.image-size", "32"))
     with pytest.raises(SystemExit, match="built with make_env.*friction.*0.5.*asks for.*friction.*0.1"):
         train.main(tiny("other-env", "--env-kwargs", '{"friction": 0.1}'))
@@ -235,8 +188,14 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
     with pytest.raises(SystemExit, match="is empty"):
         train.main(tiny("empty", "--data", str(tmp_path / "empty.zarr")))
     with pytest.raises(SystemExit, match="no run at"):
-        train.main(["eval", *tiny("missing")])
-    base = tiny.root / "runs" / "base"
+        train.main(["eval", *tiny.run("missing")])
+    # a WorldModel.save file where a training checkpoint belongs
+    model_only = tiny.root / "runs" / "model-only"
+    model_only.mkdir()
+    (model_only / "config.json").write_text(stored)
+    WorldModel.load(base / "checkpoint.pt").save(model_only / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="not a training checkpoint.*WorldModel.save.*train_config"):
+        train.main(["eval", *tiny.run("model-only")])
     ckpt = torch.load(base / "checkpoint.pt", weights_only=True)
     ckpt["state_dict"]["renamed"] = ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
     torch.save(ckpt, base / "checkpoint.pt")

@@ -1,23 +1,28 @@
 """Command-line flags generated from (nested) dataclasses, and their inverse.
 
 Every leaf field of a config dataclass becomes one flag: ``steps`` -> ``--steps``, a field of a nested
-dataclass ``model.latent_dim`` -> ``--model.latent-dim`` (also ``--latent-dim`` when that leaf name is
-unique in the whole config). Types: int, float, str, ``X | None`` (write ``none``), bool
-(``--flag`` / ``--no-flag``), ``tuple[X, ...]`` / ``list[X]`` (space-separated values), dict (JSON).
-Flags default to "not given", so ``parse_overrides`` returns only what the user typed; apply them
-to any base config with ``apply_overrides`` (defaults, or a stored run's config.json).
+dataclass ``model.latent_dim`` -> ``--model.latent-dim``. A parser can take a subset of the fields
+(``fields``: names or dotted prefixes, e.g. ``("name", "eval")``; a flag of another subset is then an
+argparse error) and give the leaves of some nested groups a short alias (``aliases=("model",)``:
+``--latent-dim``) where the leaf name is unique among the parser's flags and no top-level field has it.
+Types: int, float, str, ``X | None`` (write ``none``), bool (``--flag`` / ``--no-flag``),
+``tuple[X, ...]`` / ``list[X]`` (space-separated values), dict (JSON). Flags default to "not given",
+so ``parse_overrides`` returns only what the user typed; apply them to any base config with
+``apply_overrides`` (defaults, or a stored run's config.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import types
 import typing
 from typing import Any, Iterator
 
-__all__ = ["add_flags", "apply_overrides", "config_from_dict", "config_to_argv", "leaf_fields", "parse_overrides"]
+__all__ = ["add_flags", "apply_overrides", "config_from_dict", "config_to_argv", "leaf_fields", "parse_overrides",
+           "selected_fields"]
 
 
 def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -29,6 +34,22 @@ def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.
             yield from leaf_fields(kind, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", f, kind
+
+
+def selected_fields(cls: type, fields: tuple[str, ...] | None = None) -> list[tuple[str, dataclasses.Field, Any]]:
+    """The leaf_fields of ``cls`` whose dotted name is, or lies under, one of ``fields`` (None: all).
+    ValueError for an entry of ``fields`` that selects nothing."""
+    def under(name: str, selector: str) -> bool:
+        return name == selector or name.startswith(selector + ".")
+
+    leaves = list(leaf_fields(cls))
+    if fields is None:
+        return leaves
+    chosen = [leaf for leaf in leaves if any(under(leaf[0], f) for f in fields)]
+    unknown = [f for f in fields if not any(under(name, f) for name, _, _ in chosen)]
+    if unknown:
+        raise ValueError(f"no {cls.__name__} fields {unknown}")
+    return chosen
 
 
 def _strip_optional(kind: Any) -> tuple[Any, bool]:
@@ -70,22 +91,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, short_aliases: bool = True) -> None:
-    """Add one flag per leaf field of dataclass ``cls`` (defaults are shown, values parse only if given)."""
-    fields = list(leaf_fields(cls))
-    leaf_counts: dict[str, int] = {}
-    for name, _, _ in fields:
-        leaf_counts[name.rsplit(".", 1)[-1]] = leaf_counts.get(name.rsplit(".", 1)[-1], 0) + 1
+def add_flags(parser: argparse.ArgumentParser, cls: type, fields: tuple[str, ...] | None = None,
+              aliases: tuple[str, ...] = ()) -> None:
+    """Add one flag per selected leaf field of dataclass ``cls`` (see the module docstring for ``fields``
+    and ``aliases``); defaults are shown in the help, values parse only if given."""
+    chosen = selected_fields(cls, fields)
+    leaf_counts = collections.Counter(name.rsplit(".", 1)[-1] for name, _, _ in chosen)
+    top_level = {f.name for f in dataclasses.fields(cls)}
     defaults = dataclasses.asdict(cls())
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, f, kind in fields:
+    for name, f, kind in chosen:
         group_name = name.rsplit(".", 1)[0] if "." in name else ""
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(f"{group_name} options" if group_name else "config")
         group = groups[group_name]
         leaf = name.rsplit(".", 1)[-1]
         options = [_flag(name)]
-        if short_aliases and "." in name and leaf_counts[leaf] == 1:
+        if name.split(".")[0] in aliases and "." in name and leaf_counts[leaf] == 1 and leaf not in top_level:
             options.append(_flag(leaf))
         default = defaults
         for part in name.split("."):
@@ -100,7 +122,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, short_aliases: bool = 
             group.add_argument(*options, nargs="*", type=_scalar(typing.get_args(base)[0], False), metavar="X",
                                **kwargs)
         else:
-            group.add_argument(*options, type=_scalar(base, optional), metavar=name.rsplit(".", 1)[-1].upper(),
+            group.add_argument(*options, type=_scalar(base, optional), metavar=leaf.upper(),
                                **kwargs)
 
 
@@ -130,10 +152,11 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **direct)
 
 
-def config_to_argv(config: Any) -> list[str]:
-    """Flags that reproduce ``config`` from the defaults: ``apply_overrides(cls(), parse(argv)) == config``."""
+def config_to_argv(config: Any, fields: tuple[str, ...] | None = None) -> list[str]:
+    """Flags that reproduce the ``fields`` (as in add_flags) of ``config`` from the defaults:
+    ``apply_overrides(cls(), parse(argv)) == config`` in those fields."""
     argv: list[str] = []
-    for name, _, kind in leaf_fields(type(config)):
+    for name, _, kind in selected_fields(type(config), fields):
         value = config
         for part in name.split("."):
             value = getattr(value, part)

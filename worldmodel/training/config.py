@@ -1,0 +1,144 @@
+"""The run's configuration: TrainConfig (with its ModelConfig, EvalConfig and FilterConfig), and which
+fields a resumed or re-evaluated run may change (RUN_CONTROL)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worldmodel.cli import config_from_dict
+from worldmodel.model import ModelConfig
+
+__all__ = ["RUN_CONTROL", "EvalConfig", "FilterConfig", "TrainConfig", "config_difference"]
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation: held-out linear readout R^2 and k-step predictive NLL / coverage."""
+
+    ks: tuple[int, ...] = field(default=(1, 5, 10), metadata={"help": "prediction horizons k to report"})
+    burn_in: int = field(default=5, metadata={
+        "help": "first steps of every episode left out of readout fits and scores, and before the first k-step "
+                "prediction (filter warm-up)"})
+    baselines: tuple[str, ...] = field(default=("untrained",), metadata={
+        "help": "rows added to the readout table: 'untrained' (the initial encoder), a preset name of "
+                "worldmodel.methods (trained now with this config, e.g. vicreg) or a run directory"})
+    baseline_steps: int | None = field(default=None, metadata={
+        "help": "training steps of preset baselines (none = the run's steps)"})
+    batch_size: int = field(default=32, metadata={"help": "episodes per forward pass when encoding"})
+
+    def __post_init__(self):
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"eval.ks must be a non-empty list of horizons >= 1, got {self.ks}")
+        if self.burn_in < 0 or self.batch_size < 1:
+            raise ValueError(f"eval.burn_in must be >= 0 and eval.batch_size >= 1, got {self.burn_in}, "
+                             f"{self.batch_size}")
+
+
+@dataclass
+class FilterConfig:
+    """`filter` subcommand: replay one episode through WorldModel.step, one frame at a time."""
+
+    episode: int = field(default=0, metadata={"help": "index of the held-out episode to replay"})
+    live: bool = field(default=False, metadata={"help": "replay a fresh env episode instead of a stored one"})
+    length: int | None = field(default=None, metadata={"help": "steps of a live episode (none = episode length)"})
+    drop: tuple[int, ...] = field(default=(), metadata={
+        "help": "dropped-frame ranges as start stop pairs, e.g. 40 60 (frames start..stop-1 are withheld)"})
+    drop_prob: float = field(default=0.0, metadata={"help": "probability of dropping each further frame"})
+    seed: int = field(default=1234, metadata={"help": "seed of live episodes and random frame drops"})
+
+    def __post_init__(self):
+        if len(self.drop) % 2:
+            raise ValueError(f"filter.drop takes start stop pairs, got {self.drop}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"filter.drop_prob must be in [0, 1), got {self.drop_prob}")
+
+
+# fields that do not change what is trained: a resumed run may change them freely
+RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
+                "ckpt_every", "eval", "filter", "progress", "plots")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``train.py`` generates its flags from these fields."""
+
+    name: str = field(default="pendulum-kalman", metadata={"help": "run name: files go to <out_dir>/<name>/"})
+    out_dir: str = field(default="runs", metadata={"help": "parent directory of runs"})
+    data: str = field(default="data/pendulum-f0.5.zarr", metadata={
+        "help": "rollout store; built with the env and an Ornstein-Uhlenbeck policy if missing (or topped up "
+                "if it was built so and is short of episodes)"})
+    env: str = field(default="pendulum", metadata={"help": "environment of worldmodel.envs used to build the data"})
+    env_kwargs: dict = field(default_factory=lambda: {"friction": 0.5}, metadata={
+        "help": "JSON keyword arguments of make_env (friction 0.5: few full rotations, so theta_dot is linearly "
+                "recoverable from a linear-Gaussian filter)"})
+    train_episodes: int = field(default=200, metadata={"help": "episodes used for training (the first ones)"})
+    val_episodes: int = field(default=40, metadata={"help": "held-out episodes (after the training ones)"})
+    episode_length: int = field(default=100, metadata={"help": "steps per collected episode"})
+    window: int = field(default=32, metadata={"help": "training sequence length L"})
+    batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate of the encoder (AdamW)"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=10.0, metadata={"help": "max global gradient norm (0 = off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the model init, window sampling and data collection"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    num_workers: int = field(default=0, metadata={
+        "help": "0: train from the episodes loaded into memory; N > 0: stream windows from the store with N "
+                "DataLoader workers (same batches; for data sets larger than memory)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training loss (minutes of compilation on CPU)"})
+    log_every: int = field(default=25, metadata={"help": "steps between metrics.jsonl records"})
+    ckpt_every: int = field(default=250, metadata={"help": "steps between periodic checkpoints"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop (with a checkpoint) at this step without changing the schedule; continue with --resume"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self):
+        positive = ("train_episodes", "val_episodes", "episode_length", "window", "batch_size", "steps", "log_every",
+                    "ckpt_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.window > self.episode_length:
+            raise ValueError(f"window ({self.window}) must not exceed episode_length ({self.episode_length})")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return config_from_dict(cls, data)
+
+
+def config_difference(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted names of the fields (other than run-control ones) in which two configs differ."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if not prefix and k in RUN_CONTROL:
+                continue
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "env_kwargs" else {prefix + k: v})
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

@@ -1,0 +1,234 @@
+"""Evaluation of a trained run: held-out linear readout R^2 (the model and its baselines), k-step
+predictive NLL / coverage, the text table, the metrics.jsonl record and the PNG figures.
+
+Four small functions are the only places that know the env or the kind of latent model:
+``readout_targets`` (what a readout should recover), ``scatter_colour`` (what colours the latent
+scatter), ``can_filter`` (whether the model filters and predicts, i.e. has a state-space prior) and
+``kstep_metrics`` (its k-step predictive scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from worldmodel.checkpoint import TRAINING_KEYS, read_checkpoint
+from worldmodel.evaluation import fit_readout
+from worldmodel.model import ModelConfig, WorldModel
+from worldmodel.training import ddp
+from worldmodel.training.config import RUN_CONTROL, TrainConfig, config_difference
+from worldmodel.training.data import ensure_dataset, load_split
+from worldmodel.training.run import append_jsonl, load_matching_run, load_run, read_metrics
+
+__all__ = ["baseline_model_config", "can_filter", "encode_episodes", "evaluate", "evaluate_run", "kstep_metrics",
+           "print_eval_table", "readout_features", "readout_targets", "report", "scatter_colour", "split_features",
+           "write_plots"]
+
+
+# ---------------------------------------------------------------------------------------- what is read out
+def readout_targets(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """True quantities a linear readout should recover (..., D) from the env state (..., s), and their names."""
+    from worldmodel.evaluation import pendulum_targets
+
+    if cfg.env == "pendulum":
+        return pendulum_targets(state), ["sin θ", "cos θ", "θ̇"]
+    return state, [f"state[{i}]" for i in range(state.shape[-1])]
+
+
+def scatter_colour(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The quantity that colours the latent scatter: the first state component (N * T,), and its name."""
+    return state[..., 0].reshape(-1), "theta" if cfg.env == "pendulum" else "state[0]"
+
+
+def can_filter(model: WorldModel) -> bool:
+    """True when the model has a state-space prior: filter / step / imagine and k-step metrics work."""
+    return model.config.is_kalman
+
+
+def kstep_metrics(model: WorldModel, z: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, horizon: int,
+                  burn_in: int) -> dict[str, list[float]]:
+    """k-step predictive scores of encoder latents z (N, T, L), k = 1..horizon: {"k", "nll",
+    "coverage_1sigma", "coverage_2sigma"}, lists of length horizon (worldmodel.evaluation.predictive_metrics)."""
+    from worldmodel.evaluation import predictive_metrics
+
+    return predictive_metrics(model.latent_model, z, actions, horizon=horizon, burn_in=burn_in, mask=mask)
+
+
+@torch.no_grad()
+def _batched(fn, model: WorldModel, data: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """cat_i fn(obs, action, mask) over batches of whole episodes, moved to the CPU as float32."""
+    device = next(model.parameters()).device
+    out = []
+    # a bar only on interactive terminals (disable=None), removed when done
+    for i in tqdm(range(0, len(data["obs"]), batch_size), desc="encode", leave=False, disable=None, unit="batch"):
+        part = {k: v[i:i + batch_size].to(device) for k, v in data.items() if k in ("obs", "action", "mask")}
+        out.append(fn(part["obs"], part["action"], part["mask"]).float().cpu())
+    return torch.cat(out)
+
+
+def readout_features(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """WorldModel.features (filtered state means, or latents for non-Kalman methods) of whole episodes."""
+    return _batched(model.features, model, data, batch_size)
+
+
+def encode_episodes(model: WorldModel, data: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Encoder latents z (N, T, L) of whole episodes."""
+    return _batched(lambda obs, action, mask: model.encode(obs), model, data, batch_size)
+
+
+def split_features(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict) -> tuple[torch.Tensor, ...]:
+    """readout_features of the train and val episodes (computed once, shared by eval and plots)."""
+    return readout_features(model, train_data, cfg.eval.batch_size), readout_features(model, val_data,
+                                                                                      cfg.eval.batch_size)
+
+
+# ---------------------------------------------------------------------------------------- scores
+@torch.no_grad()
+def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict,
+             features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Held-out readout R^2 of the trained model and of the baselines; k-step NLL / coverage (Kalman).
+    ``features``: the model's split_features, if already computed."""
+    from worldmodel.evaluation import linear_r2
+
+    y_train, names = readout_targets(cfg, train_data["state"])
+    y_val, _ = readout_targets(cfg, val_data["state"])
+    skip = cfg.eval.burn_in
+
+    def r2(f_train: torch.Tensor, f_val: torch.Tensor) -> list[float]:
+        return [float(v) for v in linear_r2(f_train[:, skip:], y_train[:, skip:], f_val[:, skip:], y_val[:, skip:])]
+
+    features = features or split_features(model, cfg, train_data, val_data)
+    results: dict[str, Any] = {"targets": names, "r2": {cfg.model.method: r2(*features)}, "predictive": {}}
+    device = next(model.parameters()).device
+    for baseline in cfg.eval.baselines:
+        results["r2"][baseline] = r2(*split_features(_baseline_model(baseline, cfg, device), cfg, train_data,
+                                                     val_data))
+    if can_filter(model):
+        z = encode_episodes(model, val_data, cfg.eval.batch_size).to(device)
+        pred = kstep_metrics(model, z, val_data["action"].to(device), val_data["mask"].to(device),
+                             horizon=max(cfg.eval.ks), burn_in=cfg.eval.burn_in)
+        results["predictive"] = {
+            f"k={k}": {"nll": pred["nll"][i], "coverage_1sigma": pred["coverage_1sigma"][i],
+                       "coverage_2sigma": pred["coverage_2sigma"][i]}
+            for i, k in enumerate(pred["k"]) if k in cfg.eval.ks}
+    return results
+
+
+def baseline_model_config(model: ModelConfig, method: str) -> ModelConfig:
+    """The run's encoder (and the data it reads) with preset ``method``'s default settings."""
+    shared = ("encoder", "image_size", "channels", "depth", "pool", "norm", "input_dim", "hidden", "layers",
+              "latent_dim", "action_dim")
+    return ModelConfig(**{k: getattr(model, k) for k in shared}, method=method)
+
+
+def _baseline_model(baseline: str, cfg: TrainConfig, device: torch.device) -> WorldModel:
+    """'untrained' (the seeded initial model), a finished run directory, or a preset trained now."""
+    from worldmodel.training.loop import build_model, train  # train -> evaluate -> a baseline's train
+
+    if baseline == "untrained":
+        return build_model(cfg, device).eval()
+    if (Path(baseline) / "checkpoint.pt").is_file():
+        return load_run(baseline, str(device))[0]
+    try:
+        model_cfg = baseline_model_config(cfg.model, baseline)
+    except ValueError as err:
+        raise ValueError(f"--eval.baselines entry {baseline!r} is neither 'untrained', a run directory nor a "
+                         f"method: {err}") from None
+    sub = dataclasses.replace(
+        cfg, name=f"{cfg.name}/baseline-{baseline}", resume=True, max_steps=None, model=model_cfg,
+        steps=cfg.eval.baseline_steps or cfg.steps)
+    previous = sub.run_dir / "checkpoint.pt"
+    if previous.is_file() and config_difference(
+            TrainConfig.from_dict(read_checkpoint(previous, require=TRAINING_KEYS)["train_config"]), sub):
+        sub = dataclasses.replace(sub, resume=False)  # a baseline of other settings: train it again
+    ddp.log(f"training baseline {baseline!r} for {sub.steps} steps in {str(sub.run_dir)!r}")
+    with torch.enable_grad():  # evaluate() runs under no_grad
+        train(sub, final_eval=False)
+    return load_run(sub.run_dir, str(device))[0]
+
+
+def print_eval_table(results: dict[str, Any]) -> None:
+    """Readout R^2 per model and k-step predictive metrics as two small text tables."""
+    names = results["targets"]
+    width = max(12, *(len(k) for k in results["r2"]))
+    print("\nheld-out linear readout R² (filtered means; latents for non-Kalman methods)")
+    print(f"{'model':<{width}} " + " ".join(f"{n:>8}" for n in names))
+    for model_name, values in results["r2"].items():
+        print(f"{model_name:<{width}} " + " ".join(f"{v:8.4f}" for v in values))
+    if results["predictive"]:
+        print("\nk-step prediction of held-out encoder latents (nominal coverage 68.3 % / 95.4 %)")
+        print(f"{'k':>4} {'NLL/dim':>9} {'cov 1σ':>8} {'cov 2σ':>8}")
+        for k, m in results["predictive"].items():
+            print(f"{k[2:]:>4} {m['nll']:9.4f} {100 * m['coverage_1sigma']:7.1f}% "
+                  f"{100 * m['coverage_2sigma']:7.1f}%")
+    print(flush=True)
+
+
+# ---------------------------------------------------------------------------------------- figures
+@torch.no_grad()
+def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
+    """Loss curves; readout of a held-out episode and the latent space against the true state;
+    k-step predictions with 2-sigma bands (models that filter). ``features``: as in ``evaluate``."""
+    from worldmodel import plots
+    from worldmodel.kalman import Gaussian
+
+    run_dir = cfg.run_dir
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"},
+                  key=lambda k: (k not in ("loss", "val_loss"), k))
+    curves = {k: [r[k] for r in records if k in r] for k in keys}
+    steps = {k: [r["step"] for r in records if k in r] for k in keys}
+    paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
+
+    y_train, names = readout_targets(cfg, train_data["state"])
+    skip = cfg.eval.burn_in
+    train_features, val_features = features or split_features(model, cfg, train_data, val_data)
+    w, c = fit_readout(train_features[:, skip:], y_train[:, skip:])
+    y_val, _ = readout_targets(cfg, val_data["state"][:1])
+    paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
+                                    title="linear readout of the latent features (held-out episode)"))
+    colour, colour_name = scatter_colour(cfg, val_data["state"])
+    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), colour, run_dir / "latents.png",
+                                      colour_name))
+    if can_filter(model):
+        device = next(model.parameters()).device
+        episode = {k: v[:1].to(device) for k, v in val_data.items()}
+        z = model.encode(episode["obs"])[0].float().cpu()
+        start = min(2 * cfg.eval.burn_in, len(z) - 2)
+        horizon = min(2 * max(cfg.eval.ks), len(z) - 1 - start)
+        filtered = model.filter(episode["obs"][:, :start + 1], episode["action"][:, :start + 1],
+                                episode["mask"][:, :start + 1]).filtered
+        belief = Gaussian(filtered.mean[:, -1], filtered.cov[:, -1])
+        pz = model.imagine(belief, episode["action"][:, start:start + horizon], observe=True)
+        dims = min(3, z.shape[-1])
+        std = torch.diagonal(pz.cov[0], dim1=-2, dim2=-1).sqrt()[:, :dims].cpu()
+        paths.append(plots.kstep_predictions(z[:start + 1 + horizon, :dims], pz.mean[0, :, :dims].cpu(), std, start,
+                                             run_dir / "kstep.png", names=[f"z[{i}]" for i in range(dims)]))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- a run's report
+def report(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict, step: int) -> dict[str, Any]:
+    """evaluate, print the table, append ``{"kind": "eval", "step": step, ...}`` to metrics.jsonl and
+    write the figures (if cfg.plots); returns the results."""
+    features = split_features(model, cfg, train_data, val_data)
+    results = evaluate(model, cfg, train_data, val_data, features)
+    print_eval_table(results)
+    append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "eval", "step": step, **results})
+    if cfg.plots:
+        write_plots(model, cfg, train_data, val_data, features)
+    return results
+
+
+def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
+    """`eval` subcommand: report on the checkpoint of ``cfg.run_dir`` (its stored settings with cfg's run control)."""
+    model, stored, ckpt = load_matching_run(cfg)
+    store = ensure_dataset(stored)
+    train_data, val_data = load_split(store, stored)
+    run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
+    return report(model, run_cfg, train_data, val_data, ckpt["step"])

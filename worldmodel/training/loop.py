@@ -1,0 +1,207 @@
+"""The train loop: ``train(cfg)`` reads top to bottom (setup, data, model and optimizer, one loop with
+logging / checkpoint / stop hooks, final evaluation), with its small helpers above it.
+
+Exact resume: the windows of step s are drawn from a generator seeded by (seed, s) and the learning
+rate is a function of s, so a run stopped at step k and resumed from its checkpoint (model, optimizer
+and the generator states of every rank) replays steps k+1.. bit for bit.
+
+Distributed (``torchrun --nproc_per_node=N train.py``): every rank draws the same global batch of
+``batch_size`` windows and trains on its contiguous slice; DDP averages gradients; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from worldmodel.model import WorldModel
+from worldmodel.training import ddp
+from worldmodel.training.config import TrainConfig
+from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split, open_store, split_windows,
+                                      train_batches, validation_batch)
+from worldmodel.training.evaluate import report
+from worldmodel.training.run import append_jsonl, prepare_run, restore, save_checkpoint, seed_all, start_files
+
+__all__ = ["Interrupted", "build_model", "lr_factor", "make_optimizer", "train"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training after a step whose checkpoint is saved; str() says how to go on."""
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier of step (1-based): linear warm-up, then cosine decay to min_lr_ratio."""
+    if cfg.warmup and step <= cfg.warmup:
+        return step / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> WorldModel:
+    """The run's WorldModel with the seeded initialisation (identical on every rank)."""
+    torch.manual_seed(cfg.seed)
+    try:
+        return WorldModel.from_config(cfg.model).to(device)
+    except ValueError as err:
+        raise ValueError(f"cannot build the model: {err}") from err
+
+
+def make_optimizer(model: WorldModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``model.param_groups`` (Kalman parameters at lr * kalman_lr_multiplier); every group
+    remembers its peak rate as ``base_lr`` for the schedule."""
+    groups = [{**group, "base_lr": group["lr"]} for group in model.param_groups(cfg.lr)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _LossModule(nn.Module):
+    """forward = WorldModel.loss, so DDP sees (and synchronises) the training computation."""
+
+    def __init__(self, model: WorldModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor):
+        return self.model.loss(frames, actions, mask)
+
+
+def _loss_step(model: WorldModel, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """(frames, actions, mask) -> LossOutput: WorldModel.loss, in DDP over several ranks, compiled on request."""
+    module: nn.Module = _LossModule(model)
+    if ddp.world() > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(module) if cfg.compile else module
+
+
+@torch.no_grad()
+def _validation_loss(model: WorldModel, batch: dict[str, torch.Tensor], device: torch.device) -> float:
+    model.eval()
+    loss = float(model.loss(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device)).loss)
+    return ddp.reduce_mean({"v": loss})["v"]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag checked between steps (a second Ctrl-C interrupts immediately)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        ddp.log(f"\nsignal {signum}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
+    """Train (or resume) the run described by ``cfg``; evaluate and plot on rank 0 when finished
+    (``final_eval=False`` skips that). Returns the run directory.
+
+    Raises ValueError for data, config or checkpoint problems, FloatingPointError for a non-finite
+    loss, and ``Interrupted`` (a KeyboardInterrupt) after saving a checkpoint on SIGINT / SIGTERM.
+    """
+    # ---- processes, resume point and data (rank 0 checks the checkpoint and builds the data set)
+    device = ddp.select_device(cfg.device)
+    ddp.init(device)
+    rank, world = ddp.rank(), ddp.world()
+    start, ckpt = prepare_run(cfg) if rank == 0 else (0, None)
+    store = ensure_dataset(cfg) if rank == 0 else None
+    start, ckpt = ddp.broadcast_object((start, ckpt))  # every rank resumes from rank 0's checkpoint
+    ddp.barrier()
+    if store is None:
+        store = open_store(cfg)
+    train_data, val_data = load_split(store, cfg)
+    windows, val_windows = split_windows(store, cfg)
+    sampler = WindowSampler(len(windows), cfg.batch_size, cfg.seed, rank, world)
+    val_batch = validation_batch(val_windows, val_data, cfg, rank, world)
+
+    # ---- model and optimizer, restored when resuming
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(model, cfg)
+    if ckpt is not None:
+        restore(ckpt, model, optimizer, cfg)
+    else:
+        seed_all(cfg.seed + rank)
+    if rank == 0:
+        start_files(cfg, ckpt)
+    loss_step = _loss_step(model, cfg, device)
+
+    # ---- the loop: steps start+1 .. stop_at
+    stop_at = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
+    batches = train_batches(cfg, windows, train_data, sampler, start, stop_at)
+    metrics_path = cfg.run_dir / "metrics.jsonl"
+    sums: dict[str, float] = {}
+    count, t0, t_log, step = 0, time.time(), time.time(), start
+    bar = tqdm(total=stop_at, initial=start, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while step < stop_at:
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+            batch = next(batches)
+            model.train()
+            try:
+                out = loss_step(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
+            except ValueError as err:  # bad input by the library's convention, e.g. a method/window mismatch
+                raise ValueError(f"method {cfg.model.method!r} cannot train on these windows: {err}") from err
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step}; the last periodic "
+                                         f"checkpoint is kept (try a lower --lr or --grad-clip)")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            model.update_target()
+
+            # ---- hooks: log the means since the last record, checkpoint, stop on a signal
+            for k, v in {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.logs.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if step == 1 or step % cfg.log_every == 0 or step == stop_at:
+                record = ddp.reduce_mean({k: v / count for k, v in sums.items()})
+                record["val_loss"] = _validation_loss(model, val_batch, device)
+                now = time.time()
+                record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(now - t0, 3),
+                              frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
+                if rank == 0:
+                    append_jsonl(metrics_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                sums, count, t_log = {}, 0, now
+            bar.update(1)
+            if step % cfg.ckpt_every == 0 and step < stop_at:
+                save_checkpoint(model, optimizer, cfg, step)
+            if ddp.any_rank(stop.set):
+                save_checkpoint(model, optimizer, cfg, step)
+                bar.close()
+                ddp.shutdown()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved to "
+                                  f"{str(cfg.run_dir / 'checkpoint.pt')!r}; continue with --resume")
+    bar.close()
+    if step > start or ckpt is None:
+        save_checkpoint(model, optimizer, cfg, step)
+    ddp.barrier()
+    ddp.shutdown()
+
+    # ---- final evaluation (rank 0)
+    if step < cfg.steps:
+        ddp.log(f"stopped at step {step} of {cfg.steps} (--max-steps); continue with --resume")
+        return cfg.run_dir
+    if rank == 0 and final_eval:
+        report(model.eval(), cfg, train_data, val_data, step)
+        ddp.log(f"wrote {str(cfg.run_dir)!r}")
+    return cfg.run_dir
