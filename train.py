@@ -1,6 +1,7 @@
 """Train, evaluate and replay a latent world model (LDM with an exact Kalman prior): the command line.
 
-    python train.py                       # build data/pendulum-f0.5.zarr if missing, train, evaluate, plot
+    python train.py                       # build data/pendulum.zarr if missing, train, evaluate, plot
+    python train.py --env dot_figure8     # any env of worldmodel.envs, with that env's defaults
     python train.py --method vicreg --name vicreg --steps 500
     python train.py --resume              # continue an interrupted run (exactly)
     python train.py eval --name NAME      # readout R^2 + k-step NLL/coverage table, appended to metrics.jsonl
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
                 base = dataclasses.replace(stored, **{k: getattr(base, k) for k in RUN_CONTROL})
             elif command != "train":
                 raise SystemExit(f"error: no run at {str(named.run_dir)!r} (missing config.json); train it first")
-        return command, apply_overrides(base, overrides)
+        return command, apply_overrides(base, overrides).resolved()
     except (ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -101,11 +101,28 @@ def test_train_config_round_trips_through_flags_and_json():
                                                             method_kwargs={"q_std": 0.1}),
                                   eval=dataclasses.replace(cfg.eval, ks=(1, 3), baselines=()))
     command, parsed = train.parse_args(config_to_argv(changed, train.COMMANDS["train"].fields))
-    assert command == "train" and parsed == changed
+    assert command == "train" and parsed == changed.resolved()
     changed = dataclasses.replace(changed, filter=dataclasses.replace(cfg.filter, drop=(4, 8)))
     assert TrainConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         config_from_dict(TrainConfig, {"stepz": 1})
+
+
+def test_env_defaults_fill_every_field_left_at_none():
+    """`train.py --env NAME` needs no other flag: image size, channels, action dim, episode length, env kwargs,
+    data path and run name come from the env (worldmodel.envs.env_defaults); explicit flags win."""
+    from worldmodel.envs import env_defaults
+
+    _, cfg = train.parse_args(["--env", "balls"])
+    d = env_defaults("balls")
+    assert (cfg.model.image_size, cfg.model.channels, cfg.model.action_dim) == (d.image_size, d.channels, d.action_dim)
+    assert (cfg.episode_length, cfg.env_kwargs, cfg.data, cfg.name) == (d.episode_length, d.env_kwargs,
+                                                                        "data/balls.zarr", "balls-kalman")
+    _, cfg = train.parse_args(["--env", "pendulum"])
+    assert cfg.env_kwargs == {"friction": 0.5} and cfg.data == "data/pendulum.zarr"
+    _, cfg = train.parse_args(["--env", "pendulum", "--env-kwargs", '{"friction": 0.1}', "--image-size", "32"])
+    assert cfg.model.image_size == 32 and cfg.data != "data/pendulum.zarr" and cfg.data.startswith("data/pendulum-")
+    assert cfg.resolved() == cfg  # resolving twice changes nothing
 
 
 def test_model_fields_keep_their_short_flags():

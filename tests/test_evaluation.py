@@ -13,7 +13,6 @@ from worldmodel.evaluation import (
     linear_r2,
     mcc,
     optimal_assignment,
-    pendulum_targets,
     predictive_metrics,
     r2_score,
 )
@@ -64,13 +63,6 @@ def test_r2_score_matches_numpy_formula():
     y, p = rng.normal(size=(100, 2)), rng.normal(size=(100, 2))
     ref = 1 - ((p - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
     assert np.allclose(r2_score(p, y).numpy(), ref)
-
-
-def test_pendulum_targets():
-    s = torch.tensor([[0.0, 1.5], [math.pi / 2, -2.0]])
-    assert torch.allclose(pendulum_targets(s), torch.tensor([[0.0, 1.0, 1.5], [1.0, 0.0, -2.0]]), atol=1e-7)
-    with pytest.raises(ValueError, match="state"):
-        pendulum_targets(torch.zeros(3, 3))
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (4, 7), (1, 3)])

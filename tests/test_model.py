@@ -322,7 +322,7 @@ def test_save_load_round_trip_and_config_mismatch(tmp_path):
     with pytest.raises(ValueError, match="latent_dim"):
         WorldModel.load(path, config=ModelConfig(**{**SMALL, "latent_dim": 4}))
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a WorldModel checkpoint"):
+    with pytest.raises(ValueError, match="not an ldm-worldmodel checkpoint"):
         WorldModel.load(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError):
         WorldModel.load(tmp_path / "missing.pt")
@@ -330,8 +330,14 @@ def test_save_load_round_trip_and_config_mismatch(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["depth"] = 8
     torch.save(ckpt, tmp_path / "tampered.pt")
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not match its config"):
         WorldModel.load(tmp_path / "tampered.pt")
+    # a checkpoint of the layout before the prior interface (latent norm outside the objective) still loads
+    old = {k.replace("objective.latent_norm.", "latent_norm.").replace("objective.prior.", "objective.latent_model."): v
+           for k, v in torch.load(path, weights_only=True)["state_dict"].items()}
+    torch.save({**torch.load(path, weights_only=True), "state_dict": old}, tmp_path / "old.pt")
+    assert all(torch.equal(a, b) for a, b in zip(WorldModel.load(tmp_path / "old.pt").state_dict().values(),
+                                                 model.state_dict().values()))
 
 
 def test_multistep_term_matches_k_step_predictive_nll():

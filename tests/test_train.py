@@ -200,7 +200,7 @@ def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):
     ckpt["state_dict"]["renamed"] = ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
     torch.save(ckpt, base / "checkpoint.pt")
     before = {name: (base / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
-    with pytest.raises(SystemExit, match="does not fit this model"):
+    with pytest.raises(SystemExit, match="does not match its config"):
         train.main(tiny("base", "--resume"))
     assert before == {name: (base / name).read_bytes() for name in before}  # a failed resume changes nothing
 

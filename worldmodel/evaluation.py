@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "pendulum_targets",
     "r2_score",
     "fit_readout",
     "linear_r2",
@@ -36,14 +35,6 @@ def _as_2d(x: Any, name: str) -> Tensor:
 def _as_labels(y: Any) -> Tensor:
     """Integer class labels (N,) as a CPU int64 tensor."""
     return torch.as_tensor(y.detach() if isinstance(y, Tensor) else np.asarray(y)).long().cpu().reshape(-1)
-
-
-def pendulum_targets(state: Any) -> Tensor:
-    """Pendulum state (..., 2) = (theta, theta_dot) -> readout targets (..., 3) = (sin theta, cos theta, theta_dot)."""
-    s = torch.as_tensor(state)
-    if s.shape[-1] != 2:
-        raise ValueError(f"state must have shape (..., 2) = (theta, theta_dot), got {tuple(s.shape)}")
-    return torch.stack([torch.sin(s[..., 0]), torch.cos(s[..., 0]), s[..., 1]], -1)
 
 
 def r2_score(pred: Any, target: Any) -> Tensor:

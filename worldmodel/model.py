@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worldmodel import __version__
+from worldmodel.checkpoint import MODEL_KEYS, model_payload, read_checkpoint, write_checkpoint
 from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, SequenceEncoder
 from worldmodel.kalman import FilterResult, Gaussian
 from worldmodel.methods import PRESETS, make
@@ -33,7 +33,6 @@ from worldmodel.priors import StateSpacePrior, prior_options
 
 __all__ = ["ModelConfig", "WorldModel", "shift_actions", "upgrade_state_dict"]
 
-CHECKPOINT_FORMAT = "ldm-worldmodel/world-model"
 ENCODERS = ("auto", "conv", "mlp", "linear")
 _RENAMED = {"kalman_lr_multiplier": "prior_lr_multiplier"}  # fields of older configs
 
@@ -46,8 +45,9 @@ class ModelConfig:
     encoder: str = field(default="auto", metadata={
         "help": "conv (frames), mlp (vector observations), linear (fixed projection + learned square map, as "
                 "ica needs) or auto (linear when the method needs it, mlp when input_dim > 0, else conv)"})
-    image_size: int = field(default=64, metadata={"help": "H = W of the frames (conv and linear encoders)"})
-    channels: int = field(default=3, metadata={"help": "C of the frames (conv and linear encoders)"})
+    image_size: int | None = field(default=64, metadata={
+        "help": "H = W of the frames (conv and linear encoders; none = the env's native size)"})
+    channels: int | None = field(default=3, metadata={"help": "C of the frames (none = the env's)"})
     depth: int = field(default=16, metadata={"help": "conv encoder width multiplier: widths depth*(1,2,4,8)"})
     pool: int = field(default=2, metadata={
         "help": "average-pool the frames by this factor before the convs (2: a cheap first stage)"})
@@ -58,7 +58,7 @@ class ModelConfig:
     latent_dim: int = field(default=8, metadata={"help": "L, the encoder latent (observation) dimension"})
     state_dim: int | None = field(default=None, metadata={
         "help": "S, the state dimension of a state-space prior (none = 2 L)"})
-    action_dim: int = field(default=1, metadata={"help": "action size (0 = uncontrolled)"})
+    action_dim: int | None = field(default=1, metadata={"help": "action size (0 = uncontrolled; none = the env's)"})
     method: str = field(default="kalman", metadata={"help": "preset of worldmodel.methods (kalman, vicreg, ...)"})
     method_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON overrides of methods.make"})
     latent_norm: str = field(default="auto", metadata={
@@ -81,7 +81,7 @@ class ModelConfig:
             raise ValueError(f"method must be one of {sorted(PRESETS)}, got {self.method!r}")
         if self.latent_norm not in ("auto", *NORMS):
             raise ValueError(f"latent_norm must be auto, batch, whiten or none, got {self.latent_norm!r}")
-        if self.latent_dim < 1 or self.action_dim < 0 or (self.state_dim is not None and self.state_dim < 1):
+        if self.latent_dim < 1 or (self.action_dim or 0) < 0 or (self.state_dim is not None and self.state_dim < 1):
             raise ValueError("latent_dim and state_dim must be >= 1 and action_dim >= 0")
         if self.multistep_horizon is not None and (self.multistep_horizon < 0 or self.multistep_horizon == 1):
             raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {self.multistep_horizon}")
@@ -148,6 +148,10 @@ class WorldModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        unset = [k for k in ("image_size", "channels", "action_dim") if getattr(config, k) is None]
+        if unset:
+            raise ValueError(f"ModelConfig fields {unset} are none (\"the env's\"): set them, or let "
+                             f"TrainConfig.resolved() take them from the env")
         self.config = config
         L = config.latent_dim
         out_dim = 2 * L if config.heteroscedastic else L
@@ -317,29 +321,17 @@ class WorldModel(nn.Module):
         states = prior.rollout(belief, actions)
         return prior.predict_observation(states) if observe else states
 
-    # ---- checkpoints ---------------------------------------------------------------------------
+    # ---- checkpoints (the one format of worldmodel.checkpoint) -----------------------------------
     def save(self, path: str | Path) -> None:
-        """One file holding the weights, the config (as a dict) and the project version."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "version": __version__, "config": self.config.to_dict(),
-                    "state_dict": self.state_dict()}, tmp)
-        tmp.replace(path)
+        """One file (written atomically) holding the weights, the config (as a dict) and the project version."""
+        write_checkpoint(path, model_payload(self.config.to_dict(), self.state_dict()))
 
     @classmethod
     def load(cls, path: str | Path, config: ModelConfig | dict | None = None,
              map_location: str | torch.device = "cpu") -> "WorldModel":
-        """Load a `save`d model. With `config`, the checkpoint must have been saved with that config
-        (else ValueError naming the differing fields)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-        try:
-            ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
-        except Exception as err:  # not a torch file
-            raise ValueError(f"{str(path)!r} is not a WorldModel checkpoint: {err}") from err
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a WorldModel checkpoint (saved by WorldModel.save)")
+        """Load a model saved by `save` (or a train.py checkpoint). With `config`, the checkpoint must have
+        been saved with that config (else ValueError naming the differing fields)."""
+        ckpt = read_checkpoint(path, MODEL_KEYS, map_location)
         stored = ModelConfig.from_dict(ckpt["config"])
         if config is not None:
             wanted = ModelConfig.from_dict(config) if isinstance(config, dict) else config
@@ -348,11 +340,16 @@ class WorldModel(nn.Module):
                 detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
                 raise ValueError(f"checkpoint {str(path)!r} was saved with another config ({detail})")
         model = cls(stored)
-        try:
-            model.load_state_dict(upgrade_state_dict(ckpt["state_dict"]))
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {str(path)!r} does not match its config: {err}") from err
+        model.load_weights(ckpt["state_dict"], str(path))
         return model
+
+    def load_weights(self, state_dict: dict[str, Tensor], source: str = "the checkpoint") -> None:
+        """load_state_dict of a checkpoint's weights (names of earlier versions upgraded); ValueError naming
+        `source` when they do not fit this model's config."""
+        try:
+            self.load_state_dict(upgrade_state_dict(state_dict))
+        except RuntimeError as err:
+            raise ValueError(f"{source!r} does not match its config (written by another version?): {err}") from err
 
 
 # parameter names of checkpoints written before the prior interface (latent norm and prior inside the objective)

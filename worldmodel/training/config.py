@@ -4,6 +4,8 @@ fields a resumed or re-evaluated run may change (RUN_CONTROL)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,18 +67,22 @@ RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps
 class TrainConfig:
     """Everything a run needs; ``train.py`` generates its flags from these fields."""
 
-    name: str = field(default="pendulum-kalman", metadata={"help": "run name: files go to <out_dir>/<name>/"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name: files go to <out_dir>/<name>/ (none = <env>-<method>)"})
     out_dir: str = field(default="runs", metadata={"help": "parent directory of runs"})
-    data: str = field(default="data/pendulum-f0.5.zarr", metadata={
+    data: str | None = field(default=None, metadata={
         "help": "rollout store; built with the env and an Ornstein-Uhlenbeck policy if missing (or topped up "
-                "if it was built so and is short of episodes)"})
+                "if it was built so and is short of episodes) (none = data/<env>.zarr, with a hash of env_kwargs "
+                "when they are given)"})
     env: str = field(default="pendulum", metadata={"help": "environment of worldmodel.envs used to build the data"})
-    env_kwargs: dict = field(default_factory=lambda: {"friction": 0.5}, metadata={
-        "help": "JSON keyword arguments of make_env (friction 0.5: few full rotations, so theta_dot is linearly "
-                "recoverable from a linear-Gaussian filter)"})
+    env_kwargs: dict | None = field(default=None, metadata={
+        "help": "JSON keyword arguments of make_env (none = the env's training defaults, "
+                "worldmodel.envs.env_defaults: e.g. pendulum friction 0.5, so few full rotations that theta_dot "
+                "is linearly recoverable from a linear-Gaussian filter)"})
     train_episodes: int = field(default=200, metadata={"help": "episodes used for training (the first ones)"})
     val_episodes: int = field(default=40, metadata={"help": "held-out episodes (after the training ones)"})
-    episode_length: int = field(default=100, metadata={"help": "steps per collected episode"})
+    episode_length: int | None = field(default=None, metadata={
+        "help": "steps per collected episode (none = the env's default)"})
     window: int = field(default=32, metadata={"help": "training sequence length L"})
     batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
     steps: int = field(default=1500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
@@ -99,7 +105,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(image_size=None, channels=None, action_dim=None))
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
 
@@ -107,12 +113,12 @@ class TrainConfig:
         positive = ("train_episodes", "val_episodes", "episode_length", "window", "batch_size", "steps", "log_every",
                     "ckpt_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.window > self.episode_length:
+        if self.episode_length is not None and self.window > self.episode_length:
             raise ValueError(f"window ({self.window}) must not exceed episode_length ({self.episode_length})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -121,7 +127,26 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
+        return Path(self.out_dir) / (self.name or f"{self.env}-{self.model.method}")
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every "none = the env's default" field filled in from
+        ``worldmodel.envs.env_defaults(env)`` (what a run stores in config.json)."""
+        from worldmodel.envs import env_defaults
+
+        defaults = env_defaults(self.env)
+        model = self.model
+        model = dataclasses.replace(model, **{k: getattr(defaults, k) for k in ("image_size", "channels", "action_dim")
+                                              if getattr(model, k) is None})
+        data = self.data
+        if data is None:
+            suffix = "" if self.env_kwargs is None else "-" + hashlib.sha1(
+                json.dumps(self.env_kwargs, sort_keys=True).encode()).hexdigest()[:8]
+            data = f"data/{self.env.replace(':', '_').replace('/', '_')}{suffix}.zarr"
+        return dataclasses.replace(
+            self, name=self.name or f"{self.env}-{model.method}", data=data, model=model,
+            env_kwargs=defaults.env_kwargs if self.env_kwargs is None else self.env_kwargs,
+            episode_length=self.episode_length or defaults.episode_length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,10 +1,9 @@
 """Evaluation of a trained run: held-out linear readout R^2 (the model and its baselines), k-step
 predictive NLL / coverage, the text table, the metrics.jsonl record and the PNG figures.
 
-Four small functions are the only places that know the env or the kind of latent model:
-``readout_targets`` (what a readout should recover), ``scatter_colour`` (what colours the latent
-scatter), ``can_filter`` (whether the model filters and predicts, i.e. has a state-space prior) and
-``kstep_metrics`` (its k-step predictive scores).
+Nothing here tests the env's or the method's name: the env declares its readout targets
+(``worldmodel.envs.readout_targets``) and the model says whether it filters (``WorldModel.can_filter``,
+a state-space prior), which adds the k-step predictive scores and figure (``worldmodel.objective.kstep_predictive``).
 """
 
 from __future__ import annotations
@@ -17,45 +16,29 @@ import torch
 from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import TRAINING_KEYS, read_checkpoint
-from worldmodel.evaluation import fit_readout
-from worldmodel.model import ModelConfig, WorldModel
+from worldmodel.evaluation import fit_readout, predictive_metrics
+from worldmodel.model import ModelConfig, WorldModel, shift_actions
+from worldmodel.objective import kstep_predictive
 from worldmodel.training import ddp
 from worldmodel.training.config import RUN_CONTROL, TrainConfig, config_difference
-from worldmodel.training.data import ensure_dataset, load_split
+from worldmodel.training.data import ensure_dataset, load_split, make_run_env
 from worldmodel.training.run import append_jsonl, load_matching_run, load_run, read_metrics
 
-__all__ = ["baseline_model_config", "can_filter", "encode_episodes", "evaluate", "evaluate_run", "kstep_metrics",
-           "print_eval_table", "readout_features", "readout_targets", "report", "scatter_colour", "split_features",
-           "write_plots"]
+__all__ = ["baseline_model_config", "encode_episodes", "evaluate", "evaluate_run", "print_eval_table",
+           "readout_features", "readout_targets", "report", "split_features", "write_plots"]
 
 
 # ---------------------------------------------------------------------------------------- what is read out
 def readout_targets(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """True quantities a linear readout should recover (..., D) from the env state (..., s), and their names."""
-    from worldmodel.evaluation import pendulum_targets
+    """What a linear readout should recover (..., D) from the env state (..., s), and the names: the env
+    declares them (``worldmodel.envs.readout_targets``)."""
+    from worldmodel import envs
 
-    if cfg.env == "pendulum":
-        return pendulum_targets(state), ["sin θ", "cos θ", "θ̇"]
-    return state, [f"state[{i}]" for i in range(state.shape[-1])]
-
-
-def scatter_colour(cfg: TrainConfig, state: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The quantity that colours the latent scatter: the first state component (N * T,), and its name."""
-    return state[..., 0].reshape(-1), "theta" if cfg.env == "pendulum" else "state[0]"
-
-
-def can_filter(model: WorldModel) -> bool:
-    """True when the model has a state-space prior: filter / step / imagine and k-step metrics work."""
-    return model.config.is_kalman
-
-
-def kstep_metrics(model: WorldModel, z: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, horizon: int,
-                  burn_in: int) -> dict[str, list[float]]:
-    """k-step predictive scores of encoder latents z (N, T, L), k = 1..horizon: {"k", "nll",
-    "coverage_1sigma", "coverage_2sigma"}, lists of length horizon (worldmodel.evaluation.predictive_metrics)."""
-    from worldmodel.evaluation import predictive_metrics
-
-    return predictive_metrics(model.latent_model, z, actions, horizon=horizon, burn_in=burn_in, mask=mask)
+    env = make_run_env(cfg)
+    try:
+        return envs.readout_targets(env, state)
+    finally:
+        env.close()
 
 
 @torch.no_grad()
@@ -107,10 +90,10 @@ def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: di
     for baseline in cfg.eval.baselines:
         results["r2"][baseline] = r2(*split_features(_baseline_model(baseline, cfg, device), cfg, train_data,
                                                      val_data))
-    if can_filter(model):
+    if model.can_filter:
         z = encode_episodes(model, val_data, cfg.eval.batch_size).to(device)
-        pred = kstep_metrics(model, z, val_data["action"].to(device), val_data["mask"].to(device),
-                             horizon=max(cfg.eval.ks), burn_in=cfg.eval.burn_in)
+        pred = predictive_metrics(model.prior, z, val_data["action"].to(device), horizon=max(cfg.eval.ks),
+                                  burn_in=cfg.eval.burn_in, mask=val_data["mask"].to(device))
         results["predictive"] = {
             f"k={k}": {"nll": pred["nll"][i], "coverage_1sigma": pred["coverage_1sigma"][i],
                        "coverage_2sigma": pred["coverage_2sigma"][i]}
@@ -175,7 +158,6 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     """Loss curves; readout of a held-out episode and the latent space against the true state;
     k-step predictions with 2-sigma bands (models that filter). ``features``: as in ``evaluate``."""
     from worldmodel import plots
-    from worldmodel.kalman import Gaussian
 
     run_dir = cfg.run_dir
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
@@ -192,22 +174,21 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     y_val, _ = readout_targets(cfg, val_data["state"][:1])
     paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
                                     title="linear readout of the latent features (held-out episode)"))
-    colour, colour_name = scatter_colour(cfg, val_data["state"])
-    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), colour, run_dir / "latents.png",
-                                      colour_name))
-    if can_filter(model):
+    y_all, _ = readout_targets(cfg, val_data["state"])
+    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), y_all[..., 0].reshape(-1),
+                                      run_dir / "latents.png", names[0]))
+    if model.can_filter:
         device = next(model.parameters()).device
         episode = {k: v[:1].to(device) for k, v in val_data.items()}
         z = model.encode(episode["obs"])[0].float().cpu()
         start = min(2 * cfg.eval.burn_in, len(z) - 2)
         horizon = min(2 * max(cfg.eval.ks), len(z) - 1 - start)
-        filtered = model.filter(episode["obs"][:, :start + 1], episode["action"][:, :start + 1],
-                                episode["mask"][:, :start + 1]).filtered
-        belief = Gaussian(filtered.mean[:, -1], filtered.cov[:, -1])
-        pz = model.imagine(belief, episode["action"][:, start:start + horizon], observe=True)
+        filtered = model.filter(episode["obs"], episode["action"], episode["mask"]).filtered
+        starts = torch.tensor([start], device=device)
+        pz = kstep_predictive(model.prior, filtered, shift_actions(episode["action"]), starts, horizon)[0]
         dims = min(3, z.shape[-1])
-        std = torch.diagonal(pz.cov[0], dim1=-2, dim2=-1).sqrt()[:, :dims].cpu()
-        paths.append(plots.kstep_predictions(z[:start + 1 + horizon, :dims], pz.mean[0, :, :dims].cpu(), std, start,
+        std = torch.diagonal(pz.cov[0, 0], dim1=-2, dim2=-1).sqrt()[:, :dims].cpu()
+        paths.append(plots.kstep_predictions(z[:start + 1 + horizon, :dims], pz.mean[0, 0, :, :dims].cpu(), std, start,
                                              run_dir / "kstep.png", names=[f"z[{i}]" for i in range(dims)]))
     return paths
 

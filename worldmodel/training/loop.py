@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     loss, and ``Interrupted`` (a KeyboardInterrupt) after saving a checkpoint on SIGINT / SIGTERM.
     """
     # ---- processes, resume point and data (rank 0 checks the checkpoint and builds the data set)
+    cfg = cfg.resolved()  # the env's defaults for every field left at none
     device = ddp.select_device(cfg.device)
     ddp.init(device)
     rank, world = ddp.rank(), ddp.world()

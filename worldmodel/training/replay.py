@@ -17,7 +17,7 @@ from worldmodel.evaluation import fit_readout
 from worldmodel.training import ddp
 from worldmodel.training.config import RUN_CONTROL, TrainConfig
 from worldmodel.training.data import ensure_dataset, load_split, make_run_env
-from worldmodel.training.evaluate import can_filter, readout_features, readout_targets
+from worldmodel.training.evaluate import readout_features, readout_targets
 from worldmodel.training.run import load_matching_run
 
 __all__ = ["live_episode", "replay_filter"]
@@ -31,8 +31,9 @@ def replay_filter(cfg: TrainConfig) -> Path:
     from worldmodel import plots
 
     model, stored, _ = load_matching_run(cfg)
-    if not can_filter(model):
-        raise ValueError(f"filter needs a Kalman method; run {str(cfg.run_dir)!r} used {stored.model.method!r}")
+    if not model.can_filter:
+        raise ValueError(f"filter needs a state-space prior (e.g. method 'kalman'); run {str(cfg.run_dir)!r} used "
+                         f"{stored.model.method!r}")
     run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
     fc = run_cfg.filter
     store = ensure_dataset(stored)

@@ -77,11 +77,7 @@ def save_checkpoint(model: WorldModel, optimizer: torch.optim.Optimizer, cfg: Tr
 
 def restore(ckpt: dict, model: WorldModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Load model, optimizer and this rank's generator states from a training checkpoint."""
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint in {str(cfg.run_dir)!r} does not fit this model (written by another "
-                         f"version?): {err}") from None
+    model.load_weights(ckpt["state_dict"], str(cfg.run_dir / "checkpoint.pt"))
     optimizer.load_state_dict(ckpt["optimizer"])
     if len(ckpt["rng"]) != ddp.world():
         raise ValueError(f"checkpoint was written by {len(ckpt['rng'])} ranks, this run has {ddp.world()}")
@@ -127,10 +123,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[WorldModel, Trai
     ckpt = read_checkpoint(Path(run_dir) / "checkpoint.pt", require=TRAINING_KEYS)
     cfg = TrainConfig.from_dict(ckpt["train_config"])
     model = WorldModel.from_config(cfg.model)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint in {str(run_dir)!r} does not match its config: {err}") from None
+    model.load_weights(ckpt["state_dict"], str(Path(run_dir) / "checkpoint.pt"))
     return model.to(ddp.select_device(device)).eval(), cfg, ckpt
 
 
