@@ -10,7 +10,7 @@ Observations are uint8 (H, W, 3); ``info["state"]`` is a float64 vector, for eva
     nlink         Box(-1, 1, (n,)) joint torques  (theta_1..theta_n, theta_dot_1..theta_dot_n), absolute
     dot_figure8   none                         (x, y) on (cos phi, sin phi cos phi)
     dot_square    none                         (x, y) on the square with corners (+-1, +-1)
-    dot_swirl     none                         (x, y) of a nonlinear 2-D system, seen through a swirl
+    dot_swirl     none                         (x, y) of the paper's Eq. 16 system, seen through a swirl
     cartpole, gym_pendulum, acrobot (or any rgb_array gymnasium id): the env's action space,
                   its ``unwrapped.state`` (needs pygame for rendering)
 

@@ -227,13 +227,80 @@ def test_dot_paths_follow_their_curves_and_render_at_the_state():
         np.testing.assert_allclose(cy[inside], states[inside, 1], atol=0.05)
 
 
-def test_dot_swirl_follows_the_documented_system():
-    env = make_env("dot_swirl", image_size=10, process_noise=0.0)
-    _, states = rollout(env, np.zeros((30, 0), np.float32), seed=1)
-    z = states[0, 0] + 1j * states[0, 1]
-    for k in range(30):
-        z = z + (0.1 * (1 - abs(z) ** 2) + 1j * (2 * np.pi / 40 + 0.15 * abs(z) ** 2)) * z
-        np.testing.assert_allclose(states[k + 1], [z.real, z.imag], atol=1e-12)
+def eq16(z, relax_rate=0.0):
+    """The paper's Eq. 16 written out (k = 4, a = 0.5, theta0 = -3 pi / 8), plus the env's relaxation
+    -relax_rate (r - 1) (cos theta, sin theta) towards the limit cycle."""
+    x, y = z[..., 0], z[..., 1]
+    r, th = np.sqrt(x**2 + y**2), np.arctan2(y, x)
+    push = 0.5 * 4 * np.cos(4 * (th + 3 * np.pi / 8))
+    dx = push * np.cos(th) - r * np.sin(th) - relax_rate * (r - 1) * np.cos(th)
+    dy = push * np.sin(th) + r * np.cos(th) - relax_rate * (r - 1) * np.sin(th)
+    return np.stack([dx, dy], -1)
+
+
+def test_dot_swirl_vector_field_is_eq16():
+    z = np.array([[1.0, 0.0], [0.3, -0.8], [-1.2, 0.5], [-0.4, -1.7], [2.0, 2.0]])
+    env = make_env("dot_swirl", image_size=10).unwrapped
+    np.testing.assert_allclose(env.field(z), eq16(z, relax_rate=1.0), rtol=0, atol=1e-12)
+    literal = make_env("dot_swirl", image_size=10, relax_rate=0.0).unwrapped
+    np.testing.assert_allclose(literal.field(z), eq16(z), rtol=0, atol=1e-12)
+    # on the unit circle the relaxation vanishes; at theta = theta0 the radial push is a k = 2
+    unit = np.array([[np.cos(-3 * np.pi / 8), np.sin(-3 * np.pi / 8)]])
+    np.testing.assert_allclose(env.field(unit), 2 * unit + unit[:, ::-1] * [-1, 1], atol=1e-12)
+
+
+def test_dot_swirl_step_is_rk4_of_the_field():
+    rng = np.random.default_rng(0)
+    angle, radius = rng.uniform(0, 2 * np.pi, 6), rng.uniform(0.9, 1.6, 6)
+    z0 = np.stack([radius * np.cos(angle), radius * np.sin(angle)], -1)
+
+    def fine(z, t, n=3000):  # explicit midpoint rule, n steps: error ~ 1e-8 here
+        h = t / n
+        for _ in range(n):
+            z = z + h * eq16(z + 0.5 * h * eq16(z, 1.0), 1.0)
+        return z
+
+    errors = {}
+    for dt in (0.3, 0.075):
+        env = make_env("dot_swirl", image_size=10, process_noise=0.0, dt=dt)
+        env.reset(seed=0)
+        got = []
+        for z in z0:
+            env.unwrapped.position = z.copy()
+            got.append(env.step(np.zeros(0, np.float32))[4]["state"])
+        errors[dt] = np.abs(np.stack(got) - fine(z0, dt)).max()
+    # k dt = 1.2 rad of petal phase per frame: one RK4 step is good to ~2e-2 (noise std per frame: 0.32)
+    assert errors[0.3] < 0.05
+    assert errors[0.075] < errors[0.3] / 200  # fourth order: local error ~ dt^5 (midpoint: ~ /64)
+
+
+def test_dot_swirl_stays_bounded_in_frame_and_moves():
+    env = make_env("dot_swirl", image_size=10)
+    extent = env.unwrapped.canvas.extent
+    inside, steps = 0, 0
+    for seed in range(40):
+        frames, states = rollout(env, np.zeros((300, 0), np.float32), seed=seed)
+        assert np.isfinite(states).all()
+        np.testing.assert_allclose(np.linalg.norm(states[0]), 1.0)  # unit-norm initial state
+        r = np.linalg.norm(states, axis=1)
+        assert r.max() < 2 * extent
+        inside += (r < extent).sum()  # the swirl preserves radii: r < extent is in frame at any angle
+        steps += len(r)
+        assert (frames.max(axis=(1, 2, 3)) > 60).mean() > 0.99  # the dot is visible
+        assert (np.abs(np.diff(frames.astype(int), axis=0)).max(axis=(1, 2, 3)) > 0).mean() > 0.95  # it moves
+    assert inside / steps >= 0.99, inside / steps
+
+
+def test_dot_swirl_distortion_is_skimage_swirl():
+    # skimage.transform.swirl (rotation 0) maps output pixel (col, row), rows pointing down, about the
+    # centre to the input pixel at angle atan2(row, col) + strength exp(-rho / (ln 2 radius / 5))
+    from worldmodel.envs.dots import swirl
+    col, row = np.array([0.5, -1.0, 2.0, 30.0]), np.array([1.5, 0.2, -3.0, 10.0])
+    rho = np.hypot(col, row)
+    angle = np.arctan2(row, col) + 10 * np.exp(-rho / (np.log(2) * 200 / 5))
+    x, y = swirl(col, -row, 10.0, 200.0)  # the same pixels in y-up coordinates
+    np.testing.assert_allclose(np.stack([x, -y]), np.stack([rho * np.cos(angle), rho * np.sin(angle)]), atol=1e-12)
+    env = make_env("dot_swirl", image_size=10)
     plain = make_env("dot_swirl", image_size=10, swirl_strength=0.0)
     assert not np.array_equal(plain.reset(seed=1)[0], env.reset(seed=1)[0])  # the distortion changes the frame
 
