@@ -123,6 +123,8 @@ def test_env_defaults_fill_every_field_left_at_none():
     _, cfg = train.parse_args(["--env", "pendulum", "--env-kwargs", '{"friction": 0.1}', "--image-size", "32"])
     assert cfg.model.image_size == 32 and cfg.data != "data/pendulum.zarr" and cfg.data.startswith("data/pendulum-")
     assert cfg.resolved() == cfg  # resolving twice changes nothing
+    _, cfg = train.parse_args(["--env", "dot_figure8", "--env-kwargs", '{"image_size": 16}'])  # once a TypeError
+    assert cfg.model.image_size == 16 and "image_size" not in cfg.env_kwargs
 
 
 def test_model_fields_keep_their_short_flags():

@@ -90,8 +90,7 @@ class TransitionPrior(LatentPrior):
         mean = self.predict(context, step)
         d = target.shape[-1]
         if self.kernel == "gaussian":
-            sq = (target - mean).pow(2).sum(-1)
-            return -0.5 * sq / self.sigma**2 - 0.5 * d * math.log(2 * math.pi * self.sigma**2)
+            return self._gaussian((target - mean).pow(2).sum(-1), d)
         if self.kernel == "vmf":
             return self.beta * nn.functional.cosine_similarity(mean, target, dim=-1, eps=1e-8)
         return (mean * target).sum(-1)
@@ -101,13 +100,17 @@ class TransitionPrior(LatentPrior):
         mean = self.predict(context, step)
         d = target.shape[-1]
         if self.kernel == "gaussian":
-            sq = pairwise_sq_dists(mean, target)
-            return -0.5 * sq / self.sigma**2 - 0.5 * d * math.log(2 * math.pi * self.sigma**2)
+            return self._gaussian(pairwise_sq_dists(mean, target), d)
         if self.kernel == "vmf":
             mean = nn.functional.normalize(mean, dim=-1, eps=1e-8)
             target = nn.functional.normalize(target, dim=-1, eps=1e-8)
             return self.beta * mean @ target.transpose(-1, -2)
         return mean @ target.transpose(-1, -2)
+
+
+    def _gaussian(self, sq: Tensor, d: int) -> Tensor:
+        """log N of squared distances sq under the isotropic kernel N(0, sigma^2 I) in d dimensions."""
+        return -0.5 * sq / self.sigma**2 - 0.5 * d * math.log(2 * math.pi * self.sigma**2)
 
 
 def plane(sigma: float = 1.0) -> TransitionPrior:

@@ -135,17 +135,24 @@ class TrainConfig:
         from worldmodel.envs import env_defaults
 
         defaults = env_defaults(self.env)
-        model = self.model
+        model, env_kwargs = self.model, self.env_kwargs
+        if env_kwargs is not None and "image_size" in env_kwargs:  # the frame size is the model's setting
+            env_kwargs = {k: v for k, v in env_kwargs.items() if k != "image_size"}
+            size = self.env_kwargs["image_size"]
+            if model.image_size not in (None, size):
+                raise ValueError(f"env_kwargs image_size={size} contradicts model.image_size={model.image_size}; "
+                                 f"pass --model.image-size only")
+            model = dataclasses.replace(model, image_size=size)
         model = dataclasses.replace(model, **{k: getattr(defaults, k) for k in ("image_size", "channels", "action_dim")
                                               if getattr(model, k) is None})
         data = self.data
         if data is None:
-            suffix = "" if self.env_kwargs is None else "-" + hashlib.sha1(
-                json.dumps(self.env_kwargs, sort_keys=True).encode()).hexdigest()[:8]
+            suffix = "" if env_kwargs is None else "-" + hashlib.sha1(
+                json.dumps(env_kwargs, sort_keys=True).encode()).hexdigest()[:8]
             data = f"data/{self.env.replace(':', '_').replace('/', '_')}{suffix}.zarr"
         return dataclasses.replace(
             self, name=self.name or f"{self.env}-{model.method}", data=data, model=model,
-            env_kwargs=defaults.env_kwargs if self.env_kwargs is None else self.env_kwargs,
+            env_kwargs=defaults.env_kwargs if env_kwargs is None else env_kwargs,
             episode_length=self.episode_length or defaults.episode_length)
 
     def to_dict(self) -> dict[str, Any]:
