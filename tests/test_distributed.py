@@ -1,4 +1,5 @@
-"""2 gloo ranks x B/2 give the same loss and (DDP-averaged) gradients as 1 process x B."""
+"""2 gloo ranks x B/2 give the same loss and (DDP-averaged) gradients as 1 process x B, also with dropped
+frames (masks that differ between the ranks)."""
 
 import os
 import socket
@@ -13,23 +14,30 @@ from torch import nn
 from worldmodel.distributed import gather
 from worldmodel.methods import make
 
-BATCH_PRESETS = ["vicreg", "vicreg_ldm", "vicreg_original", "simclr", "cpc", "kalman_knn", "kalman_logdet"]
+BATCH_PRESETS = ["vicreg", "vicreg_ldm", "vicreg_original", "simclr", "cpc", "kalman", "kalman_knn", "kalman_logdet"]
 B, T_PAIR, T_SEQ, D_IN, D = 16, 2, 5, 5, 4
 
 
-def setup(name, dtype):
-    """Identical encoder, loss and global batch on every rank (seeded)."""
+def setup(name, dtype, dropped):
+    """Identical encoder, loss, global batch and mask on every rank (seeded); with `dropped`, about a
+    quarter of the frames are missing, unevenly over the ranks' halves of the batch (NaN frames)."""
     torch.manual_seed(0)
     encoder = nn.Linear(D_IN, D).to(dtype)
     loss = make(name, D).to(dtype)
     T = T_SEQ if name.startswith("kalman") or name == "cpc" else T_PAIR
     x = torch.randn(B, T, D_IN, dtype=dtype)
-    return encoder, loss, x
+    mask = None
+    if dropped:
+        mask = torch.rand(B, T) > torch.linspace(0.1, 0.4, B)[:, None]  # the second rank drops more
+        mask[:, 0] = True  # every sequence keeps a frame and every rank enough pairs
+        x = x.masked_fill(~mask[..., None], float("nan"))
+    return encoder, loss, x, mask
 
 
-def loss_and_grads(encoder, loss, x):
+def loss_and_grads(encoder, loss, x, mask=None):
     params = [p for p in list(encoder.parameters()) + list(loss.parameters()) if p.numel() > 0]
-    value = loss(encoder(x)).loss
+    z = encoder(x)
+    value = loss(z if mask is None else z.masked_fill(~mask[..., None], 0.0), mask=mask).loss
     grads = torch.autograd.grad(value, params, allow_unused=True)
     return value.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
@@ -40,11 +48,11 @@ def worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         report = {}
-        for dtype in (torch.float32, torch.float64):
+        for dtype, dropped in ((torch.float32, False), (torch.float64, False), (torch.float64, True)):
             for name in BATCH_PRESETS:
-                encoder, loss, x = setup(name, dtype)
-                shard = x.chunk(world)[rank]
-                value, grads = loss_and_grads(encoder, loss, shard)
+                encoder, loss, x, mask = setup(name, dtype, dropped)
+                shard, shard_mask = x.chunk(world)[rank], None if mask is None else mask.chunk(world)[rank]
+                value, grads = loss_and_grads(encoder, loss, shard, shard_mask)
                 # what DDP does: average the loss (for logging) and the gradients over ranks
                 dist.all_reduce(value)
                 value /= world
@@ -52,9 +60,9 @@ def worker(rank, world, port, out_dir):
                     dist.all_reduce(g)
                     g /= world
                 loss.gather = False  # reference: one process with the whole batch
-                ref_value, ref_grads = loss_and_grads(encoder, loss, x)
+                ref_value, ref_grads = loss_and_grads(encoder, loss, x, mask)
                 diffs = [(value - ref_value).abs()] + [(g - r).abs().max() for g, r in zip(grads, ref_grads)]
-                report[(name, str(dtype))] = max(d.item() for d in diffs)
+                report[(name, str(dtype), dropped)] = max(d.item() for d in diffs)
         # gather of mismatched shapes is a clear error on every rank
         try:
             gather(torch.zeros(rank + 1, 2))
@@ -79,6 +87,6 @@ def test_two_ranks_match_one_process():
         reports = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
     for report in reports:
         assert "same shape" in report.pop("mismatch")
-        for (name, dtype), diff in report.items():
+        for (name, dtype, dropped), diff in report.items():
             limit = 1e-5 if "float32" in dtype else 1e-10
-            assert diff < limit, f"{name} {dtype}: max abs diff {diff:.2e}"
+            assert diff < limit, f"{name} {dtype} {'dropped frames' if dropped else ''}: max abs diff {diff:.2e}"

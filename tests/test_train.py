@@ -154,6 +154,20 @@ def test_ddp_two_ranks_match_one_rank_first_step_loss(tiny):
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
 
 
+@pytest.mark.slow
+def test_ddp_with_dropped_frames_matches_one_rank(tiny):
+    """Frames dropped unevenly over the ranks (env drop_prob): torchrun no longer crashes in the latent
+    normalisation's gather, and the loss equals the single-process one."""
+    data = ["--data", str(tiny.root / "dropped.zarr"), "--env-kwargs", '{"friction": 0.5, "drop_prob": 0.25}']
+    train.main(tiny("drop1", "--steps", "1", *data))
+    proc = _run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *tiny("drop2", "--steps", "1", *data)])
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    one, two = (read_metrics(tiny.root / "runs" / name / "metrics.jsonl")[0] for name in ("drop1", "drop2"))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 @pytest.mark.slow
 def test_bad_inputs_exit_with_clear_messages(tiny, tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "gather"]
+__all__ = ["is_distributed", "gather", "rank_mean"]
 
 
 def is_distributed() -> bool:
@@ -54,3 +54,17 @@ def gather(x: Tensor) -> Tensor:
             " (use a DistributedSampler with drop_last=True)"
         )
     return _AllGather.apply(x)
+
+
+def rank_mean(x: Tensor) -> Tensor:
+    """x (a count, any shape) averaged over ranks, without gradient; x itself when not distributed.
+
+    The denominator of a masked mean under DDP: each rank divides its local sum by the mean count, so the
+    rank average of the losses (what DDP logs and differentiates) is the global sum over the global count,
+    as for one process with the whole batch, also when ranks observe different numbers of steps.
+    """
+    if not is_distributed():
+        return x
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()

@@ -45,6 +45,7 @@ from torch import Tensor
 from worldmodel.distributed import gather
 from worldmodel.objective.ldm import ESTIMATOR_OPTIONS, LDMLoss
 from worldmodel.priors import build_prior, prior_options
+from worldmodel.priors.pairs import masked_mean
 
 __all__ = ["make", "Preset", "PRESETS", "VICRegLoss"]
 
@@ -91,15 +92,17 @@ class VICRegLoss(LDMLoss):
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
     def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor]:
-        x, y = z[:, :-1], z[:, 1:]
-        if mask is None:
-            x, y = x.flatten(0, 1), y.flatten(0, 1)
-        else:
-            both = mask[:, :-1] & mask[:, 1:]
-            x, y = x[both], y[both]
-        invariance = F.mse_loss(x, y)
-        if self.gather:
+        x, y = z[:, :-1].flatten(0, 1), z[:, 1:].flatten(0, 1)
+        both = None if mask is None else (mask[:, :-1] & mask[:, 1:]).flatten()
+        if both is None:
+            invariance = F.mse_loss(x, y)
+        else:  # the mean over observed pairs (of all ranks, under DDP)
+            invariance = masked_mean((x - y).pow(2).mean(-1), both)
+        if self.gather:  # all pairs of every rank (equal shapes), then the observed ones
             x, y = gather(x), gather(y)
+            both = None if both is None else gather(both.to(torch.uint8)).bool()
+        if both is not None:
+            x, y = x[both], y[both]
         if x.shape[0] < 2:
             raise ValueError("vicreg_original needs at least 2 observed pairs in a batch")
         variance = _hinge_std(x) / 2 + _hinge_std(y) / 2

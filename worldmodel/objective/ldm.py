@@ -70,7 +70,8 @@ class LDMLoss(nn.Module):
             latents it passes as `target` (BYOL/JEPA); plugin estimator only.
         encoder: the invertible linear encoder (module with a square `.weight`) for `jacobian`.
             Not registered as a submodule: its owner holds (and saves) its parameters.
-        gather: gather latents over ranks for batch estimators when torch.distributed is on.
+        gather: gather latents over ranks for batch estimators and the latent normalisation when
+            torch.distributed is on.
         dim: the latent dimension d, if fixed (`make` sets it); forward then checks z against it.
         latent_norm: "none", "batch" or "whiten" (`LatentNorm`), applied to z (and to `target`, with
             its own batch statistics) before everything else; needs `dim`.
@@ -153,9 +154,9 @@ class LDMLoss(nn.Module):
         target (B, T, d) latents of a target branch (plugin only; default z.detach()); R (B, T, d, d) or
         variances (B, T, d): per-frame observation noise (state-space priors only)."""
         self._check(z, u, mask, target, R)
-        z = self._observed(self.latent_norm(z, mask), mask)
+        z = self._observed(self.latent_norm(z, mask, across_ranks=self.gather), mask)
         if target is not None:
-            target = self._observed(self.latent_norm(target, mask, update=False), mask)
+            target = self._observed(self.latent_norm(target, mask, update=False, across_ranks=self.gather), mask)
         self._check_finite(z, target, mask)
         alignment, entropy = self._terms(z, u, mask, target, R)
         loss = -(alignment + entropy)

@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from worldmodel.distributed import rank_mean
 from worldmodel.kalman import Gaussian
 from worldmodel.priors.base import StateSpacePrior
 
@@ -59,7 +60,8 @@ def multistep_log_likelihood(prior: StateSpacePrior, z: Tensor, target: Tensor, 
     The exact k-step predictive from every filtered belief (latent overshooting, Hafner et al. 2019, with
     the stop-gradient target of the plug-in). It fits the long-horizon predictive spread of a misspecified
     linear model, which the one-step likelihood alone leaves too narrow. z, target (B, T, L); u (B, T, a);
-    mask (B, T) bool, True = observed (missing steps are neither filtered nor scored).
+    mask (B, T) bool, True = observed (missing steps are neither filtered nor scored). Under DDP the mean
+    is over the ranks' mean count of scored terms (`distributed.rank_mean`).
     """
     batch, steps, dim = z.shape
     horizon = min(horizon, steps - 1)
@@ -72,4 +74,4 @@ def multistep_log_likelihood(prior: StateSpacePrior, z: Tensor, target: Tensor, 
     later = Gaussian(pred.mean[:, :, 1:], pred.cov[:, :, 1:])  # k >= 2
     log_likelihood = later.log_prob(target[:, times[:, 1:]].to(later.mean.dtype))
     valid = valid[:, :, 1:]
-    return (log_likelihood * valid).sum() / valid.sum().clamp_min(1) / dim
+    return (log_likelihood * valid).sum() / rank_mean(valid.sum()).clamp_min(1) / dim

@@ -59,36 +59,46 @@ class LatentNorm(nn.Module):
         chol = torch.linalg.cholesky(cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device))
         return torch.linalg.solve_triangular(chol, x.unsqueeze(-1), upper=False).squeeze(-1)
 
-    def forward(self, z: Tensor, mask: Tensor | None = None, running: bool = False, update: bool = True) -> Tensor:
+    def forward(self, z: Tensor, mask: Tensor | None = None, running: bool = False, update: bool = True,
+                across_ranks: bool = True) -> Tensor:
         """z: (B, T, d) (NaN rows stay NaN) -> (B, T, d). running=True uses the running statistics even
         in training mode (online filtering of single frames); update=False leaves them unchanged (a
-        target branch normalised by its own batch)."""
+        target branch normalised by its own batch); across_ranks=False keeps the statistics to this rank's
+        batch under torch.distributed."""
         if self.kind == "none":
             return z
         missing = ~torch.isfinite(z).all(-1)
         if missing.any():  # normalise zeros in their place (NaN must not reach the backward pass)
             observed = ~missing if mask is None else mask & ~missing
             zeros = z.masked_fill(missing[..., None], 0.0)
-            return self(zeros, observed, running, update).masked_fill(missing[..., None], float("nan"))
+            out = self(zeros, observed, running, update, across_ranks)
+            return out.masked_fill(missing[..., None], float("nan"))
         if running or not self.training:
             return self._normalise(z, *self.statistics())
-        rows = rearrange(z, "b t d -> (b t) d")
-        if mask is not None:
-            rows = rows[rearrange(mask, "b t -> (b t)")]
-        rows = gather(rows)
-        if rows.shape[0] < 2:
+        # every rank gathers all its rows and their weights (equal shapes, also with dropped frames)
+        share = gather if across_ranks else (lambda x: x)
+        rows = share(rearrange(z, "b t d -> (b t) d"))
+        weights = None if mask is None else share(rearrange(mask, "b t -> (b t)").to(rows.dtype))
+        count = rows.shape[0] if weights is None else weights.sum()
+        if count < 2:
             raise ValueError("LatentNorm needs at least 2 observed latents in a training batch")
-        mean = rows.mean(0)
-        centred = rows - mean
-        cov = centred.mT @ centred / (rows.shape[0] - 1)
+        if weights is None:
+            mean = rows.mean(0)
+            centred = rows - mean
+        else:
+            mean = weights @ rows / count
+            centred = (rows - mean) * weights[:, None]
+        cov = centred.mT @ centred / (count - 1)
         if update:
-            self._track(rows, mean)
+            self._track(rows, weights, mean, count)
         return self._normalise(z, mean, cov)
 
     @torch.no_grad()
-    def _track(self, rows: Tensor, mean: Tensor) -> None:
-        """Fold a training batch's mean and uncentred second moment into the running statistics."""
-        moment = rows.mT @ rows / rows.shape[0]
+    def _track(self, rows: Tensor, weights: Tensor | None, mean: Tensor, count) -> None:
+        """Fold a training batch's mean (d,) and uncentred second moment E[z z^T] of the rows (N, d) with
+        weights (N,) (None: all 1) into the running statistics."""
+        weighted = rows if weights is None else rows * weights[:, None]
+        moment = weighted.mT @ rows / count
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
         self.running_moment.lerp_(moment.to(self.running_moment.dtype), self.momentum)
         self.num_batches += 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from worldmodel.distributed import rank_mean
 from worldmodel.kalman import FilterResult, Gaussian
 
 __all__ = ["LatentPrior", "StateSpacePrior"]
@@ -97,7 +98,8 @@ class StateSpacePrior(LatentPrior):
         raise NotImplementedError
 
     def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
-        """Sum of the one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) per observed step."""
+        """Sum of the one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) per observed step
+        (under DDP per the ranks' mean count of observed steps: see `distributed.rank_mean`)."""
         log_likelihood = self.filter(z, u, mask, R, target).log_likelihood
-        steps = z.shape[0] * z.shape[1] if mask is None else mask.sum()
+        steps = z.shape[0] * z.shape[1] if mask is None else rank_mean(mask.sum())
         return log_likelihood.sum() / steps

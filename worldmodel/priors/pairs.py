@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from worldmodel.distributed import rank_mean
 from worldmodel.priors.base import LatentPrior
 
 __all__ = ["TransitionPrior", "plane", "sphere", "predictor", "masked_mean", "pairwise_sq_dists"]
@@ -161,10 +162,11 @@ def predictor(
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of x (B, T) over the entries where mask (B, T) is True (all when mask is None)."""
+    """Mean of x (B, T) over the entries where mask (B, T) is True (all when mask is None). Under DDP the
+    count is the ranks' mean count (`distributed.rank_mean`), so the rank average is the global mean."""
     if mask is None:
         return x.mean()
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+    return (x * mask).sum() / rank_mean(mask.sum()).clamp_min(1)
 
 
 def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:

@@ -158,7 +158,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             try:
                 out = loss_step(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
             except ValueError as err:  # bad input by the library's convention, e.g. a method/window mismatch
-                raise ValueError(f"method {cfg.model.method!r} cannot train on these windows: {err}") from err
+                raise ValueError(f"training step {step} (method {cfg.model.method!r}, windows of {cfg.window}) "
+                                 f"failed: {err}") from err
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step}; the last periodic "
                                          f"checkpoint is kept (try a lower --lr or --grad-clip)")
