@@ -335,6 +335,10 @@ def test_windows_cover_episodes_with_frame_skip(tmp_path):
         expected_reward = np.array([want["reward"][list(g)].sum() for g in groups])
         np.testing.assert_allclose(item["action"].numpy(), expected_action, rtol=1e-6)
         np.testing.assert_allclose(item["reward"].numpy(), expected_reward, rtol=1e-6)
+    # chosen episodes keep their order and rows, including one too short for a window
+    picked = SequenceWindows(store, length=4, frame_skip=2, episodes=[3, 2])
+    assert list(picked.episodes) == [3, 2] and len(picked) == 6
+    assert picked.position(0) == (1, 0) and picked.locate(0) == (2, 0) and picked.position(-1) == (1, 5)
     # at the end of an episode the last group holds only the remaining step
     last = SequenceWindows(store, length=2, frame_skip=3, episodes=[0])
     item = last[len(last) - 1]  # start 8: frames 8, 11; action groups [8, 9, 10], [11]
