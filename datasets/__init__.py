@@ -3,11 +3,12 @@
 from .augment import SSLAugment, color_jitter, gaussian_blur, grayscale, random_resized_crop
 from .collect import OUPolicy, RandomPolicy, action_dim, action_vector, collect, episode_seeds, ou_policy, random_policy
 from .images import CIFAR, FACTOR_NAMES, SHAPES, ImageFolder, ProceduralShapes, TwoViewDataset
-from .store import FORMAT_VERSION, RolloutStore
+from .store import FORMAT_VERSION, CorruptEpisodeError, RolloutStore
 from .windows import SequenceWindows
 
 __all__ = [
     "CIFAR",
+    "CorruptEpisodeError",
     "FACTOR_NAMES",
     "FORMAT_VERSION",
     "ImageFolder",

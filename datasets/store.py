@@ -9,6 +9,11 @@ Layout (one zarr v3 group):
     mask    (N, T)          bool      chunk (1, T)   True = frame observed (False: dropped frame)
     length  (N,)            int64     chunk (1024,)  valid steps of each episode (<= T, rest is padding)
 
+Every chunk of every array ends with its crc32c checksum (zarr v3 ``crc32c`` codec after blosc-zstd), so a
+damaged chunk is detected on read: ``episode``/``window`` raise ``CorruptEpisodeError`` naming the episode and
+the array, and ``verify()`` lists every corrupt episode. Stores written before checksums were added read as
+before; there only chunks that fail to decompress are detected (a flipped byte may pass unnoticed).
+
 group attrs: format, format_version, env_id, env_kwargs, seed, obs_shape, action_dim, state_dim,
 episode_length (T, fixed by the first append unless given at create), chunk_frames,
 compression_level, ``n_episodes``,
@@ -33,15 +38,31 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from tqdm.auto import tqdm
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 FORMAT = "ldm-worldmodel/rollouts"
 FORMAT_VERSION = 1
 _LENGTH_CHUNK = 1024
+_EPISODE_ARRAYS = ("obs", "action", "state", "reward", "mask")
+_DAMAGED_CHUNK = (ValueError, RuntimeError)  # raised by zarr's crc32c codec and by blosc on a damaged chunk
 
 
-def _compressor(level: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+def _compressors(level: int) -> tuple[BloscCodec, Crc32cCodec]:
+    """blosc-zstd, then a crc32c checksum of the compressed chunk."""
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"), Crc32cCodec()
+
+
+class CorruptEpisodeError(ValueError):
+    """A chunk of an episode failed its crc32c checksum or did not decompress.
+
+    ``episode``: its index, ``array``: the array holding the chunk (obs, action, ...); both None when a
+    DataLoader worker's error is re-raised in the main process (from the message alone).
+    """
+
+    def __init__(self, message: str, episode: int | None = None, array: str | None = None):
+        super().__init__(message)
+        self.episode, self.array = episode, array
 
 
 class RolloutStore:
@@ -199,7 +220,10 @@ class RolloutStore:
                     f"corrupt rollout store at {str(self.path)!r}: array {name!r} has shape {array.shape} and dtype "
                     f"{array.dtype}, expected (>= {self._count}, {', '.join(map(str, shape))}) of {dtype}"
                 )
-        lengths = self.lengths()
+        try:
+            lengths = self.lengths()
+        except _DAMAGED_CHUNK as err:
+            raise ValueError(f"corrupt rollout store at {str(self.path)!r}: array 'length' unreadable ({err})") from err
         if lengths.size and not (1 <= lengths.min() and lengths.max() <= self.episode_length):
             first = int(np.argmax((lengths < 1) | (lengths > self.episode_length)))
             raise ValueError(
@@ -217,13 +241,13 @@ class RolloutStore:
 
     def _create_arrays(self, T: int) -> None:
         self.episode_length = T
-        compressor = _compressor(self._group.attrs.get("compression_level", 2))
+        compressors = _compressors(self._group.attrs.get("compression_level", 2))
         for name, (shape, dtype) in self._expected_shapes().items():
             chunks = (_LENGTH_CHUNK,) if name == "length" else (1, *shape)
             if name == "obs" and self._group.attrs.get("chunk_frames"):
                 chunks = (1, min(int(self._group.attrs["chunk_frames"]), T), *shape[1:])
             self._arrays[name] = self._group.create_array(
-                name, shape=(0, *shape), chunks=chunks, dtype=dtype, compressors=compressor, fill_value=0, overwrite=True
+                name, shape=(0, *shape), chunks=chunks, dtype=dtype, compressors=compressors, fill_value=0, overwrite=True
             )
         self._group.attrs["episode_length"] = T
 
@@ -318,15 +342,45 @@ class RolloutStore:
             return np.zeros(0, np.int64)
         return np.asarray(self._array("length")[: self._count])
 
+    def _read(self, name: str, i: int, frames: slice) -> np.ndarray:
+        """Frames ``frames`` of array ``name`` of committed episode i; CorruptEpisodeError when a chunk
+        fails its checksum or decompression."""
+        try:
+            return np.asarray(self._array(name)[i, frames])
+        except _DAMAGED_CHUNK as err:
+            raise CorruptEpisodeError(
+                f"episode {i} of the rollout store at {str(self.path)!r} is corrupt: a chunk of its {name!r} array "
+                f"failed its checksum or decompression ({err}); RolloutStore.verify() lists every corrupt episode, "
+                f"and train.py --skip-corrupt trains on the intact ones", episode=i, array=name) from err
+
     def episode(self, i: int) -> dict[str, np.ndarray]:
-        """Episode i as numpy arrays obs, action, state, reward, mask (trimmed to its length)."""
+        """Episode i as numpy arrays obs, action, state, reward, mask (trimmed to its length).
+        CorruptEpisodeError if one of its chunks is damaged."""
         i = self._index(i)
-        t = int(self._array("length")[i])
-        return {name: np.asarray(self._array(name)[i, :t]) for name in ("obs", "action", "state", "reward", "mask")}
+        frames = slice(0, int(self._array("length")[i]))
+        return {name: self._read(name, i, frames) for name in _EPISODE_ARRAYS}
 
     def window(self, i: int, start: int, stop: int, step: int = 1, keys=("obs", "action", "state", "mask")) -> dict:
-        """Frames start:stop:step of episode i (no bounds trimming) for ``keys``."""
-        return {name: np.asarray(self._array(name)[i, start:stop:step]) for name in keys}
+        """Frames start:stop:step of episode i (no bounds trimming) for ``keys``. CorruptEpisodeError if
+        a chunk it touches is damaged."""
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        i = self._index(i)
+        return {name: self._read(name, i, slice(start, stop, step)) for name in keys}
+
+    def verify(self, episodes=None, progress: bool = False) -> list[int]:
+        """Indices of the corrupt episodes among ``episodes`` (default: all committed ones), ascending:
+        those with a chunk of obs, action, state, reward or mask that fails its crc32c checksum or does
+        not decompress. Reads every chunk of those episodes; ``progress``: a tqdm bar."""
+        episodes = range(self._count) if episodes is None else sorted({self._index(int(i)) for i in episodes})
+        corrupt = []
+        for i in tqdm(episodes, desc="verify", unit="ep", disable=not progress):
+            try:
+                for name in _EPISODE_ARRAYS:
+                    self._read(name, i, slice(None))
+            except CorruptEpisodeError:
+                corrupt.append(i)
+        return corrupt
 
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Random episode-level split: (train_indices, val_indices), at least one of each when N >= 2."""

@@ -26,7 +26,8 @@ class SequenceWindows(Dataset):
     Safe with DataLoader workers: only the path is pickled; each process opens the store read-only on
     first use and caches the small per-episode arrays (action, state, reward, mask) of up to 4096
     episodes it touches.
-    The set of episodes is fixed at construction (episodes appended later are not seen).
+    The set of episodes is fixed at construction (episodes appended later are not seen); ``episodes`` and
+    ``lengths`` (N,) keep every chosen one in the given order, including those too short for a window.
     """
 
     _LOW_DIM = ("action", "state", "reward", "mask")
@@ -52,10 +53,8 @@ class SequenceWindows(Dataset):
         if episodes.size and (episodes.min() < 0 or episodes.max() >= len(store)):
             raise ValueError(f"episodes must be indices in [0, {len(store)}), got min {episodes.min()} max {episodes.max()}")
         lengths = store.lengths()[episodes] if episodes.size else np.zeros(0, np.int64)
-        counts = np.maximum(lengths - self.span + 1, 0)
-        keep = counts > 0
-        self.episodes, self.lengths = episodes[keep], lengths[keep]
-        self._offsets = np.concatenate([[0], np.cumsum(counts[keep])])
+        self.episodes, self.lengths = episodes, lengths
+        self._offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths - self.span + 1, 0))])
         if self._offsets[-1] == 0:
             raise ValueError(f"no episode among the {episodes.size} selected is long enough for length={length}")
         self._store, self._pid, self._cache = None, None, {}
@@ -71,22 +70,24 @@ class SequenceWindows(Dataset):
             self._store, self._pid, self._cache = RolloutStore.open(self.path, read_only=True), os.getpid(), {}
         return self._store
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def position(self, index: int) -> tuple[int, int]:
+        """(r, start): window ``index`` starts at frame ``start`` of ``episodes[r]`` (r: the row of the chosen
+        episodes loaded in memory in the given order)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"window index {index} out of range for {len(self)} windows")
         index %= len(self)
-        j = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return j, int(index - self._offsets[j])
+        r = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return r, int(index - self._offsets[r])
 
     def locate(self, index: int) -> tuple[int, int]:
         """(episode, start frame) of window ``index``."""
-        j, start = self._locate(index)
-        return int(self.episodes[j]), start
+        r, start = self.position(index)
+        return int(self.episodes[r]), start
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         store = self._open()
-        j, start = self._locate(index)
-        episode, n_steps = int(self.episodes[j]), int(self.lengths[j])
+        r, start = self.position(index)
+        episode, n_steps = int(self.episodes[r]), int(self.lengths[r])
         if episode not in self._cache:
             if len(self._cache) >= self._MAX_CACHED_EPISODES:
                 self._cache.clear()

@@ -1,4 +1,5 @@
-"""RolloutStore: round trip, atomic append under SIGKILL, corrupt/unknown stores, bad input, windows, collect."""
+"""RolloutStore: round trip, atomic append under SIGKILL, corrupt/unknown stores, checksummed chunks, bad input,
+windows, collect."""
 
 import json
 import os
@@ -8,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from worldmodel.datasets import RolloutStore, SequenceWindows, collect, episode_seeds, ou_policy, random_policy
+from worldmodel.datasets import (CorruptEpisodeError, RolloutStore, SequenceWindows, collect, episode_seeds, ou_policy,
+                                 random_policy)
 from worldmodel.envs import make_env
 
 OBS = (8, 8, 3)
@@ -170,6 +173,87 @@ def test_open_missing_corrupt_and_unknown_version(tmp_path):
         RolloutStore.open(path)
 
 
+def chunk_file(store_path, array: str, episode: int, chunk: int = 0) -> Path:
+    """The file of chunk ``chunk`` (along time) of ``episode`` in ``array`` (of 1-d ``length``: its chunk
+    ``episode``): zarr v3's default chunk keys <array>/c/<i>/<j>/0/..., one index per dimension."""
+    ndim = len(json.loads(Path(store_path, array, "zarr.json").read_text())["shape"])
+    return Path(store_path, array, "c", *map(str, [episode, chunk, *[0] * ndim][:ndim]))
+
+
+def corrupt_chunk(store_path, array: str, episode: int, chunk: int = 0) -> None:
+    """Flip 8 bytes in the middle of a chunk file (``chunk_file``)."""
+    path = chunk_file(store_path, array, episode, chunk)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_new_stores_checksum_every_chunk(tmp_path):
+    for name, kw in (("whole.zarr", {}), ("chunked.zarr", {"chunk_frames": 5})):
+        new_store(tmp_path / name, **kw).append(**fake_episode(0))
+        for array in ("obs", "action", "state", "reward", "mask", "length"):
+            codecs = json.loads((tmp_path / name / array / "zarr.json").read_text())["codecs"]
+            assert [c["name"] for c in codecs] == ["bytes", "blosc", "crc32c"], (name, array)
+
+
+def test_corrupt_chunk_names_its_episode_and_verify_lists_it(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = new_store(path)
+    for i in range(4):
+        store.append(**fake_episode(i))
+    corrupt_chunk(path, "obs", 2)
+    corrupt_chunk(path, "reward", 3)  # an array training does not keep in memory still marks its episode
+    store = RolloutStore.open(path, read_only=True)
+    for read in (lambda: store.episode(2), lambda: store.window(2, 0, 4, keys=("obs",)),
+                 lambda: SequenceWindows(store, length=4, episodes=[2])[0]):
+        with pytest.raises(CorruptEpisodeError, match=rf"episode 2 of the rollout store at '{path}' is corrupt: "
+                                                      r"a chunk of its 'obs' array.*verify\(\).*--skip-corrupt") as err:
+            read()
+        assert (err.value.episode, err.value.array) == (2, "obs")
+    with pytest.raises(CorruptEpisodeError, match="episode 3 .*'reward' array"):
+        store.episode(-1)
+    assert_episode_equal(store.episode(1), fake_episode(1))
+    assert store.window(2, 0, 4, keys=("action",))["action"].shape == (4, 2)  # its other arrays are intact
+    assert store.verify() == [2, 3] and store.verify(progress=True) == [2, 3]
+    assert store.verify([0, 3, -2]) == [2, 3] and store.verify([1]) == []
+    # time-chunked obs: only the damaged chunk fails
+    chunked = new_store(tmp_path / "c.zarr", chunk_frames=5)
+    for i in range(2):
+        chunked.append(**fake_episode(i))
+    corrupt_chunk(tmp_path / "c.zarr", "obs", 1, chunk=1)  # frames 5..9
+    np.testing.assert_array_equal(chunked.window(1, 0, 5, keys=("obs",))["obs"], fake_episode(1)["obs"][:5])
+    with pytest.raises(CorruptEpisodeError, match="episode 1 "):
+        chunked.window(1, 4, 6, keys=("obs",))
+    assert chunked.verify() == [1]
+    # a damaged chunk of the episode lengths (shared by 1024 episodes) makes the whole store unreadable
+    corrupt_chunk(path, "length", 0)
+    with pytest.raises(ValueError, match=f"corrupt rollout store at '{path}': array 'length' unreadable"):
+        RolloutStore.open(path)
+
+
+def test_store_without_checksums_still_reads_and_verify_finds_undecodable_chunks(tmp_path, monkeypatch):
+    import worldmodel.datasets.store as store_module
+    from zarr.codecs import BloscCodec
+
+    path = tmp_path / "old.zarr"
+    with monkeypatch.context() as patch:  # the layout of stores written before checksums
+        patch.setattr(store_module, "_compressors", lambda level: (BloscCodec(cname="zstd", clevel=level),))
+        store = new_store(path)
+        for i in range(3):
+            store.append(**fake_episode(i))
+    assert [c["name"] for c in json.loads((path / "obs" / "zarr.json").read_text())["codecs"]] == ["bytes", "blosc"]
+    store = RolloutStore.open(path)
+    assert_episode_equal(store.episode(2), fake_episode(2))
+    assert store.verify() == []
+    chunk_file(path, "obs", 1).write_bytes(b"not a blosc frame")
+    with pytest.raises(CorruptEpisodeError, match="episode 1 .*'obs' array"):
+        store.episode(1)
+    assert store.verify() == [1]
+    store.append(**fake_episode(3))  # appends to an old store keep its codecs
+    assert_episode_equal(RolloutStore.open(path).episode(3), fake_episode(3))
+
+
 WRITER = textwrap.dedent(
     """
     import sys, time, pathlib
@@ -251,6 +335,10 @@ def test_windows_cover_episodes_with_frame_skip(tmp_path):
         expected_reward = np.array([want["reward"][list(g)].sum() for g in groups])
         np.testing.assert_allclose(item["action"].numpy(), expected_action, rtol=1e-6)
         np.testing.assert_allclose(item["reward"].numpy(), expected_reward, rtol=1e-6)
+    # chosen episodes keep their order and rows, including one too short for a window
+    picked = SequenceWindows(store, length=4, frame_skip=2, episodes=[3, 2])
+    assert list(picked.episodes) == [3, 2] and len(picked) == 6
+    assert picked.position(0) == (1, 0) and picked.locate(0) == (2, 0) and picked.position(-1) == (1, 5)
     # at the end of an episode the last group holds only the remaining step
     last = SequenceWindows(store, length=2, frame_skip=3, episodes=[0])
     item = last[len(last) - 1]  # start 8: frames 8, 11; action groups [8, 9, 10], [11]

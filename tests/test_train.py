@@ -238,3 +238,45 @@ def test_streamed_windows_equal_in_memory_windows(tiny):
     # and they are the windows SequenceWindows itself returns for the sampled indices of step 3
     first = [windows[i] for i in sampler(3)]
     assert torch.equal(memory[0]["obs"], torch.stack([w["obs"] for w in first]))
+
+
+@pytest.mark.slow
+def test_corrupt_episode_is_named_or_skipped_with_the_same_episodes_in_memory_and_streamed(tiny, tmp_path, capsys):
+    import shutil
+
+    from test_store import corrupt_chunk
+    from worldmodel.training import ensure_dataset, load_split, train_batches
+    from worldmodel.training.data import split_episodes, split_windows, validation_batch
+
+    shutil.copytree(ensure_dataset(train.parse_args(tiny("copy"))[1]).path, tmp_path / "bad.zarr")
+    data = str(tmp_path / "bad.zarr")
+    corrupt_chunk(data, "obs", 3)  # a train episode of the 12 (8 train + 4 val)
+    with pytest.raises(SystemExit, match=rf"^error: episode 3 of the rollout store at '{data}' is corrupt: a chunk "
+                                         r"of its 'obs' array.*verify\(\).*--skip-corrupt"):
+        train.main(tiny("corrupt", "--data", data))
+    with pytest.raises(SystemExit, match=r"^error: .* has 11 intact episodes \(1 corrupt: \[3\]\), 12 needed"):
+        train.main(tiny("corrupt", "--data", data, "--skip-corrupt"))
+    capsys.readouterr()
+    run_dir = train.main(tiny("skip", "--data", data, "--skip-corrupt", "--train-episodes", "7"))
+    out = capsys.readouterr().out
+    assert out.count("warning: skipping the corrupt episodes [3] of the dataset") == 1
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["kind"] == "eval"
+    assert "--skip-corrupt" in train.build_parser("train").format_help()
+
+    # the next intact episodes take the place of episode 3; streamed windows equal the in-memory ones
+    _, cfg = train.parse_args(tiny("skip", "--data", data, "--skip-corrupt", "--train-episodes", "7"))
+    store = ensure_dataset(cfg)
+    episodes = split_episodes(store, cfg)
+    assert [list(e) for e in episodes] == [[0, 1, 2, 4, 5, 6, 7], [8, 9, 10, 11]]
+    train_data, val_data = load_split(store, cfg, episodes)
+    windows, val_windows = split_windows(store, cfg, episodes)
+    sampler = WindowSampler(len(windows), cfg.batch_size, cfg.seed)
+    memory = list(train_batches(cfg, windows, train_data, sampler, start=0, stop=3))
+    streamed = list(train_batches(dataclasses.replace(cfg, num_workers=1), windows, train_data, sampler, 0, 3))
+    for step, (a, b) in enumerate(zip(memory, streamed), start=1):
+        want = [windows[i] for i in sampler(step)]
+        for key in ("obs", "action", "state", "mask"):
+            assert torch.equal(a[key], b[key]) and torch.equal(a[key], torch.stack([w[key] for w in want])), key
+    val_batch = validation_batch(val_windows, val_data, cfg)
+    want = [val_windows[i] for i in WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1)(0)]
+    assert torch.equal(val_batch["obs"], torch.stack([w["obs"] for w in want]))

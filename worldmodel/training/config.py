@@ -83,6 +83,10 @@ class TrainConfig:
     val_episodes: int = field(default=40, metadata={"help": "held-out episodes (after the training ones)"})
     episode_length: int | None = field(default=None, metadata={
         "help": "steps per collected episode (none = the env's default)"})
+    skip_corrupt: bool = field(default=False, metadata={
+        "help": "pass over the episodes of the dataset with a damaged chunk (failed crc32c checksum or "
+                "decompression) with a warning naming them, and use the next intact ones (without it a corrupt "
+                "episode stops the run with an error naming it)"})
     window: int = field(default=32, metadata={"help": "training sequence length L"})
     batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
     steps: int = field(default=1500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})

@@ -15,8 +15,8 @@ import torch
 from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
 
-__all__ = ["WindowSampler", "ensure_dataset", "load_split", "make_run_env", "open_store", "split_windows",
-           "train_batches", "validation_batch", "window_batch"]
+__all__ = ["WindowSampler", "ensure_dataset", "load_split", "make_run_env", "open_store", "split_episodes",
+           "split_windows", "train_batches", "validation_batch", "window_batch"]
 
 
 def _env_spec(cfg: TrainConfig) -> tuple[str, dict]:
@@ -96,27 +96,51 @@ def _check_store(store, cfg: TrainConfig) -> None:
                          f"asks for make_env({cfg.env!r}, **{wanted['kwargs']}); pass another --data path")
 
 
-def load_split(store, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_episodes(store, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Store indices (ascending) of the train episodes (the first train_episodes) and of the val episodes
+    (the next val_episodes). With ``cfg.skip_corrupt`` the corrupt ones (``RolloutStore.verify``) are passed
+    over with a warning naming them and the next intact ones take their place; without it a corrupt episode
+    raises CorruptEpisodeError when it is read. ValueError if too few episodes are left."""
+    needed, where = cfg.train_episodes + cfg.val_episodes, f"the dataset {str(store.path)!r}"
+    counts = f"train_episodes={cfg.train_episodes} + val_episodes={cfg.val_episodes}"
+    if len(store) == 0:
+        raise ValueError(f"{where} is empty (0 episodes)")
+    if len(store) < needed:
+        raise ValueError(f"{where} has {len(store)} episodes, {needed} needed ({counts})")
+    chosen = np.arange(needed)
+    if cfg.skip_corrupt:
+        intact, corrupt = [], []
+        for i in range(len(store)):
+            if len(intact) == needed:
+                break
+            (corrupt if store.verify([i]) else intact).append(i)
+        if corrupt:
+            ddp.log(f"warning: skipping the corrupt episodes {corrupt} of {where} (--skip-corrupt); the next "
+                    f"intact episodes take their place")
+        if len(intact) < needed:
+            raise ValueError(f"{where} has {len(intact)} intact episodes ({len(corrupt)} corrupt: {corrupt}), "
+                             f"{needed} needed ({counts}); pass fewer episodes or another --data path")
+        chosen = np.array(intact)
+    if store.lengths()[chosen].max() < cfg.window:
+        raise ValueError(f"the episodes of {str(store.path)!r} are shorter than window={cfg.window}")
+    return chosen[:cfg.train_episodes], chosen[cfg.train_episodes:]
+
+
+def load_split(store, cfg: TrainConfig, episodes: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(train, val) episodes in memory: obs uint8 (N, T, H, W, C), action (N, T, a), state (N, T, s),
     mask bool (N, T) (True = frame observed).
 
-    Train = the first train_episodes episodes, val = the next val_episodes; T = the store's episode
-    length (shorter episodes are zero-padded; windows never reach the padding)."""
-    needed = cfg.train_episodes + cfg.val_episodes
-    if len(store) == 0:
-        raise ValueError(f"the dataset {str(store.path)!r} is empty (0 episodes)")
-    if len(store) < needed:
-        raise ValueError(f"the dataset {str(store.path)!r} has {len(store)} episodes, {needed} needed "
-                         f"(train_episodes={cfg.train_episodes} + val_episodes={cfg.val_episodes})")
-    if store.lengths()[:needed].max() < cfg.window:
-        raise ValueError(f"the episodes of {str(store.path)!r} are shorter than window={cfg.window}")
+    ``episodes``: their (train, val) store indices (default ``split_episodes(store, cfg)``); T = the
+    store's episode length (shorter episodes are zero-padded; windows never reach the padding)."""
+    train, val = split_episodes(store, cfg) if episodes is None else episodes
 
     def stack(indices) -> dict[str, torch.Tensor]:
         keys = ("obs", "action", "state", "mask")
         episodes = [store.window(int(i), 0, store.episode_length, keys=keys) for i in indices]
         return {key: torch.from_numpy(np.stack([e[key] for e in episodes])) for key in keys}
 
-    return stack(range(cfg.train_episodes)), stack(range(cfg.train_episodes, needed))
+    return stack(train), stack(val)
 
 
 class WindowSampler:
@@ -146,13 +170,13 @@ class _StepBatches(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def window_batch(windows, data: dict[str, torch.Tensor], indices: list[int], first_episode: int = 0):
+def window_batch(windows, data: dict[str, torch.Tensor], indices: list[int]):
     """Windows ``indices`` of SequenceWindows ``windows``, gathered from in-memory episodes ``data``
-    (whose row 0 is store episode ``first_episode``): dict of (B, L, ...) tensors."""
-    located = np.array([windows.locate(i) for i in indices]).reshape(-1, 2)
-    episode = torch.as_tensor(located[:, 0] - first_episode)[:, None]
+    (whose rows are ``windows.episodes``, in order): dict of (B, L, ...) tensors."""
+    located = np.array([windows.position(i) for i in indices]).reshape(-1, 2)
+    row = torch.as_tensor(located[:, 0])[:, None]
     t = torch.as_tensor(located[:, 1])[:, None] + torch.arange(windows.length)
-    return {key: value[episode, t] for key, value in data.items()}
+    return {key: value[row, t] for key, value in data.items()}
 
 
 def train_batches(cfg: TrainConfig, windows, data: dict[str, torch.Tensor], sampler: WindowSampler, start: int,
@@ -165,13 +189,12 @@ def train_batches(cfg: TrainConfig, windows, data: dict[str, torch.Tensor], samp
                                             num_workers=cfg.num_workers, persistent_workers=False))
 
 
-def split_windows(store, cfg: TrainConfig):
-    """SequenceWindows of ``cfg.window`` frames over the train episodes and over the val episodes."""
+def split_windows(store, cfg: TrainConfig, episodes: tuple[np.ndarray, np.ndarray]):
+    """SequenceWindows of ``cfg.window`` frames over the (train, val) store indices ``episodes``
+    (``split_episodes``)."""
     from worldmodel.datasets import SequenceWindows
 
-    val = range(cfg.train_episodes, cfg.train_episodes + cfg.val_episodes)
-    return (SequenceWindows(store, cfg.window, episodes=range(cfg.train_episodes)),
-            SequenceWindows(store, cfg.window, episodes=val))
+    return tuple(SequenceWindows(store, cfg.window, episodes=indices) for indices in episodes)
 
 
 def validation_batch(val_windows, val_data: dict[str, torch.Tensor], cfg: TrainConfig, rank: int = 0,
@@ -179,4 +202,4 @@ def validation_batch(val_windows, val_data: dict[str, torch.Tensor], cfg: TrainC
     """The fixed batch of the logged val_loss: this rank's slice of ``batch_size`` val windows
     (draw 0 of seed + 1), dict of (B / world, L, ...) tensors."""
     indices = WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1, rank, world)(0)
-    return window_batch(val_windows, val_data, indices, cfg.train_episodes)
+    return window_batch(val_windows, val_data, indices)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from worldmodel.model import WorldModel
 from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
-from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split, open_store, split_windows,
-                                      train_batches, validation_batch)
+from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split, open_store, split_episodes,
+                                      split_windows, train_batches, validation_batch)
 from worldmodel.training.evaluate import report
 from worldmodel.training.run import append_jsonl, prepare_run, restore, save_checkpoint, seed_all, start_files
 
@@ -125,8 +125,9 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     ddp.barrier()
     if store is None:
         store = open_store(cfg)
-    train_data, val_data = load_split(store, cfg)
-    windows, val_windows = split_windows(store, cfg)
+    episodes = split_episodes(store, cfg)  # (train, val) store indices; --skip-corrupt passes over corrupt ones
+    train_data, val_data = load_split(store, cfg, episodes)
+    windows, val_windows = split_windows(store, cfg, episodes)
     sampler = WindowSampler(len(windows), cfg.batch_size, cfg.seed, rank, world)
     val_batch = validation_batch(val_windows, val_data, cfg, rank, world)
 
