@@ -1,5 +1,10 @@
 """Shared test fixtures."""
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +16,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _native_places_outside_the_tests() -> dict:
+    """The files in the places the native loops are built in outside the tests (the user cache and the
+    shared temporary directory), with their modification times."""
+    places = [Path(tempfile.gettempdir()) / f"ldm-worldmodel-{os.getuid()}"]
+    with contextlib.suppress(RuntimeError, KeyError):
+        places.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm-worldmodel")
+    return {path: path.lstat().st_mtime_ns for place in places if place.is_dir() for path in place.iterdir()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_build_dir(tmp_path_factory):
+    """The native loops are built (once) in this session's temporary directory (WORLDMODEL_NATIVE_DIR, which
+    subprocesses inherit), never in the user's cache or the shared temporary directory: checked at the end."""
+    before = _native_places_outside_the_tests()
+    directory = tmp_path_factory.mktemp("native") / "build"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLDMODEL_NATIVE_DIR", str(directory))
+        yield directory
+    changed = sorted(str(path) for path in set(before.items()) ^ set(_native_places_outside_the_tests().items()))
+    assert not changed, f"the tests wrote where the native loops are built outside the tests: {changed}"

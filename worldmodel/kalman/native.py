@@ -6,13 +6,15 @@ and calls BLAS/LAPACK directly, through the ``?gemm_``/``?potrf_``/``?trsm_`` sy
 torch itself uses (MKL in the x86-64 Linux wheels): the same routines, without the dispatch.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``; about 0.2 s)
-into the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, under ``ldm-worldmodel``; else a per-user
-temporary directory), keyed by a hash of the source and torch's version, and kept only once a
-subprocess has checked it against the Python loops (about 5 s, once; a failed check is remembered
-and the Python loops run). Where anything is missing (no compiler, no such symbols in torch's
-libraries, another platform), :func:`library` returns None and the filter runs its loops in Python:
-same results up to round-off. ``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status`
-says why they are off.
+into a directory private to the user (``$XDG_CACHE_HOME`` or ``~/.cache``, under ``ldm-worldmodel``;
+else ``ldm-worldmodel-<uid>`` in the temporary directory; ``$WORLDMODEL_NATIVE_DIR`` instead of both),
+keyed by a hash of the source and torch's version, and used only once a subprocess has checked it
+against the Python loops in float64 and float32 (about 5 s, once; a check that fails or times out is
+remembered and the Python loops run). ``native_build`` decides what may be loaded: only a library this
+user built and self-tested, recorded by its sha256, in a directory no one else can write. Where anything
+is missing (no compiler, no private directory, no such symbols in torch's libraries, another platform),
+:func:`library` returns None and the filter runs its loops in Python: same results up to round-off.
+``WORLDMODEL_NATIVE=0`` switches the native loops off; :func:`status` says why they are off.
 """
 
 from __future__ import annotations
@@ -21,15 +23,13 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import native_build
 from .types import _new_empty  # huge pages for large outputs
 
 __all__ = ["library", "status", "usable", "covariance_recursion", "mean_recursion", "innovation_loglik",
@@ -54,44 +54,7 @@ def _blas_pointers() -> list[int] | None:
     return None
 
 
-def _compile(target: Path) -> str | None:
-    """Compile ``SOURCE`` into the shared library ``target`` (atomically); an error message or None."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        return "no C compiler (set CC or install cc)"
-    cmd, tmp = [compiler, "-O2", "-shared", "-fPIC", "-o", "OUT", str(SOURCE.resolve()), "-lm"], None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd[cmd.index("OUT")] = tmp
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode:
-            return f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}"
-        # a wrong BLAS interface (say 64-bit integers) would crash or corrupt: check in a process of its own
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]),
-                                                          os.environ.get("PYTHONPATH", "")]))
-        check = subprocess.run([sys.executable, "-c", _SELF_TEST, tmp], capture_output=True, text=True, timeout=300,
-                               env=env)
-        if check.returncode:
-            error = f"the freshly built {target.name} failed its self-test: " + " ".join(
-                check.stderr.strip().splitlines()[-4:])
-            if check.returncode == _WRONG_RESULTS or check.returncode < 0:  # wrong results or a crash: remember it,
-                target.with_suffix(".failed").write_text(error)  # so later processes do not build and test again
-            return error
-        os.replace(tmp, target)
-        for stale in target.parent.glob("native_kalman-*"):  # builds of earlier sources or torch versions
-            if stale != target:
-                stale.unlink(missing_ok=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{' '.join(cmd)} failed: {exc}"
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-    return None
-
-
-_WRONG_RESULTS = 3  # the self-test's exit status when the library runs but its results differ
+SELF_TEST_TIMEOUT = 300.0  # seconds; a self-test that takes longer is remembered as failed
 _SELF_TEST = f"""
 import sys
 from pathlib import Path
@@ -100,46 +63,54 @@ try:
     native._self_test(Path(sys.argv[1]), kalman_filter)
 except AssertionError as exc:
     print(exc, file=sys.stderr)
-    sys.exit({_WRONG_RESULTS})
+    sys.exit({native_build.WRONG_RESULTS})
 """
+_SELF_TEST_TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-5}  # x max(1, |value|); round-off: 1e-15, 2e-6
 
 
 def _self_test(path: Path, kalman_filter) -> None:
     """Raise AssertionError unless the library at ``path`` reproduces the Python loops (values and
-    gradients of a small float64 ``kalman_filter`` with controls); run in a subprocess of its own by
-    ``_compile``, whose script passes the filter in (this module does not import the package above it)."""
-    gen = torch.Generator().manual_seed(0)
-    n, m, k, batch, steps = 4, 3, 2, 2, 40
-
-    def randn(*shape):
-        return torch.randn(*shape, dtype=torch.float64, generator=gen)
-
-    W, V = randn(n, n), randn(m, m)
-    args = [0.3 * randn(n, n), 0.1 * torch.eye(n, dtype=torch.float64) + W @ W.mT / n, randn(m, n),
-            0.2 * torch.eye(m, dtype=torch.float64) + V @ V.mT / m, randn(n), torch.eye(n, dtype=torch.float64),
-            randn(n, k)]
-    z, u = randn(batch, steps, m), randn(batch, steps, k)
-
-    def run():
-        leaves = [x.clone().requires_grad_() for x in args]
-        res = kalman_filter(z, *leaves[:6], B=leaves[6], u=u)
-        loss = res.log_likelihood.sum() + res.filtered.mean.square().sum() + res.filtered.cov.sum()
-        return [res.log_likelihood, res.filtered.mean, res.predicted.cov,
-                *torch.autograd.grad(loss, leaves)]
-
-    lib = _load(path, _blas_pointers())
+    gradients of a small ``kalman_filter`` with controls, in float64 and in float32); run in a subprocess of
+    its own by ``native_build``, whose script passes the filter in (this module does not import the package
+    above it)."""
     global library, usable
-    library, usable = (lambda: lib), (lambda *xs: True)
-    got = run()
-    usable = lambda *xs: False  # noqa: E731
-    for a, b in zip(got, run()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    lib = _load(path, _blas_pointers())
+    saved = library, usable
+    library = lambda: lib  # noqa: E731
+    try:
+        for dtype, tol in _SELF_TEST_TOLERANCE.items():
+            gen = torch.Generator().manual_seed(0)
+            n, m, k, batch, steps = 4, 3, 2, 2, 40
+
+            def randn(*shape):
+                return torch.randn(*shape, dtype=dtype, generator=gen)
+
+            W, V, eye = randn(n, n), randn(m, m), torch.eye(n, dtype=dtype)
+            args = [0.3 * randn(n, n), 0.1 * eye + W @ W.mT / n, randn(m, n),
+                    0.2 * torch.eye(m, dtype=dtype) + V @ V.mT / m, randn(n), eye, randn(n, k)]
+            z, u = randn(batch, steps, m), randn(batch, steps, k)
+
+            def run(native: bool):
+                global usable
+                usable = lambda *xs: native  # noqa: E731
+                leaves = [x.clone().requires_grad_() for x in args]
+                res = kalman_filter(z, *leaves[:6], B=leaves[6], u=u)
+                loss = res.log_likelihood.sum() + res.filtered.mean.square().sum() + res.filtered.cov.sum()
+                return [res.log_likelihood, res.filtered.mean, res.predicted.cov,
+                        *torch.autograd.grad(loss, leaves)]
+
+            names = ["log-likelihood", "filtered mean", "predicted cov", *"dA dQ dC dR dx0 dP0 dB".split()]
+            for what, a, b in zip(names, run(True), run(False)):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
+                                           msg=lambda text: f"{dtype}, {what}: {' '.join(text.split())}")
+    finally:
+        library, usable = saved
 
 
-def _build_dirs() -> list[Path]:
-    """Where the compiled library is kept: the user cache, else a per-user temporary directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return [Path(base) / "ldm-worldmodel", Path(tempfile.gettempdir()) / f"ldm-worldmodel-{os.getuid()}"]
+def _self_test_env() -> dict:
+    """The environment of the self-test's subprocess: this one, with this package importable."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")]))
 
 
 _SIGNATURES = {  # C function (without its _f32/_f64 suffix): (return type, argument types)
@@ -176,21 +147,23 @@ def library() -> ctypes.CDLL | None:
     if pointers is None:
         _why_not.append(f"torch's libraries do not export {', '.join(BLAS_SYMBOLS)}")
         return None
-    name = f"native_kalman-{hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]}.so"
-    errors = []
-    for target in _build_dirs():
-        failed = (target / name).with_suffix(".failed")
-        if failed.exists():
-            errors.append(f"{failed.read_text()} (delete {failed} to try again)")
+    name = f"native_kalman-{hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]}"
+    dirs, reasons = native_build.candidate_dirs()
+    for directory in dirs:
+        try:
+            path = native_build.find_or_build(directory, name, SOURCE, [sys.executable, "-c", _SELF_TEST],
+                                              _self_test_env(), SELF_TEST_TIMEOUT)
+        except native_build.Rejected as exc:  # a wrong build: the same anywhere else
+            reasons.append(str(exc))
+            break
+        except native_build.NotHere as exc:
+            reasons.append(str(exc))
             continue
-        error = None if target.joinpath(name).exists() else _compile(target / name)
-        if error is None:
-            try:
-                return _load(target / name, pointers)
-            except (OSError, AttributeError) as exc:
-                error = f"loading {target / name} failed: {exc}"
-        errors.append(error)
-    _why_not.append(errors[0])
+        try:
+            return _load(path, pointers)  # checked (owner, mode, sha256) just before
+        except (OSError, AttributeError) as exc:
+            reasons.append(f"loading {path} failed: {exc}")
+    _why_not.append("; ".join(reasons) or "nowhere to build")
     return None
 
 
