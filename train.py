@@ -71,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
         config_file = named.run_dir / "config.json"
         if command in ("eval", "filter") or overrides.get("resume"):
             if config_file.is_file():  # the run's settings; how to run it now (RUN_CONTROL) from defaults + flags
-                stored = TrainConfig.from_dict(json.loads(config_file.read_text()))
+                try:
+                    stored = TrainConfig.from_dict(json.loads(config_file.read_text()))
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"cannot read the run's settings {str(config_file)!r}: {err}") from None
                 base = dataclasses.replace(stored, **{k: getattr(base, k) for k in RUN_CONTROL})
             elif command != "train":
                 raise SystemExit(f"error: no run at {str(named.run_dir)!r} (missing config.json); train it first")

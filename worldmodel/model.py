@@ -2,9 +2,9 @@
 the prior is a state-space prior.
 
 Pixels go in as uint8 (B, T, H, W, C), exactly as the envs and the rollout store hold them (float
-frames are also accepted; NaN frames count as dropped). The encoder maps every frame x_t to a latent
-z_t in R^L; the objective (`worldmodel.methods.make`) normalises the latents and scores them under its
-prior. When the prior is a `StateSpacePrior` (the Kalman presets: z_t observes a hidden state h_t of a
+frames are also accepted; NaN frames count as dropped, inf is refused). The encoder maps every frame
+x_t to a latent z_t in R^L; the objective (`worldmodel.methods.make`) normalises the latents and scores
+them under its prior. When the prior is a `StateSpacePrior` (the Kalman presets: z_t observes a hidden state h_t of a
 learned linear-Gaussian model) the model also filters (`filter`, `step`) and predicts k steps ahead
 (`imagine`) exactly (DESIGN section 1; Mikulasch & Zenke 2026, Sec. 6.1). The model never tests the
 preset's name: it asks the prior what it can do.
@@ -202,6 +202,8 @@ class WorldModel(nn.Module):
             lead = "(B, T, " if extra == 2 else "(B, "
             raise ValueError(f"frames must have shape {lead}{', '.join(map(str, item))}) for this config "
                              f"(image_size={cfg.image_size}, channels={cfg.channels}), got {tuple(frames.shape)}")
+        if frames.is_floating_point() and bool(torch.isinf(frames).any()):
+            raise ValueError("frames contain inf; mark a dropped frame with NaN (or mask=False) instead")
 
     def _raw_latents(self, frames: Tensor, target: bool = False) -> tuple[Tensor, Tensor | None]:
         """frames (B, T, ...) -> encoder latents z (B, T, L) before normalisation (NaN where a frame is NaN)
@@ -228,7 +230,7 @@ class WorldModel(nn.Module):
     def loss(self, frames: Tensor, actions: Tensor | None = None, mask: Tensor | None = None) -> LossOutput:
         """The LDM loss of a batch of windows: frames (B, T, ...), actions (B, T, a) stored convention,
         mask (B, T) bool (True = observed; NaN frames are also treated as dropped)."""
-        self._check_actions(frames, actions)
+        self._check_inputs(frames, actions, mask)
         z, variances = self._raw_latents(frames)
         observed = torch.isfinite(z).all(-1)
         if mask is not None:
@@ -265,20 +267,29 @@ class WorldModel(nn.Module):
                             f"{self.config.method!r} uses {type(self.prior).__name__}")
         return self.prior
 
-    def _check_actions(self, frames: Tensor, actions: Tensor | None) -> None:
-        if actions is None:
-            return
-        a = self.config.action_dim
-        if actions.dim() != 3 or tuple(actions.shape[:2]) != tuple(frames.shape[:2]) or actions.shape[-1] != a:
-            raise ValueError(f"actions must have shape (B, T, {a}) matching frames {tuple(frames.shape[:2])}, "
-                             f"got {tuple(actions.shape)}")
+    def _check_inputs(self, frames: Tensor, actions: Tensor | None, mask: Tensor | None) -> None:
+        """ValueError naming the expected shape / dtype of bad frames (first), actions or mask."""
+        self._check_frames(frames, 2)
+        bt = tuple(frames.shape[:2])
+        if actions is not None:
+            a = self.config.action_dim
+            if not actions.is_floating_point():
+                raise ValueError(f"actions must be floating point, got dtype {actions.dtype}")
+            if actions.dim() != 3 or tuple(actions.shape[:2]) != bt or actions.shape[-1] != a:
+                raise ValueError(f"actions must have shape (B, T, {a}) matching frames {bt}, "
+                                 f"got {tuple(actions.shape)}")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor (True = observed), got dtype {mask.dtype}")
+            if tuple(mask.shape) != bt:
+                raise ValueError(f"mask must have shape (B, T) = {bt}, got {tuple(mask.shape)}")
 
     def filter(self, frames: Tensor, actions: Tensor | None = None, mask: Tensor | None = None) -> FilterResult:
         """Exact filtering of frames (B, T, ...): FilterResult with filtered N(m_{t|t}, P_{t|t}) and
         predicted N(m_{t|t-1}, P_{t|t-1}) state beliefs (B, T, S). Missing frames (mask False or NaN) are
         only predicted."""
         prior = self._state_space("filter")
-        self._check_actions(frames, actions)
+        self._check_inputs(frames, actions, mask)
         z, variances = self._latents(frames, mask)
         return prior.filter(z, u=shift_actions(actions), mask=mask, R=variances)
 
@@ -299,6 +310,8 @@ class WorldModel(nn.Module):
         action[:, t-1]) (action None at t=0) reproduces `filter`'s filtered beliefs."""
         prior = self._state_space("step")
         batch = belief.mean.shape[0]
+        if action is not None and not action.is_floating_point():
+            raise ValueError(f"action must be floating point, got dtype {action.dtype}")
         if action is not None and tuple(action.shape) != (batch, self.config.action_dim):
             raise ValueError(f"action must have shape ({batch}, {self.config.action_dim}), got {tuple(action.shape)}")
         z_t = variances = None

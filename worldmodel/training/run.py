@@ -10,6 +10,7 @@ torch / numpy / python generator states of every rank).
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,30 @@ __all__ = ["append_jsonl", "load_matching_run", "load_run", "prepare_run", "read
 
 # ---------------------------------------------------------------------------------------- metrics.jsonl
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON line. A last line without its newline is torn (an append cut short by a killed
+    process): it is dropped first."""
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file."""
+    """All records of a metrics.jsonl file (a torn last line, see append_jsonl, is skipped)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")  # lines[-1]: "" or a torn line
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and os.replace: a killed process leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------- generator states
@@ -108,13 +125,13 @@ def prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
 def start_files(cfg: TrainConfig, ckpt: dict | None) -> None:
     """Write config.json and start (or trim, when resuming) metrics.jsonl: once the run is known to load."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _write_text_atomic(cfg.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     metrics = cfg.run_dir / "metrics.jsonl"
     if ckpt is None:
         metrics.write_text("")
     elif metrics.exists():  # drop records logged after the checkpoint by an interrupted process
         keep = [r for r in read_metrics(metrics) if r.get("kind") == "train" and r["step"] <= ckpt["step"]]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        _write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ---------------------------------------------------------------------------------------- finished runs
