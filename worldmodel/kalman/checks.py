@@ -180,13 +180,17 @@ def _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target):
             if tuple(mask.shape) != (batch, steps):
                 raise ValueError(f"mask must have shape (B, T) = ({batch}, {steps}), got {tuple(mask.shape)}")
             missing = missing | ~mask.to(torch.bool)
-        if bool(missing.any()):
+        infinite = torch.isinf(z).any(-1)
+        if target is not None:
+            infinite = infinite | torch.isinf(target).any(-1)
+        any_missing, any_infinite = torch.stack([missing.any(), (infinite & ~missing).any()]).tolist()  # one sync
+        if any_infinite:
+            raise ValueError("z contains inf (NaN marks a missing observation, inf is an error)")
+        if any_missing:
             observed = ~missing
             z = torch.where(observed[..., None], z, 0.0)
             if target is not None:
                 target = torch.where(observed[..., None], target, 0.0)
-        if bool(torch.isinf(z).any()) or (target is not None and bool(torch.isinf(target).any())):
-            raise ValueError("z contains inf (NaN marks a missing observation, inf is an error)")
     bu = None
     if u is not None:
         bu = u @ B.mT if B.dim() == 2 else torch.einsum("bnk,btk->btn", B, u)
