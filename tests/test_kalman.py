@@ -1,11 +1,13 @@
 """Tests for worldmodel.kalman against an independent dense joint-Gaussian reference."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from worldmodel.kalman import FilterResult, Gaussian, gaussian_log_prob, kalman_filter, predict, rts_smoother, update
+from worldmodel.kalman import (FilterResult, Gaussian, gaussian_log_prob, kalman_filter, predict, rts_smoother,
+                               symmetrize, update)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -407,6 +409,57 @@ def test_bad_input_raises_value_error_naming_argument(name, corrupt, mentions, p
 def test_bad_covariance_error_says_what_is_wrong(name, corrupt, problem, m):
     with pytest.raises(ValueError, match=rf"^{name} .*{problem}"):
         kalman_filter(**_bad(name, corrupt, m))
+
+
+def _rounded_covariance(name, dtype, seed=0):
+    """The system of ``_bad`` with covariance ``name`` recomputed in ``dtype`` as a propagated covariance
+    M (X X^T) M^T, as a filter or a learned factor yields it: symmetric only to the round-off of ``dtype``."""
+    args = _bad(name, lambda X: X, m=4)
+    gen = torch.Generator().manual_seed(seed)
+    M, X = (torch.randn(4, 4, dtype=dtype, generator=gen) for _ in range(2))
+    args[name] = M @ (X @ X.mT) @ M.mT + torch.eye(4, dtype=dtype)
+    return args
+
+
+def _relative_asymmetry(X):
+    return ((X - X.mT).abs().max() / X.abs().max()).item()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("name", ["Q", "R", "P0"])
+def test_float32_covariance_with_float64_data_is_checked_at_float32_precision(name, parallel):
+    """Issue 16: a covariance computed in float32 is symmetric to float32's round-off only, which is far
+    above float64's; with float64 z it was rejected as not symmetric. Now it filters in float64 like its
+    float64 symmetrisation, to float32 precision."""
+    args = _rounded_covariance(name, F32)
+    assert 1e3 * torch.finfo(F64).eps < _relative_asymmetry(args[name]) < 1e3 * torch.finfo(F32).eps
+    res = kalman_filter(**args, parallel=parallel)
+    ref = kalman_filter(**(args | {name: symmetrize(args[name].double())}), parallel=parallel)
+    assert res.log_likelihood.dtype == F64
+    for got, want in zip(res, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_covariance_tolerance_follows_the_given_dtype_and_the_error_gives_the_numbers(dtype):
+    """Q given in ``dtype`` (z is float64): an asymmetry of 0.1 of ``1e3 eps(dtype) max |Q|`` passes, one of
+    10 times it is rejected with the measured and the allowed asymmetry; an indefinite Q with its
+    smallest eigenvalue."""
+    args = _rounded_covariance("Q", dtype)
+    Q = symmetrize(args["Q"])
+    allowed = 1e3 * torch.finfo(dtype).eps * Q.abs().max().item()
+    skew = torch.triu(torch.ones_like(Q), 1)
+    kalman_filter(**(args | dict(Q=Q + 0.1 * allowed * skew)))
+    with pytest.raises(ValueError, match="^Q must be a symmetric covariance matrix") as err:
+        kalman_filter(**(args | dict(Q=Q + 10 * allowed * skew)))
+    measured, limit = (float(x) for x in re.search(r"= (\S+), allowed at most (\S+) ", str(err.value)).groups())
+    assert measured == pytest.approx(10 * allowed, rel=1e-2) and limit == pytest.approx(allowed, rel=1e-2)
+    indefinite = Q - 2 * Q.diagonal().max() * torch.eye(4, dtype=dtype)
+    with pytest.raises(ValueError, match="^Q must be positive") as err:
+        kalman_filter(**(args | dict(Q=indefinite)))
+    lowest, limit = (float(x) for x in re.search(r"eigenvalue (\S+), allowed at least (\S+) ", str(err.value)).groups())
+    assert lowest == pytest.approx(torch.linalg.eigvalsh(indefinite.double())[0].item(), rel=1e-2)
+    assert limit == pytest.approx(-1e3 * torch.finfo(dtype).eps * indefinite.abs().max().item(), rel=1e-2)
 
 
 def test_predict_update_reject_mismatched_shapes():

@@ -1,7 +1,8 @@
 """Evaluation: latent probes (linear R^2, MCC), k-step predictive NLL and calibration of the exact
 predictive Gaussian, and linear-probe accuracy for image SSL.
 
-All fits run in float64 on the CPU; inputs may be torch tensors or numpy arrays of any float dtype.
+All fits run in float64 on the CPU; inputs may be torch tensors or numpy arrays of any float dtype. The
+k-step predictive scores run on the latents' device.
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, hor
         z: (B, T, d) latents. actions: (B, T, a) stored actions (action[t] taken after frame t) or None.
         mask: (B, T) bool, True = observed (used when filtering). R: optional per-step observation noise
             (B, T, d, d) passed to the filter (heteroscedastic models); predictions use the prior's R.
+        Runs on the device of z (actions, mask and R may be on another: they are moved there), with one
+        host synchronisation for the scores of all horizons.
     Returns:
         dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma", plus the
         nominal coverages "nominal_1sigma", "nominal_2sigma".
@@ -186,6 +189,7 @@ def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, hor
     if t_len - burn_in - 1 < 1:
         raise ValueError(f"sequences of length {t_len} are too short for burn_in={burn_in}")
     horizon = min(horizon, t_len - burn_in - 1)
+    actions, mask, R = (None if x is None else x.to(z.device) for x in (actions, mask, R))
     u = shift_actions(actions)
     filtered = prior.filter(z, u=u, mask=mask, R=R).filtered
     starts = torch.arange(burn_in, t_len - 1, device=z.device)
@@ -195,17 +199,19 @@ def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, hor
     if mask is not None:
         valid = valid & mask[:, times]
     target = torch.nan_to_num(target)
-    nll = -pred.log_prob(target)
+    nll = torch.where(valid, -pred.log_prob(target), 0.0)
     marginal = (target - pred.mean) / torch.diagonal(pred.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    # per k: the beliefs scored, their summed NLL and their coordinates within 1 and 2 sigma (one host sync)
+    scores = [valid.sum((0, 1)), nll.double().sum((0, 1))]
+    scores += [(valid[..., None] & (marginal.abs() <= c)).sum((0, 1, 3)) for c in (1, 2)]
+    count, nll_sum, within1, within2 = torch.stack([x.double() for x in scores]).tolist()
     out: dict[str, list[float]] = {"k": [], "nll": [], "coverage_1sigma": [], "coverage_2sigma": []}
     for k in range(horizon):
-        v = valid[..., k]
-        if not v.any():
-            continue
-        out["k"].append(k + 1)
-        out["nll"].append(float(nll[..., k][v].mean() / d))
-        out["coverage_1sigma"].append(float((marginal[..., k, :][v].abs() <= 1).double().mean()))
-        out["coverage_2sigma"].append(float((marginal[..., k, :][v].abs() <= 2).double().mean()))
+        if count[k]:
+            out["k"].append(k + 1)
+            out["nll"].append(nll_sum[k] / count[k] / d)
+            out["coverage_1sigma"].append(within1[k] / (count[k] * d))
+            out["coverage_2sigma"].append(within2[k] / (count[k] * d))
     out["nominal_1sigma"] = [math.erf(1 / math.sqrt(2))] * len(out["k"])
     out["nominal_2sigma"] = [math.erf(2 / math.sqrt(2))] * len(out["k"])
     return out

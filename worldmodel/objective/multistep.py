@@ -26,7 +26,7 @@ def kstep_predictive(prior: StateSpacePrior, filtered: Gaussian, u: Tensor | Non
         prior: the state-space prior that filtered.
         filtered: filtered state beliefs, mean (B, T, S) and cov (B, T, S, S).
         u: controls (B, T, a), u[:, t] driving the transition into step t, or None (zero actions).
-        starts: (N,) int steps t whose beliefs predict.
+        starts: (N,) int steps t whose beliefs predict (on any device: the outputs are on the beliefs').
         horizon: H.
         R: per-frame observation noise (B, T, L) or (B, T, L, L) of the predicted steps, or None (the
             prior's own).
@@ -36,6 +36,7 @@ def kstep_predictive(prior: StateSpacePrior, filtered: Gaussian, u: Tensor | Non
         valid: (N, H) bool, t + k < T (clamped steps are predicted but must not be scored).
     """
     batch, steps = filtered.mean.shape[:2]
+    starts = starts.to(filtered.mean.device)
     times = starts[:, None] + torch.arange(1, horizon + 1, device=starts.device)
     valid = times < steps
     times = times.clamp(max=steps - 1)

@@ -58,9 +58,9 @@ def replay_filter(cfg: TrainConfig) -> Path:
         frame = episode["obs"][t][None].to(device) if observed[t] else None
         action = episode["action"][t - 1][None].to(device) if t > 0 else None  # the action since frame t-1
         belief = model.step(belief, frame, action)
-        means.append(belief.mean[0].double().cpu())
-        covs.append(belief.cov[0].double().cpu())
-    mean, cov = torch.stack(means), torch.stack(covs)
+        means.append(belief.mean[0])
+        covs.append(belief.cov[0])
+    mean, cov = torch.stack(means).double().cpu(), torch.stack(covs).double().cpu()  # one transfer, not one a step
     batch = model.filter(episode["obs"][None].to(device), episode["action"][None].to(device),
                          observed[None].to(device)).filtered.mean[0].double().cpu()
     gap = float((batch - mean).abs().max())
