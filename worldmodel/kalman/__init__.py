@@ -49,7 +49,10 @@ sequential parts of their reverse passes), calling the BLAS/LAPACK that torch li
 op instead of dispatching a tensor op (a 2x faster forward at T=64, d=32). The native covariance
 recursion is the standard form with a Cholesky factorisation of P_{t|t} per step (to flag a lost
 definiteness, as the joint form does) and the same steady-state stop on the joint factor. Where the
-native loops cannot be built, the Python loops run, with the same results up to round-off.
+native loops cannot be built, the Python loops run, with the same results up to round-off. The library
+is built in a private per-user directory (mode 0700, owner and mode checked before every load) and only
+a library whose sha256 this user recorded after it passed the self-test (float64 and float32) is loaded
+(``native_build``).
 
 The parallel-in-time filter and smoother use the associative-scan formulation of Särkkä & García-Fernández,
 "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021: O(log T) depth.
@@ -57,7 +60,7 @@ The parallel-in-time filter and smoother use the associative-scan formulation of
 Layout: ``types`` (Gaussian, FilterResult, symmetrize, the Gaussian log-density and shared helpers),
 ``checks`` (input checks, once at entry), ``reference`` (predict, update and the step-by-step filter),
 ``recursions`` and ``fused`` (the fused fast path and its autograd Functions), ``parallel`` (the
-associative scan), ``smoother`` (rts_smoother), ``native`` + ``native_kalman.c`` (the loops in C);
+associative scan), ``smoother`` (rts_smoother), ``native`` + ``native_kalman.c`` (the loops in C), ``native_build`` (where they are built and what may be loaded);
 :func:`kalman_filter`, here, picks the path. :func:`gaussian_log_prob` (also :meth:`Gaussian.log_prob`)
 is the project's one Gaussian log-density.
 """
