@@ -8,14 +8,13 @@ collection equals an uninterrupted one.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
 from tqdm.auto import tqdm
 
-from .store import RolloutStore
+from .store import RolloutStore, store_exists
 
 
 def action_dim(space: spaces.Space) -> int:
@@ -105,24 +104,24 @@ def episode_seeds(seed: int, episode: int) -> tuple[int, int]:
     return int(env_seed), int(policy_seed)
 
 
-def _open_or_create(store, env: gymnasium.Env, seed: int) -> RolloutStore:
+def _open_or_create(store, env: gymnasium.Env, seed: int, storage_options: dict | None = None) -> RolloutStore:
     if isinstance(store, RolloutStore):
         return store
-    path = Path(store)
-    if (path / "zarr.json").exists():
-        return RolloutStore.open(path)
+    if store_exists(store, storage_options):
+        return RolloutStore.open(store, storage_options=storage_options)
     json_safe = lambda kwargs: {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
     spec = env.spec
     obs_space = env.observation_space
     state = env.reset(seed=seed)[1].get("state")
     store = RolloutStore.create(
-        path,
+        store,
         obs_shape=obs_space.shape,
         action_dim=action_dim(env.action_space),
         state_dim=0 if state is None else int(np.size(state)),
         env_id=spec.id if spec else type(env.unwrapped).__name__,
         env_kwargs=json_safe(spec.kwargs) if spec else {},
         seed=seed,
+        storage_options=storage_options,
     )
     if hasattr(env, "make_env_args"):  # built by worldmodel.envs.make_env: make_env(name, **kwargs) rebuilds it
         name, kwargs = env.make_env_args
@@ -138,6 +137,7 @@ def collect(
     store: RolloutStore | str | os.PathLike,
     seed: int = 0,
     progress: bool = True,
+    storage_options: dict | None = None,
 ) -> RolloutStore:
     """Roll ``policy`` in ``env`` until ``store`` holds ``n_episodes`` episodes of (up to) T steps.
 
@@ -146,7 +146,7 @@ def collect(
     generator from ``episode_seeds(seed, i)[1]``. Step t stores obs[t], info["state"] at t, the
     action taken after seeing obs[t], the reward it earned, and mask[t] = not info.get("dropped").
     An episode that terminates or truncates early is stored with its shorter length.
-    ``store`` may be a path: an existing store is opened, a missing one created from the env (attrs:
+    ``store`` may be a path or an fsspec URL (with ``storage_options``, see ``RolloutStore.create``): an existing store is opened, a missing one created from the env (attrs:
     env_id = the gymnasium id, env_kwargs = its kwargs, and ``make_env`` = {"name", "kwargs"} when the
     env came from ``worldmodel.envs.make_env``, including observation-noise options).
     """
@@ -154,7 +154,7 @@ def collect(
         raise ValueError(f"n_episodes must be a non-negative int, got {n_episodes!r}")
     if int(T) != T or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
-    store = _open_or_create(store, env, seed)
+    store = _open_or_create(store, env, seed, storage_options)
     if store.meta.get("seed") not in (None, seed):
         raise ValueError(f"seed={seed} differs from the seed {store.meta['seed']} this store was collected with")
     if store.episode_length not in (None, T):

@@ -28,6 +28,14 @@ and only then committed by rewriting the group attrs with ``n_episodes = k + 1``
 writes every file to a temporary name and renames it into place, so each file is either old or new).
 Readers trust only episodes < n_episodes. A crash mid-append leaves at most an invisible partial
 episode k, which the next append overwrites. The store assumes a single writer at a time.
+
+Stores on object storage (``memory://``, ``s3://``, ``gs://``, ... through ``zarr.storage.FsspecStore``;
+``urls.py``) follow the same protocol: every chunk and metadata document is one key written by one
+whole-object PUT, which object stores apply atomically (a reader gets the old object or the new one), and
+zarr's blocking writes return only once every chunk of the episode is stored, so the commit (the group's
+zarr.json with n_episodes = k + 1) is written strictly after them. A crashed writer leaves orphan chunks at
+index k (and arrays grown beyond n_episodes), invisible to readers and overwritten by the next append.
+``file://`` URLs are local paths (zarr's local store, with its temp-file renames).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+from . import urls
 
 FORMAT = "ldm-worldmodel/rollouts"
 FORMAT_VERSION = 1
@@ -65,15 +75,34 @@ class CorruptEpisodeError(ValueError):
         self.episode, self.array = episode, array
 
 
+def store_exists(where: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True when a zarr group (a rollout store, or another zarr v3 group) is at ``where``: a local path or
+    an fsspec URL (``urls.py``)."""
+    where = urls.location(where)
+    if isinstance(where, Path):
+        return (where / "zarr.json").is_file()
+    fs, root = urls.filesystem(where, storage_options)
+    return bool(fs.isfile(f"{root}/zarr.json"))
+
+
+def _open_group(where: Path | str, mode: str, storage_options: dict | None) -> zarr.Group:
+    if isinstance(where, Path):
+        return zarr.open_group(str(where), mode=mode, zarr_format=3)
+    store = urls.fsspec_store(where, storage_options, read_only=mode == "r")
+    return zarr.open_group(store=store, mode=mode, zarr_format=3)
+
+
 class RolloutStore:
     """Episodes of (obs, action, state, reward, mask) in a zarr v3 group at ``path``.
 
     Build with ``RolloutStore.create`` or ``RolloutStore.open``; ``len(store)`` is the number of
-    committed episodes.
+    committed episodes. ``path``: a local ``Path`` (also for ``file://`` URLs), or the fsspec URL of a store
+    on object storage (``memory://``, ``s3://``, ...) opened with ``storage_options``.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, read_only: bool):
+    def __init__(self, path: Path | str, group: zarr.Group, read_only: bool, storage_options: dict | None = None):
         self.path, self._group, self.read_only = path, group, read_only
+        self.storage_options = storage_options
         attrs = dict(group.attrs)
         self.obs_shape = tuple(attrs["obs_shape"])
         self.action_dim, self.state_dim = int(attrs["action_dim"]), int(attrs["state_dim"])
@@ -102,8 +131,11 @@ class RolloutStore:
         episode_length: int | None = None,
         chunk_frames: int | None = None,
         compression_level: int = 2,
+        storage_options: dict | None = None,
     ) -> "RolloutStore":
-        """Create an empty store. ``episode_length`` T is fixed by the first append unless given.
+        """Create an empty store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/run.zarr``;
+        ``storage_options``: the fsspec filesystem's options, e.g. credentials or an endpoint).
+        ``episode_length`` T is fixed by the first append unless given.
 
         ``chunk_frames``: frames per obs chunk (default: the whole episode, one chunk per episode).
         Chunks never span episodes. A random window decodes every chunk it touches, so for frames that
@@ -112,7 +144,7 @@ class RolloutStore:
         ``compression_level``: blosc-zstd level 1-9; 2 balances write speed on noisy frames (about 1.5x
         level 3) against window decoding speed on clean ones (level 1 decodes markedly slower).
         """
-        path = Path(path)
+        path = urls.location(path)
         obs_shape = tuple(int(s) for s in obs_shape)
         if len(obs_shape) != 3 or min(obs_shape) < 1:
             raise ValueError(f"obs_shape must be (H, W, C) of positive ints, got {obs_shape!r}")
@@ -124,15 +156,21 @@ class RolloutStore:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if compression_level not in range(1, 10):
             raise ValueError(f"compression_level must be an int in [1, 9], got {compression_level!r}")
-        if path.exists() and not path.is_dir():
+        if isinstance(path, Path):
+            is_file, non_empty = path.is_file(), path.is_dir() and any(path.iterdir())
+        else:
+            fs, root = urls.filesystem(path, storage_options)
+            is_file = fs.isfile(root)
+            non_empty = not is_file and fs.exists(root) and bool(fs.ls(root, detail=False))
+        if is_file:
             raise FileExistsError(f"store path {str(path)!r} is a file, not a directory")
-        if path.exists() and any(path.iterdir()) and not overwrite:
+        if non_empty and not overwrite:
             raise FileExistsError(f"store path {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
         try:
             json.dumps(env_kwargs or {})
         except TypeError as err:
             raise ValueError(f"env_kwargs must be JSON-serialisable: {err}") from None
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = _open_group(path, "w", storage_options)
         group.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -147,32 +185,34 @@ class RolloutStore:
             "compression_level": int(compression_level),
             "n_episodes": 0,
         })
-        store = cls(path, group, read_only=False)
+        store = cls(path, group, read_only=False, storage_options=storage_options)
         if episode_length is not None:
             store.set_episode_length(int(episode_length))
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, read_only: bool = False) -> "RolloutStore":
-        """Open an existing store; FileNotFoundError if absent, ValueError if corrupt or of unknown version."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise FileNotFoundError(f"no rollout store at {str(path)!r} (missing {str(path / 'zarr.json')!r})")
+    def open(cls, path: str | os.PathLike, read_only: bool = False, storage_options: dict | None = None
+             ) -> "RolloutStore":
+        """Open an existing store (a local path or an fsspec URL, see ``create``); FileNotFoundError if
+        absent, ValueError if corrupt, of unknown version, or at a URL whose protocol fsspec cannot open."""
+        path = urls.location(path)
+        if not store_exists(path, storage_options):
+            raise FileNotFoundError(f"no rollout store at {str(path)!r} (missing {f'{path}/zarr.json'!r})")
         try:
-            group = zarr.open_group(str(path), mode="r" if read_only else "r+", zarr_format=3)
+            group = _open_group(path, "r" if read_only else "r+", storage_options)
             attrs = dict(group.attrs)
         except Exception as err:  # zarr raises several types for unreadable metadata
             raise ValueError(f"corrupt rollout store at {str(path)!r}: unreadable group metadata ({err})") from err
         cls._check_attrs(path, attrs)
-        store = cls(path, group, read_only)
+        store = cls(path, group, read_only, storage_options)
         store._check_arrays()
-        if not read_only:
+        if not read_only and isinstance(path, Path):
             for partial in path.rglob("*.partial"):  # temp files of writes interrupted by a crash
                 partial.unlink(missing_ok=True)
         return store
 
     @staticmethod
-    def _check_attrs(path: Path, attrs: dict) -> None:
+    def _check_attrs(path: Path | str, attrs: dict) -> None:
         where = f"rollout store at {str(path)!r}"
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{where} is not a {FORMAT} store (group attr 'format' = {attrs.get('format')!r})")
@@ -393,8 +433,9 @@ class RolloutStore:
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
     def __reduce__(self):
-        """Pickle as (path, read_only): a DataLoader worker reopens the store instead of sharing handles."""
-        return (RolloutStore.open, (str(self.path), self.read_only))
+        """Pickle as (path, read_only, storage_options): a DataLoader worker reopens the store instead of
+        sharing handles (a ``memory://`` store is private to its process, see ``urls.py``)."""
+        return (RolloutStore.open, (str(self.path), self.read_only, self.storage_options))
 
     def __repr__(self) -> str:
         return (

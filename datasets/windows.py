@@ -23,7 +23,7 @@ class SequenceWindows(Dataset):
         reward float32 (L,)     sum of the rewards over the same k steps
         mask   bool    (L,)     True = frame observed (False: dropped frame)
 
-    Safe with DataLoader workers: only the path is pickled; each process opens the store read-only on
+    Safe with DataLoader workers: only the path (or URL and storage options) is pickled; each process opens the store read-only on
     first use and caches the small per-episode arrays (action, state, reward, mask) of up to 4096
     episodes it touches.
     The set of episodes is fixed at construction (episodes appended later are not seen); ``episodes`` and
@@ -33,13 +33,14 @@ class SequenceWindows(Dataset):
     _LOW_DIM = ("action", "state", "reward", "mask")
     _MAX_CACHED_EPISODES = 4096  # bounds the per-process cache of small arrays
 
-    def __init__(self, store: RolloutStore | str | os.PathLike, length: int, episodes=None, frame_skip: int = 1):
+    def __init__(self, store: RolloutStore | str | os.PathLike, length: int, episodes=None, frame_skip: int = 1,
+                 storage_options: dict | None = None):
         if not isinstance(store, RolloutStore):
-            store = RolloutStore.open(store, read_only=True)
+            store = RolloutStore.open(store, read_only=True, storage_options=storage_options)
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
         if not integral(frame_skip) or frame_skip < 1:
             raise ValueError(f"frame_skip must be a positive int, got {frame_skip!r}")
-        self.path, self.frame_skip = store.path, int(frame_skip)
+        self.path, self.storage_options, self.frame_skip = store.path, store.storage_options, int(frame_skip)
         T = store.episode_length or 0
         max_length = (T - 1) // self.frame_skip + 1 if T else 0
         if not integral(length) or not 1 <= length <= max_length:
@@ -67,7 +68,8 @@ class SequenceWindows(Dataset):
 
     def _open(self) -> RolloutStore:
         if self._store is None or self._pid != os.getpid():
-            self._store, self._pid, self._cache = RolloutStore.open(self.path, read_only=True), os.getpid(), {}
+            self._store, self._pid, self._cache = (RolloutStore.open(self.path, read_only=True, storage_options=self.storage_options),
+                                                 os.getpid(), {})
         return self._store
 
     def position(self, index: int) -> tuple[int, int]:

@@ -7,7 +7,6 @@ Exact resume rests on ``WindowSampler``: the windows of step s come from a gener
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,13 +40,15 @@ def open_store(cfg: TrainConfig):
 
 def ensure_dataset(cfg: TrainConfig):
     """Open ``cfg.data``, building it (or topping it up) with ``collect`` and an OU policy if it holds
-    fewer than train_episodes + val_episodes episodes. Raises ValueError on an incompatible store."""
-    from worldmodel.datasets import RolloutStore, collect, ou_policy
+    fewer than train_episodes + val_episodes episodes. Raises ValueError on an incompatible store.
+    ``cfg.data``: a local path or an fsspec URL (``s3://bucket/pendulum.zarr``; credentials and options from
+    the filesystem's usual sources, e.g. ``FSSPEC_S3_ENDPOINT_URL`` or ``AWS_*`` variables)."""
+    from worldmodel.datasets import RolloutStore, collect, ou_policy, urls
 
     needed = cfg.train_episodes + cfg.val_episodes
-    path = Path(cfg.data)
+    path = urls.location(cfg.data)  # a Path, or the URL of a store on object storage
     store = None
-    if path.exists():
+    if urls.exists(path):
         try:
             store = RolloutStore.open(path)
         except (ValueError, FileNotFoundError) as err:
