@@ -460,3 +460,148 @@ def test_collect_uncontrolled_env_with_frame_drops(tmp_path):
     assert np.all(episode["obs"][dropped] == 0) and np.all(episode["obs"][~dropped].max(axis=(1, 2, 3)) > 0)
     item = SequenceWindows(store, length=20)[1]
     np.testing.assert_array_equal(item["mask"].numpy(), episode["mask"])
+
+
+# ------------------------------------------------------------------------------------------- fsspec URLs
+@pytest.fixture
+def memory_url():
+    """A fresh memory:// store URL, removed afterwards (the memory filesystem is global to the process)."""
+    import uuid
+
+    import fsspec
+
+    name = f"/rollouts-{uuid.uuid4().hex}"
+    yield f"memory://{name}/s.zarr"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_store_on_fsspec_url_round_trips(tmp_path, memory_url, kind):
+    from worldmodel.datasets.store import store_exists
+
+    url = memory_url if kind == "memory" else f"file://{tmp_path}/s.zarr"
+    assert not store_exists(url)
+    store = new_store(url, chunk_frames=5)
+    assert store_exists(url) and store.path == (url if kind == "memory" else tmp_path / "s.zarr")
+    for i in range(3):
+        assert store.append(**fake_episode(i)) == i
+    store.append(**fake_episode(3, T=5), mask=np.arange(5) % 2 == 0)
+    with pytest.raises(FileExistsError, match="not empty"):
+        new_store(url)
+    reopened = RolloutStore.open(url + "/", read_only=True)  # a trailing slash names the same store
+    assert len(reopened) == 4 and reopened.episode_length == 12 and reopened.meta["env_id"] == "fake"
+    for i in range(3):
+        assert_episode_equal(reopened.episode(i), fake_episode(i))
+    assert_episode_equal(reopened.episode(3), fake_episode(3, T=5))
+    np.testing.assert_array_equal(reopened.window(1, 2, 11, 3)["obs"], fake_episode(1)["obs"][2:11:3])
+    assert reopened.verify() == [] and list(reopened.lengths()) == [12, 12, 12, 5]
+    clone = pickle.loads(pickle.dumps(reopened))
+    assert clone.read_only and clone.path == reopened.path and len(clone) == 4
+    assert_episode_equal(clone.episode(2), fake_episode(2))
+    with pytest.raises(PermissionError):
+        reopened.append(**fake_episode(4))
+    windows = SequenceWindows(url, length=4, episodes=[0, 3])
+    assert len(windows) == 9 + 2
+    np.testing.assert_array_equal(windows[10]["obs"], fake_episode(3, T=5)["obs"][1:5])
+    # the same episodes as a local store: a fresh writer appends after the committed ones
+    RolloutStore.open(url).append(**fake_episode(4))
+    assert len(RolloutStore.open(url, read_only=True)) == 5
+    fresh = new_store(url, overwrite=True)
+    assert len(fresh) == 0 and len(RolloutStore.open(url)) == 0
+
+
+def test_memory_store_crash_mid_append_is_invisible_and_overwritten(memory_url, monkeypatch):
+    """On object storage the commit is the last write (the group's zarr.json with n_episodes): a writer that
+    dies after any of the episode's writes leaves the store as it was, and the next append overwrites the
+    orphan chunks."""
+    from zarr.storage import FsspecStore
+
+    store = new_store(memory_url)
+    for i in range(2):
+        store.append(**fake_episode(i))
+    original_set, keys = FsspecStore.set, []
+
+    async def recording_set(self, key, value, *args, **kwargs):
+        keys.append(key)
+        return await original_set(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(FsspecStore, "set", recording_set)
+    store.append(**fake_episode(9))
+    assert keys[-1] == "zarr.json" and keys.count("zarr.json") == 1  # the group attrs: the commit, last
+    n_writes = len(keys)
+    monkeypatch.setattr(FsspecStore, "set", original_set)
+    store = RolloutStore.open(memory_url)
+    store_len = len(store)  # 3 episodes: 0, 1, 9
+    for dies_after in range(n_writes):
+        calls = []
+
+        async def dying_set(self, key, value, *args, **kwargs):
+            if len(calls) == dies_after:
+                raise OSError("writer killed")
+            calls.append(key)
+            return await original_set(self, key, value, *args, **kwargs)
+
+        monkeypatch.setattr(FsspecStore, "set", dying_set)
+        with pytest.raises(OSError, match="writer killed"):
+            RolloutStore.open(memory_url).append(**fake_episode(100 + dies_after, T=7))
+        monkeypatch.setattr(FsspecStore, "set", original_set)
+        reader = RolloutStore.open(memory_url, read_only=True)
+        assert len(reader) == store_len and reader.verify() == [], dies_after
+        assert_episode_equal(reader.episode(-1), fake_episode(9))
+    writer = RolloutStore.open(memory_url)
+    assert writer.append(**fake_episode(5, T=7)) == store_len
+    reader = RolloutStore.open(memory_url, read_only=True)
+    assert_episode_equal(reader.episode(store_len), fake_episode(5, T=7))
+    assert reader.lengths()[-1] == 7 and reader.verify() == []
+    for i, want in enumerate((0, 1, 9)):
+        assert_episode_equal(reader.episode(i), fake_episode(want))
+
+
+def test_corrupt_chunk_on_memory_store_is_named_and_verified(memory_url):
+    import fsspec
+
+    store = new_store(memory_url)
+    for i in range(3):
+        store.append(**fake_episode(i))
+    fs, key = fsspec.filesystem("memory"), memory_url[len("memory://"):] + "/obs/c/1/0/0/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    reader = RolloutStore.open(memory_url, read_only=True)
+    with pytest.raises(CorruptEpisodeError, match=rf"episode 1 of the rollout store at '{memory_url}' is corrupt"):
+        reader.episode(1)
+    assert reader.verify() == [1]
+    assert_episode_equal(reader.episode(2), fake_episode(2))
+
+
+def test_bad_store_urls_raise_clear_errors(memory_url):
+    import importlib.util
+
+    with pytest.raises(ValueError, match=r"cannot open the rollout store 'nosuchproto://b/s.zarr': fsspec does not "
+                                         r"know the 'nosuchproto' protocol"):
+        RolloutStore.open("nosuchproto://b/s.zarr")
+    with pytest.raises(ValueError, match="'nosuchproto' protocol"):
+        new_store("nosuchproto://b/s.zarr")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(ValueError, match=r"'s3://bucket/s.zarr': fsspec needs an extra package for the 's3' "
+                                             r"protocol \(Install s3fs"):
+            RolloutStore.open("s3://bucket/s.zarr")
+    with pytest.raises(FileNotFoundError, match="no rollout store at 'memory://"):
+        RolloutStore.open(memory_url)
+
+
+def test_windows_through_dataloader_workers_on_a_file_url(tmp_path):
+    """Workers reopen a URL store from its pickled URL (memory:// is private to a process: use file:// or
+    object storage with workers)."""
+    url = f"file://{tmp_path}/s.zarr"
+    store = new_store(url)
+    for i in range(4):
+        store.append(**fake_episode(i))
+    windows = SequenceWindows(url, length=5, episodes=[0, 2])
+    loader = torch.utils.data.DataLoader(windows, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    batches = list(loader)
+    obs = torch.cat([b["obs"] for b in batches])
+    want = np.concatenate([[fake_episode(e)["obs"][t:t + 5] for t in range(8)] for e in (0, 2)])
+    np.testing.assert_array_equal(obs.numpy(), want)

@@ -280,3 +280,42 @@ def test_corrupt_episode_is_named_or_skipped_with_the_same_episodes_in_memory_an
     val_batch = validation_batch(val_windows, val_data, cfg)
     want = [val_windows[i] for i in WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1)(0)]
     assert torch.equal(val_batch["obs"], torch.stack([w["obs"] for w in want]))
+
+
+@pytest.mark.slow
+def test_store_on_memory_url_trains_like_a_local_store(tiny):
+    """--data memory://...: train.py builds the store there (same seed, same episodes), and the split, the
+    batches and a 3-step run's losses equal those of the local store."""
+    import uuid
+
+    import fsspec
+
+    from worldmodel.training import ensure_dataset, load_split, window_batch
+    from worldmodel.training.data import split_episodes, split_windows
+
+    name = f"/train-{uuid.uuid4().hex}"
+    url = f"memory://{name}/tiny.zarr"
+    try:
+        local = train.main(tiny("url-local", "--steps", "3", "--data", str(tiny.root / "url-local.zarr")))
+        remote = train.main(tiny("url-memory", "--steps", "3", "--data", url))
+        stores = [ensure_dataset(train.parse_args(tiny(n, "--steps", "3", "--data", d))[1])
+                  for n, d in (("url-local", str(tiny.root / "url-local.zarr")), ("url-memory", url))]
+        assert stores[1].path == url and len(stores[1]) == len(stores[0]) == 12
+        _, cfg = train.parse_args(tiny("url-memory", "--data", url))
+        episodes = [split_episodes(store, cfg) for store in stores]
+        assert [list(e) for e in episodes[0]] == [list(e) for e in episodes[1]]
+        data = [load_split(store, cfg, e) for store, e in zip(stores, episodes)]
+        for part in (0, 1):
+            for key in ("obs", "action", "state", "mask"):
+                assert torch.equal(data[0][part][key], data[1][part][key]), (part, key)
+        windows = [split_windows(store, cfg, e)[0] for store, e in zip(stores, episodes)]
+        indices = WindowSampler(len(windows[0]), cfg.batch_size, cfg.seed)(1)
+        a, b = (window_batch(w, d[0], indices) for w, d in zip(windows, data))
+        assert all(torch.equal(a[key], b[key]) for key in a)
+        train_losses = [[(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+                        for run in (local, remote)]
+        assert len(train_losses[0]) == 3 and train_losses[0] == train_losses[1]
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(name):
+            fs.rm(name, recursive=True)
