@@ -7,7 +7,10 @@ for any (domain, task) of ``dm_control.suite.ALL_TASKS`` (``dmc:cartpole-swingup
 - observation: uint8 (H, W, 3), the scene rendered by MuJoCo at ``image_size`` directly (no resize) from
   camera ``camera_id`` (default as PlaNet/Dreamer: camera 0, quadruped camera 2). Cartpole, reacher and
   pendulum cameras are fixed; cheetah's and walker's camera 0 follows the torso (so the root's x is not
-  seen, only the floor sliding by).
+  seen, only the floor sliding by). Cartpole's fixed camera 0 sees the cart only for |x| < ~1.5 of the
+  rail's +-1.8: train.py's Ornstein-Uhlenbeck data (action repeat 8) holds the cart at the ends, out of
+  view, in about half the frames (pole unobservable there); ``camera_id=1`` ("lookatcart", turns to
+  follow the cart) keeps it in view.
 - action: ``Box(spec.minimum, spec.maximum, float32)`` from the task's action spec (actions are clipped
   to it); each ``step`` holds the action for ``action_repeat`` physics control steps and returns the
   summed task reward.
