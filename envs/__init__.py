@@ -13,6 +13,8 @@ Observations are uint8 (H, W, 3); ``info["state"]`` is a float64 vector, for eva
     dot_swirl     none                         (x, y) of the paper's Eq. 16 system, seen through a swirl
     cartpole, gym_pendulum, acrobot (or any rgb_array gymnasium id): the env's action space,
                   its ``unwrapped.state`` (needs pygame for rendering)
+    dmc:DOMAIN-TASK  any ``dm_control.suite`` task (optional: pip install dm_control; see ``envs/dmc.py``):
+                  the task's action spec, held ``action_repeat`` control steps; (qpos, qvel, act[, target])
 
 ``readout_targets(env, state) -> (targets, names)``: what a linear readout of the latent state is
 scored against (``env.unwrapped.readout_targets`` on our envs). ``env_defaults(name)``: the frame size,
@@ -29,6 +31,10 @@ action width (as the rollout store holds actions: one-hot for Discrete), steps p
     cartpole      state[0..3] = (x, ẋ, θ, θ̇)               64     2       100 (ends early on a fall)
     gym_pendulum  sin θ, cos θ, θ̇                          64     1       100
     acrobot       sin θ_i, cos θ_i, θ̇_i (i = 1, 2)          64     3       100
+    dmc:D-T       joint positions (hinges as sin, cos; no    64     spec    time limit / action_repeat
+                  unseen root x), all qvel, reacher target          (cartpole-swingup 125, reacher-easy,
+                                                                    pendulum-swingup, cheetah-run 250,
+                                                                    walker-walk 500)
 
 Noise: ``make_env(..., pixel_noise=s, correlated_noise=r, drop_prob=p)`` (see ``ObservationNoise``).
 """
@@ -82,6 +88,11 @@ _GYM_DEFAULTS = {"image_size": 64, "episode_length": 100, "env_kwargs": {}}
 for _env_id, _cls, _kwargs in _OWN.values():
     if _env_id not in gymnasium.registry:
         gymnasium.register(id=_env_id, entry_point=f"{_cls.__module__}:{_cls.__name__}", kwargs=_kwargs)
+# DeepMind Control tasks ("dmc:DOMAIN-TASK"): one gymnasium id, the (domain, task) as kwargs; dm_control is
+# imported only when one is built (envs/dmc.py)
+DMC_ID, DMC_PREFIX = "worldmodel/DMC-v0", "dmc:"
+if DMC_ID not in gymnasium.registry:
+    gymnasium.register(id=DMC_ID, entry_point=f"{__name__}.dmc:DMCEnv")
 
 
 @dataclass(frozen=True)
@@ -102,16 +113,19 @@ class EnvDefaults:
 
 
 def env_defaults(name: str) -> EnvDefaults:
-    """The ``EnvDefaults`` of env ``name`` (one of ``ENV_IDS`` or ``GYM_PIXEL_ENVS``, or a gymnasium id
-    that renders ``rgb_array``). Builds the env once, without rendering, to read its spaces."""
+    """The ``EnvDefaults`` of env ``name`` (one of ``ENV_IDS`` or ``GYM_PIXEL_ENVS``, ``dmc:DOMAIN-TASK``, or
+    a gymnasium id that renders ``rgb_array``). Builds the env once, without rendering, to read its spaces
+    (and, for DeepMind Control, its episode length)."""
     from worldmodel.datasets.collect import action_dim  # the store's action width (datasets imports envs)
 
     declared = _OWN[name][1].defaults if name in _OWN else _GYM_DEFAULTS
     env_kwargs = dict(declared["env_kwargs"])
     env = make_env(name, image_size=declared["image_size"], **env_kwargs)  # ValueError for unknown names
+    # DeepMind Control: one episode runs to the task's time limit, in steps of action_repeat control steps
+    episode_length = env.unwrapped.episode_length if name.startswith(DMC_PREFIX) else declared["episode_length"]
     try:
         return EnvDefaults(image_size=declared["image_size"], channels=env.observation_space.shape[-1],
-                           action_dim=action_dim(env.action_space), episode_length=declared["episode_length"],
+                           action_dim=action_dim(env.action_space), episode_length=episode_length,
                            env_kwargs=env_kwargs)
     finally:
         env.close()
@@ -130,18 +144,25 @@ def make_env(
 
     ``name``: one of ``ENV_IDS`` (our simulated envs; kwargs go to their constructors), one of
     ``GYM_PIXEL_ENVS``, or any registered gymnasium id that renders ``rgb_array`` (both wrapped by
-    ``PixelObservation``; kwargs go to ``gymnasium.make``). ``pixel_noise``, ``correlated_noise`` and
+    ``PixelObservation``; kwargs go to ``gymnasium.make``), or ``dmc:DOMAIN-TASK``, a ``dm_control.suite``
+    task (``envs.dmc.DMCEnv``; kwargs: ``action_repeat``, ``camera_id``). ``pixel_noise``, ``correlated_noise`` and
     ``drop_prob`` add an ``ObservationNoise`` wrapper (see there for their exact meaning).
     The returned env carries ``make_env_args = (name, kwargs)`` so that ``make_env(name, **kwargs)``
     rebuilds it (the collector stores them in the rollout store's metadata).
     """
     if name in _OWN:
         env = gymnasium.make(ENV_IDS[name], image_size=image_size, disable_env_checker=True, **kwargs)
+    elif name.startswith(DMC_PREFIX):
+        from .dmc import parse_dmc_name  # imports dm_control: ImportError naming the install where missing
+
+        domain, task = parse_dmc_name(name)  # ValueError listing the valid tasks
+        env = gymnasium.make(DMC_ID, domain=domain, task=task, image_size=image_size, disable_env_checker=True, **kwargs)
     elif name in GYM_PIXEL_ENVS or name in gymnasium.registry:
         env = gymnasium.make(GYM_PIXEL_ENVS.get(name, name), render_mode="rgb_array", **kwargs)
         env = PixelObservation(env, image_size)
     else:
-        raise ValueError(f"unknown env name {name!r}; choose one of {sorted(_OWN) + sorted(GYM_PIXEL_ENVS)} or a gymnasium id")
+        raise ValueError(f"unknown env name {name!r}; choose one of {sorted(_OWN) + sorted(GYM_PIXEL_ENVS)}, "
+                         f"'dmc:DOMAIN-TASK' (dm_control.suite) or a gymnasium id")
     noise = {"pixel_noise": pixel_noise, "correlated_noise": correlated_noise, "drop_prob": drop_prob}
     if any(noise.values()):
         env = ObservationNoise(env, **noise)

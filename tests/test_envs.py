@@ -517,3 +517,130 @@ def test_windowed_drawing_equals_full_frame_drawing(size):
             canvas.disc(image, q, 2 * r, (1.0, 0.5, 0.2))
             images.append(canvas.to_uint8(image))
         np.testing.assert_array_equal(images[0], images[1])
+
+
+# ---------------------------------------------------------------- DeepMind Control (optional: dm_control)
+@pytest.fixture(scope="module")
+def dmc_cartpole():
+    """One small dmc:cartpole-swingup env shared by the DeepMind Control tests (skipped without dm_control)."""
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # as worldmodel.envs.dmc does, before dm_control is imported
+    pytest.importorskip("dm_control")
+    env = make_env("dmc:cartpole-swingup", image_size=24)
+    yield env
+    env.close()
+
+
+def test_dmc_frames_state_reward_and_seeding(dmc_cartpole):
+    env, u = dmc_cartpole, dmc_cartpole.unwrapped
+    physics = u.physics
+    assert env.action_space == gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (24, 24, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    np.testing.assert_array_equal(obs, physics.render(24, 24, camera_id=0))  # camera 0, rendered at the size
+    frames, states = [obs], [info["state"]]
+    for a in (1.0, -1.0, 1.0):
+        obs, reward, terminated, truncated, info = env.step(np.array([a], np.float32))
+        assert not (terminated or truncated) and 0.0 <= reward <= u.action_repeat  # task reward in [0, 1] per control step
+        # info["state"] = (qpos, qvel) of the physics: cart position, pole angle, their velocities
+        np.testing.assert_array_equal(info["state"], np.concatenate([physics.data.qpos, physics.data.qvel]))
+        np.testing.assert_array_equal(info["state"], physics.get_state())
+        frames.append(obs)
+        states.append(info["state"])
+    assert u.state_names == ["slider", "hinge_1", "v slider", "v hinge_1"]
+    assert all(not np.array_equal(f, g) for f, g in zip(frames, frames[1:]))  # the frames move
+    again, info_again = env.reset(seed=0)  # a seed fixes the initial state; another seed changes it
+    np.testing.assert_array_equal(again, frames[0])
+    np.testing.assert_array_equal(info_again["state"], states[0])
+    assert not np.array_equal(env.reset(seed=1)[1]["state"], states[0])
+
+
+def test_dmc_action_repeat_steps_the_physics_that_many_times(dmc_cartpole):
+    env, u = dmc_cartpole, dmc_cartpole.unwrapped
+    assert u.action_repeat == 8  # PlaNet's cartpole setting
+    env.reset(seed=2)
+    t0 = u.physics.data.time
+    _, reward, _, _, info = env.step(np.array([0.5], np.float32))
+    assert u.physics.data.time - t0 == pytest.approx(8 * u._env.control_timestep())
+    single = make_env("dmc:cartpole-swingup", image_size=8, action_repeat=1)
+    try:
+        assert single.unwrapped.episode_length == 1000
+        single.reset(seed=2)
+        rewards = [single.step(np.array([0.5], np.float32))[1] for _ in range(8)]
+        np.testing.assert_array_equal(single.unwrapped.true_state(), info["state"])
+        assert sum(rewards) == pytest.approx(reward)
+    finally:
+        single.close()
+    with pytest.raises(ValueError, match="action_repeat"):
+        make_env("dmc:cartpole-swingup", image_size=8, action_repeat=0)
+
+
+def test_dmc_env_defaults_match_the_env_and_its_time_limit(dmc_cartpole):
+    from worldmodel.envs import EnvDefaults
+
+    env, u = dmc_cartpole, dmc_cartpole.unwrapped
+    assert env_defaults("dmc:cartpole-swingup") == EnvDefaults(image_size=64, channels=3, action_dim=1,
+                                                               episode_length=125, env_kwargs={})
+    assert u.episode_length == 1000 // 8 and env.make_env_args == ("dmc:cartpole-swingup", {"image_size": 24})
+    # episodes end at the task's 1000 control steps: ceil(1000 / action_repeat) steps, the last one shorter
+    coarse = make_env("dmc:cartpole-swingup", image_size=8, action_repeat=300)
+    try:
+        assert coarse.unwrapped.episode_length == 4 and env_defaults("dmc:cartpole-swingup").episode_length == 125
+        coarse.reset(seed=3)
+        ends = [coarse.step(np.zeros(1, np.float32))[2:4] for _ in range(4)]
+        assert ends == [(False, False)] * 3 + [(False, True)]  # truncated at the 20 s limit, never terminated
+        assert coarse.unwrapped.physics.data.time == pytest.approx(1000 * coarse.unwrapped._env.control_timestep())
+    finally:
+        coarse.close()
+
+
+def test_dmc_readout_targets(dmc_cartpole):
+    env = dmc_cartpole
+    x, theta, v, omega = 0.3, 2.0, -1.0, 4.0
+    targets, names = readout_targets(env, np.array([[x, theta, v, omega]]))
+    assert names == ["slider", "sin hinge_1", "cos hinge_1", "v slider", "v hinge_1"]
+    torch.testing.assert_close(targets, torch.tensor([[x, np.sin(theta), np.cos(theta), v, omega]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        readout_targets(env, np.zeros((3, 5)))
+    # other domains, from their initial physics state (built without rendering)
+    expect = {
+        "dmc:reacher-easy": (["sin shoulder", "cos shoulder", "sin wrist", "cos wrist", "v shoulder", "v wrist",
+                              "target x", "target y"], 6),
+        "dmc:walker-walk": (None, 18),
+    }
+    for name, (expected, state_dim) in expect.items():
+        other = make_env(name, image_size=8)
+        try:
+            u = other.unwrapped
+            state = u.true_state()
+            assert state.shape == (state_dim,) and len(u.state_names) == state_dim
+            targets, names = readout_targets(other, np.stack([state, state]))
+            assert targets.shape == (2, len(names)) and torch.isfinite(targets).all() and len(set(names)) == len(names)
+            if expected is not None:
+                assert names == expected
+            else:  # the tracking camera does not see the root's x: left out, its velocity kept; 6 hinges + rooty as sin/cos
+                assert "rootx" not in names and "v rootx" in names and "rootz" in names and len(names) == 8 * 2 + 1 + 9 - 2
+            if name == "dmc:reacher-easy":
+                np.testing.assert_array_equal(state[-2:], u.physics.named.model.geom_pos["target", ["x", "y"]])
+        finally:
+            other.close()
+
+
+def test_dmc_unknown_tasks_are_a_value_error_listing_the_valid_ones(dmc_cartpole):
+    for name in ("dmc:cartpole-nope", "dmc:nope-run", "dmc:cartpole"):
+        with pytest.raises(ValueError, match=f"unknown DeepMind Control task '{name}'; choose one of .*'dmc:cartpole-swingup'.*'dmc:walker-walk'"):
+            make_env(name)
+    with pytest.raises(ValueError, match="unknown DeepMind Control task"):
+        env_defaults("dmc:nope-run")
+
+
+def test_dmc_without_dm_control_names_the_install(monkeypatch):
+    from worldmodel.envs import dmc
+
+    monkeypatch.setitem(sys.modules, "dm_control", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "dm_control.suite", None)
+    with pytest.raises(ImportError, match="pip install dm_control.*MUJOCO_GL=egl"):
+        make_env("dmc:cartpole-swingup")
+    with pytest.raises(ImportError, match="pip install dm_control"):
+        dmc.suite()
