@@ -118,12 +118,14 @@ def read_video(path: str | Path, image_size: int | None = 64, fps: float | None 
     if video_backend() == "imageio":
         return _read_imageio(path, image_size, fps)
     import av
+    import av.video.reformatter
 
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             frames, last_slot, t0 = [], None, None
+            reformatter = av.video.reformatter.VideoReformatter()  # keeps its swscale context between frames
             for frame in container.decode(stream):
                 t = frame.time if frame.time is not None else len(frames) / float(stream.average_rate or 1)
                 if fps is not None:
@@ -134,7 +136,7 @@ def read_video(path: str | Path, image_size: int | None = 64, fps: float | None 
                     last_slot = slot
                 side = min(frame.width, frame.height)
                 w, h = _resized_shape(frame.width, frame.height, image_size or side)
-                rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+                rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
                 frames.append(_center_crop(rgb, image_size or side))
     except (av.error.FFmpegError, IndexError, OSError) as err:
         raise ValueError(f"cannot decode video: {err}") from err
