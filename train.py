@@ -6,15 +6,20 @@
     python train.py --resume              # continue an interrupted run (exactly)
     python train.py eval --name NAME      # readout R^2 + k-step NLL/coverage table, appended to metrics.jsonl
     python train.py filter --name NAME --filter.drop 40 60   # online filtering with dropped frames -> filter.png
+    python train.py import --videos clips/ --data data/clips.zarr   # outside data -> a rollout store
     torchrun --nproc_per_node=2 train.py --steps 500         # DDP (gloo on CPU, nccl on GPU)
 
 Subcommands, each with only its own flags (``train.py SUBCOMMAND --help``), generated from the fields of
-worldmodel.training.TrainConfig:
+a config dataclass (worldmodel.training.TrainConfig, or worldmodel.datasets.ImportConfig for import):
     train (default)  every field but filter.*; nested ones as --model.x-y / --eval.x-y, model fields also
                      as --x-y (--method, --latent-dim, ...)
     eval             --name, --out-dir, --device, --progress, --plots and --eval.x-y
     filter           --name, --out-dir, --device, --progress, --plots and --filter.x-y
-eval and filter read the run's config.json and apply only the flags you pass.
+    import           --videos DIR | --hdf5 F | --npz F | --minari PATH | --lerobot PATH, --data OUT.zarr,
+                     --image-size, --fps, --strict, ... (worldmodel.datasets.importers)
+eval and filter read the run's config.json and apply only the flags you pass. Training on an imported
+store (--data OUT.zarr) takes the frame size, channels, action size, a 80/20 episode split and the
+window (at most 32) from the store unless given; its readout evaluation is skipped (no simulator state).
 
 This file is the only place that turns the library's exceptions into exit codes: 1 with ``error: ...``
 for bad settings, data or checkpoints, 2 for unknown flags (argparse), 130 after Ctrl-C.
@@ -32,13 +37,15 @@ from typing import NamedTuple
 
 from worldmodel.allocator import tune_malloc
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
+from worldmodel.datasets import ImportConfig, run_import
 from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
 
 
 class Command(NamedTuple):
     help: str
-    fields: tuple[str, ...]  # TrainConfig fields (or nested groups) the subcommand takes as flags
+    fields: tuple[str, ...] | None  # fields (or nested groups) of ``config`` taken as flags (None: all)
     aliases: tuple[str, ...] = ()  # nested groups whose fields also answer to --leaf-name
+    config: type = TrainConfig  # the dataclass the flags are generated from and parsed into
 
 
 _RUN = ("name", "out_dir", "device", "progress", "plots")
@@ -48,6 +55,8 @@ COMMANDS = {
     "eval": Command("evaluate a run's checkpoint", (*_RUN, "eval")),
     "filter": Command("replay an episode through WorldModel.step and plot beliefs vs the true state",
                       (*_RUN, "filter")),
+    "import": Command("import videos, HDF5 / npz arrays, or a Minari / LeRobot dataset on disk into a rollout "
+                      "store", None, config=ImportConfig),
 }
 
 
@@ -56,16 +65,52 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     spec = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"train.py {command}", description=f"{spec.help}.\n\n{__doc__}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    add_flags(parser, TrainConfig, spec.fields, spec.aliases)
+    add_flags(parser, spec.config, spec.fields, spec.aliases)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig]:
+def imported_store_settings(overrides: dict) -> dict:
+    """The settings a run on an imported store (one with the group attr ``import``) takes from the store
+    unless the user gave them: model.image_size / channels / action_dim, val_episodes (a fifth, at least
+    1), train_episodes (the rest) and window (at most 32, at most the longest episode). {} otherwise."""
+    data = overrides.get("data")
+    if not data or not (Path(data) / "zarr.json").is_file():
+        return {}
+    from worldmodel.datasets import RolloutStore
+
+    try:
+        store = RolloutStore.open(data, read_only=True)
+    except (ValueError, FileNotFoundError):
+        return {}  # ensure_dataset names the problem
+    if "import" not in store.meta or not len(store):
+        return {}
+    height, _, channels = store.obs_shape
+    n = len(store)
+    val = min(max(1, n // 5), max(n - 1, 1))
+    settings = {"model.image_size": height, "model.channels": channels, "model.action_dim": store.action_dim,
+                "val_episodes": val, "train_episodes": max(n - val, 1),
+                "window": min(32, int(store.lengths().max()))}
+    return {k: v for k, v in settings.items() if k not in overrides}
+
+
+def is_imported(cfg: TrainConfig) -> bool:
+    """Whether the run's data is a store made by worldmodel.datasets' importers (attr ``import``)."""
+    if not cfg.data or not (Path(cfg.data) / "zarr.json").is_file():
+        return False
+    return "import" in json.loads((Path(cfg.data) / "zarr.json").read_text()).get("attributes", {})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | ImportConfig]:
     """(command, config) from command-line arguments; ``train`` when no subcommand is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"  # `train.py --help`: the train flags
-    overrides = parse_overrides(build_parser(command).parse_args(argv), TrainConfig)
+    spec = COMMANDS[command]
+    overrides = parse_overrides(build_parser(command).parse_args(argv), spec.config)
     try:
+        if spec.config is not TrainConfig:
+            return command, apply_overrides(spec.config(), overrides)
+        if command == "train":
+            overrides = {**imported_store_settings(overrides), **overrides}
         base = TrainConfig()
         named = apply_overrides(base, {k: v for k, v in overrides.items() if k in ("name", "out_dir")})
         config_file = named.run_dir / "config.json"
@@ -87,17 +132,28 @@ def main(argv: list[str] | None = None) -> Path | dict:
     command, cfg = parse_args(argv)
     tune_malloc()  # keep freed tensor memory in the heap (no-op off glibc or when MALLOC_* is set)
     try:
-        if command == "eval":
-            return evaluate_run(cfg)
+        if command == "import":
+            return run_import(cfg)
+        if command == "eval" and is_imported(cfg):
+            raise ValueError(f"the run's dataset {cfg.data!r} was imported: it has no simulator readout targets to "
+                             f"evaluate against (train.py evaluates imported data only by its training loss)")
         if command == "filter":
             return replay_filter(cfg)
-        return train(cfg)
+        if command == "eval":
+            return evaluate_run(cfg)
+        imported = is_imported(cfg)
+        run_dir = train(cfg, final_eval=not imported)
+        if imported:
+            print(f"trained on the imported dataset {cfg.data!r}: the readout evaluation is skipped (it needs the "
+                  f"simulator's state and readout targets); losses are in {str(run_dir / 'metrics.jsonl')!r}",
+                  flush=True)
+        return run_dir
     except KeyboardInterrupt as err:  # training.Interrupted (a checkpoint is saved) or Ctrl-C elsewhere
         if os.environ.get("RANK", "0") == "0":
             print(str(err) or "interrupted (a dataset build continues where it stopped on the next run; training "
                   "resumes from the last checkpoint with --resume)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
