@@ -39,6 +39,7 @@ from worldmodel.allocator import tune_malloc
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
 from worldmodel.datasets import ImportConfig, run_import
 from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
+from worldmodel.training.data import imported_store_settings, is_imported
 
 
 class Command(NamedTuple):
@@ -67,37 +68,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_flags(parser, spec.config, spec.fields, spec.aliases)
     return parser
-
-
-def imported_store_settings(overrides: dict) -> dict:
-    """The settings a run on an imported store (one with the group attr ``import``) takes from the store
-    unless the user gave them: model.image_size / channels / action_dim, val_episodes (a fifth, at least
-    1), train_episodes (the rest) and window (at most 32, at most the longest episode). {} otherwise."""
-    data = overrides.get("data")
-    if not data or not (Path(data) / "zarr.json").is_file():
-        return {}
-    from worldmodel.datasets import RolloutStore
-
-    try:
-        store = RolloutStore.open(data, read_only=True)
-    except (ValueError, FileNotFoundError):
-        return {}  # ensure_dataset names the problem
-    if "import" not in store.meta or not len(store):
-        return {}
-    height, _, channels = store.obs_shape
-    n = len(store)
-    val = min(max(1, n // 5), max(n - 1, 1))
-    settings = {"model.image_size": height, "model.channels": channels, "model.action_dim": store.action_dim,
-                "val_episodes": val, "train_episodes": max(n - val, 1),
-                "window": min(32, int(store.lengths().max()))}
-    return {k: v for k, v in settings.items() if k not in overrides}
-
-
-def is_imported(cfg: TrainConfig) -> bool:
-    """Whether the run's data is a store made by worldmodel.datasets' importers (attr ``import``)."""
-    if not cfg.data or not (Path(cfg.data) / "zarr.json").is_file():
-        return False
-    return "import" in json.loads((Path(cfg.data) / "zarr.json").read_text()).get("attributes", {})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | ImportConfig]:

@@ -7,6 +7,7 @@ Exact resume rests on ``WindowSampler``: the windows of step s come from a gener
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch
 from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
 
-__all__ = ["WindowSampler", "ensure_dataset", "load_split", "make_run_env", "open_store", "split_episodes",
+__all__ = ["WindowSampler", "ensure_dataset", "imported_store_settings", "is_imported", "load_split", "make_run_env", "open_store", "split_episodes",
            "split_windows", "train_batches", "validation_batch", "window_batch"]
 
 
@@ -204,3 +205,34 @@ def validation_batch(val_windows, val_data: dict[str, torch.Tensor], cfg: TrainC
     (draw 0 of seed + 1), dict of (B / world, L, ...) tensors."""
     indices = WindowSampler(len(val_windows), cfg.batch_size, cfg.seed + 1, rank, world)(0)
     return window_batch(val_windows, val_data, indices)
+
+
+def imported_store_settings(overrides: dict) -> dict:
+    """The settings a run on an imported store (one with the group attr ``import``) takes from the store
+    unless the user gave them: model.image_size / channels / action_dim, val_episodes (a fifth, at least
+    1), train_episodes (the rest) and window (at most 32, at most the longest episode). {} otherwise."""
+    data = overrides.get("data")
+    if not data or not (Path(data) / "zarr.json").is_file():
+        return {}
+    from worldmodel.datasets import RolloutStore
+
+    try:
+        store = RolloutStore.open(data, read_only=True)
+    except (ValueError, FileNotFoundError):
+        return {}  # ensure_dataset names the problem
+    if "import" not in store.meta or not len(store):
+        return {}
+    height, _, channels = store.obs_shape
+    n = len(store)
+    val = min(max(1, n // 5), max(n - 1, 1))
+    settings = {"model.image_size": height, "model.channels": channels, "model.action_dim": store.action_dim,
+                "val_episodes": val, "train_episodes": max(n - val, 1),
+                "window": min(32, int(store.lengths().max()))}
+    return {k: v for k, v in settings.items() if k not in overrides}
+
+
+def is_imported(cfg: TrainConfig) -> bool:
+    """Whether the run's data is a store made by worldmodel.datasets' importers (attr ``import``)."""
+    if not cfg.data or not (Path(cfg.data) / "zarr.json").is_file():
+        return False
+    return "import" in json.loads((Path(cfg.data) / "zarr.json").read_text()).get("attributes", {})
