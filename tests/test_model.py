@@ -363,3 +363,43 @@ def test_multistep_term_matches_k_step_predictive_nll():
         WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": 3}))
     vicreg = WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": None}))
     assert "multistep" not in vicreg.loss(frames, actions.float()).logs
+
+
+# ---- WorldModel.surprise -------------------------------------------------------------------------
+@pytest.mark.parametrize("heteroscedastic", [False, True])
+def test_surprise_summed_online_equals_minus_filter_log_likelihood(heteroscedastic):
+    model = _model(torch.float64, heteroscedastic=heteroscedastic)
+    frames, actions = _data(steps=12)
+    actions = actions.double()
+    frames = frames.double()
+    frames[1, 4] = float("nan")  # a dropped frame: NaN surprise, nothing in the log-likelihood
+    with torch.no_grad():
+        result = model.filter(frames, actions)
+        belief, scores = model.init_belief(2), []
+        for t in range(frames.shape[1]):
+            action = None if t == 0 else actions[:, t - 1]
+            scores.append(model.surprise(belief, frames[:, t], action))
+            belief = model.step(belief, frames[:, t], action)
+    scores = torch.stack(scores, 1)
+    assert scores.shape == (2, 12) and scores.dtype == torch.float64
+    assert torch.isnan(scores[1, 4]) and torch.isfinite(scores[0]).all() and int(torch.isnan(scores).sum()) == 1
+    assert torch.allclose(scores.nansum(1), -result.log_likelihood, rtol=1e-10, atol=1e-9)
+    assert torch.allclose(scores.nan_to_num(0.0), -result.step_log_likelihood, rtol=1e-10, atol=1e-9)
+
+
+def test_surprise_errors_and_float32():
+    model = _model()
+    frames, actions = _data()
+    belief = model.init_belief(2)
+    s = model.surprise(belief, frames[:, 0], actions[:, 0])
+    assert s.shape == (2,) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    with pytest.raises(ValueError, match="dropped frame has no surprise"):
+        model.surprise(belief, None)
+    with pytest.raises(ValueError, match="action must have shape"):
+        model.surprise(belief, frames[:, 0], actions[:, 0, 0])
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.surprise(belief, torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+    torch.manual_seed(0)
+    vicreg = WorldModel.from_config(ModelConfig(**SMALL, method="vicreg"))
+    with pytest.raises(TypeError, match="surprise needs a state-space prior"):
+        vicreg.surprise(belief, frames[:, 0])

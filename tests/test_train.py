@@ -319,3 +319,70 @@ def test_store_on_memory_url_trains_like_a_local_store(tiny):
         fs = fsspec.filesystem("memory")
         if fs.exists(name):
             fs.rm(name, recursive=True)
+
+
+# ------------------------------------------------------------------------------------------- online monitoring
+@pytest.mark.slow
+def test_filter_scores_an_injected_teleport_above_the_normal_frames(tiny, capsys):
+    """train.py filter --filter.inject teleport: the frames jump to another held-out episode (the one whose
+    state is farthest at that step); the largest surprise over the first steps of the event exceeds the
+    99th percentile of the surprise of the normal held-out frames. A freeze writes its trace too."""
+    run_dir = train.main(tiny("surprise", "--steps", "60"))
+    capsys.readouterr()
+    path = train.main(["filter", *tiny.run("surprise", "--filter.inject", "teleport", "--filter.inject-at", "8",
+                                           "--filter.inject-length", "3")])
+    out = capsys.readouterr().out
+    assert path == run_dir / "filter.png" and (run_dir / "surprise.png").stat().st_size > 0
+    summary = json.loads((run_dir / "surprise.json").read_text())
+    event = summary["event"]
+    assert event["kind"] == "teleport" and (event["start"], event["stop"]) == (8, 11)
+    assert event["source_episode"] not in (None, 0)  # another held-out episode than the replayed one (0)
+    assert len(summary["surprise"]) == 20 and all(s is not None for s in summary["surprise"])
+    assert summary["normal_frames"] == 4 * (20 - 5)  # observed held-out frames after the default eval.burn_in
+    assert summary["batch_gap"] < 1e-3  # online WorldModel.surprise == the batch filter's -step log-likelihood
+    print(f"teleport: max surprise {event['max_surprise']:.3f} at step {event['max_step']}, "
+          f"normal p99 {summary['normal_p99']:.3f}", file=sys.stderr)
+    assert event["max_surprise"] > summary["normal_p99"] and event["above_p99"]
+    assert "injected teleport at step 8" in out and "above the 99th percentile" in out
+
+    train.main(["filter", *tiny.run("surprise", "--filter.inject", "freeze", "--filter.episode", "1")])
+    summary = json.loads((run_dir / "surprise.json").read_text())
+    assert summary["event"]["kind"] == "freeze" and (summary["event"]["start"], summary["event"]["stop"]) == (10, 15)
+    assert all(s is not None and s == s for s in summary["surprise"])
+    with pytest.raises(SystemExit, match="inject-at must be in"):
+        train.main(["filter", *tiny.run("surprise", "--filter.inject", "freeze", "--filter.inject-at", "20")])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: "'explode' is not one of ['teleport', 'freeze']"
+        train.main(["filter", *tiny.run("surprise", "--filter.inject", "explode")])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_tensorboard_writes_the_metrics_scalars_and_figures(tiny):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(tiny("tb", "--steps", "3", "--max-steps", "2", "--tensorboard"))
+    run_dir = train.main(tiny("tb", "--steps", "3", "--resume", "--tensorboard", "--plots"))
+    board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    logged = {e.step: e.value for e in board.Scalars("train/loss")}
+    assert sorted(losses) == [1, 2, 3] and logged.keys() == losses.keys()
+    assert all(logged[s] == pytest.approx(losses[s], rel=1e-6) for s in losses)
+    evaluation = records[-1]
+    assert evaluation["kind"] == "eval"
+    r2 = board.Scalars(f"eval/r2/kalman/{evaluation['targets'][0]}")
+    assert [e.step for e in r2] == [3] and r2[0].value == pytest.approx(evaluation["r2"]["kalman"][0], rel=1e-6)
+    assert board.Scalars("eval/predictive/k=1/nll")[0].value == pytest.approx(evaluation["predictive"]["k=1"]["nll"],
+                                                                              rel=1e-6)
+    assert {"train/val_loss", "train/lr"} <= set(board.Tags()["scalars"])
+    assert {"figures/loss", "figures/readout", "figures/kstep"} <= set(board.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_tensorboard_missing_is_a_clear_error(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    with pytest.raises(SystemExit, match="^error: --tensorboard needs the tensorboard package.*pip install tensorboard"):
+        train.main(tiny("no-tb", "--steps", "1", "--tensorboard"))
+    assert not (tiny.root / "runs" / "no-tb" / "metrics.jsonl").exists()

@@ -323,6 +323,40 @@ class WorldModel(nn.Module):
             z_t, variances = z[:, 0], None if var is None else var[:, 0]
         return prior.step(belief, z_t, action, R_t=variances)
 
+    def surprise(self, belief: Gaussian, frame: Tensor, action: Tensor | None = None) -> Tensor:
+        """Surprise (B,) of a live frame: -log p(z_t | past), in nats, of the frame's latent z_t (B, L) under
+        the filter's one-step prediction from `belief` (the belief after the previous frame, as `step` takes
+        it): predict with `action` (B, a) (None = zero action), then score z_t under the predictive
+        N(C m, C P C^T + R) (`predict_observation`, per-frame R when heteroscedastic) with `Gaussian.log_prob`.
+
+        It is the total over the L latent dimensions (divide by L for a per-dimension value), i.e. minus the
+        filter's per-step log-likelihood term: summed over an episode stepped online (surprise at step t from
+        the belief after t-1, then `step`), it equals -filter(frames, actions).log_likelihood. An anomaly /
+        novelty score of the frame; it does not change the belief (call `step` for that).
+
+        A dropped frame has no surprise: rows whose frame holds NaN give NaN (the filter adds nothing for
+        them, so use nansum to compare with its log-likelihood); frame=None is a ValueError. TypeError
+        without a state-space prior.
+        """
+        prior = self._state_space("surprise")
+        if frame is None:
+            raise ValueError("surprise needs a frame (B, ...): a dropped frame has no surprise (mark dropped rows "
+                             "with NaN to get NaN for them)")
+        batch = belief.mean.shape[0]
+        if action is not None and not action.is_floating_point():
+            raise ValueError(f"action must be floating point, got dtype {action.dtype}")
+        if action is not None and tuple(action.shape) != (batch, self.config.action_dim):
+            raise ValueError(f"action must have shape ({batch}, {self.config.action_dim}), got {tuple(action.shape)}")
+        self._check_frames(frame, 1)
+        if frame.shape[0] != batch:
+            raise ValueError(f"frame batch {frame.shape[0]} differs from the belief's {batch}")
+        z, variances = self._latents(frame[:, None], running=True)
+        z_t, R_t = z[:, 0], None if variances is None else variances[:, 0]
+        predictive = prior.predict_observation(prior.step(belief, None, action), R_t)
+        missing = ~torch.isfinite(z_t).all(-1)
+        nll = -predictive.log_prob(torch.where(missing[:, None], predictive.mean.to(z_t.dtype), z_t))
+        return nll.masked_fill(missing, float("nan"))
+
     def imagine(self, belief: Gaussian, actions: Tensor | int, observe: bool = False) -> Gaussian:
         """Exact k-step predictive Gaussians from `belief`, k = 1..H (no sampling).
 

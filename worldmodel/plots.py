@@ -1,6 +1,6 @@
 """Matplotlib figures (Agg backend, no display needed): loss curves, trajectories against the true
-state (readouts, online filter replays with dropped frames, k-step predictions with 2-sigma bands)
-and a 2-D view of the latent space.
+state (readouts, online filter replays with dropped frames, k-step predictions with 2-sigma bands),
+the surprise trace of an online replay and a 2-D view of the latent space.
 
 Every function takes numpy arrays (or tensors) and an output path, writes one PNG and returns the path.
 """
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["filter_replay", "kstep_predictions", "latent_scatter", "loss_curves", "trajectories"]
+__all__ = ["filter_replay", "kstep_predictions", "latent_scatter", "loss_curves", "surprise_trace", "trajectories"]
 
 
 def _np(x: Any) -> np.ndarray:
@@ -77,10 +77,11 @@ def loss_curves(steps: dict[str, Any], curves: dict[str, Any], path: str | Path,
 
 def trajectories(true: Any, path: str | Path, pred: Any = None, std: Any = None, *, time: Any = None,
                  pred_time: Any = None, names: Sequence[str] | None = None, observed: Any = None,
-                 title: str = "", pred_label: str = "model") -> Path:
+                 title: str = "", pred_label: str = "model", event: tuple[int, int] | None = None) -> Path:
     """True trajectories (T, d) and optional model predictions (T', d) with +-2 std bands, one panel per
     component. ``pred_time`` (T',) places predictions on the time axis (default: same as ``time``);
-    ``observed`` (T,) bool shades the steps whose frame was dropped (False)."""
+    ``observed`` (T,) bool shades the steps whose frame was dropped (False); ``event`` (start, stop)
+    shades the steps start..stop-1 of an injected event (indices into ``time``)."""
     y = _as_columns(true, "true")
     t = np.arange(len(y)) if time is None else _np(time).reshape(-1)
     if len(t) != len(y):
@@ -109,6 +110,8 @@ def trajectories(true: Any, path: str | Path, pred: Any = None, std: Any = None,
             dropped = ~np.asarray(_np(observed).reshape(-1), dtype=bool)
             for j in np.flatnonzero(dropped):
                 ax.axvspan(t[j] - 0.5 * _step(t), t[j] + 0.5 * _step(t), color="C3", alpha=0.15, lw=0)
+        if event is not None:
+            _shade_event(ax, t, event)
         ax.set_ylabel(names[i])
         ax.grid(alpha=0.3)
     axes[0, 0].legend(loc="upper right", fontsize=8, ncol=3)
@@ -124,12 +127,49 @@ def _step(t: np.ndarray) -> float:
     return float(np.median(np.diff(t))) if len(t) > 1 else 1.0
 
 
+def _shade_event(ax: plt.Axes, t: np.ndarray, event: tuple[int, int], label: str | None = None) -> None:
+    start, stop = int(event[0]), int(event[1])
+    if not 0 <= start < stop <= len(t):
+        raise ValueError(f"event must be (start, stop) with 0 <= start < stop <= {len(t)}, got {event}")
+    half = 0.5 * _step(t)
+    ax.axvspan(t[start] - half, t[stop - 1] + half, color="C1", alpha=0.2, lw=0, label=label)
+
+
 def filter_replay(true: Any, mean: Any, std: Any, observed: Any, path: str | Path,
-                  names: Sequence[str] | None = None) -> Path:
+                  names: Sequence[str] | None = None, event: tuple[int, int] | None = None) -> Path:
     """Online filter beliefs (read out to state space) with 2-sigma bands against the true state;
-    dropped frames shaded."""
-    return trajectories(true, path, mean, std, names=names, observed=observed, title="online filter replay",
-                        pred_label="belief")
+    dropped frames shaded (red), an injected event's steps start..stop-1 too (orange)."""
+    title = "online filter replay" + ("" if event is None else "  (orange: injected event)")
+    return trajectories(true, path, mean, std, names=names, observed=observed, title=title, pred_label="belief",
+                        event=event)
+
+
+def surprise_trace(surprise: Any, path: str | Path, threshold: float | None = None,
+                   event: tuple[int, int] | None = None, observed: Any = None, event_label: str = "") -> Path:
+    """Surprise -log p(z_t | past) (T,) of an online replay (NaN at dropped frames, which are shaded red),
+    with a reference level ``threshold`` (the 99th percentile of normal frames) as a dashed line and an
+    injected event's steps start..stop-1 shaded orange."""
+    s = _np(surprise).reshape(-1)
+    t = np.arange(len(s))
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    ax.plot(t, s, color="C0", lw=1.3, marker=".", ms=3, label="surprise")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axhline(threshold, color="k", ls="--", lw=1, label="99th pct. of normal frames")
+    if observed is not None:
+        dropped = ~np.asarray(_np(observed).reshape(-1), dtype=bool)
+        if len(dropped) != len(s):
+            raise ValueError(f"observed must have length {len(s)}, got {len(dropped)}")
+        for j in np.flatnonzero(dropped):
+            ax.axvspan(t[j] - 0.5, t[j] + 0.5, color="C3", alpha=0.15, lw=0)
+    if event is not None:
+        _shade_event(ax, t, event, label=event_label or "injected event")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("-log p(z_t | past) [nats]")
+    ax.set_title("surprise of each new frame under the filter's one-step prediction")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
 
 
 def kstep_predictions(true: Any, mean: Any, std: Any, start: int, path: str | Path,

@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from worldmodel.cli import config_from_dict
 from worldmodel.model import ModelConfig
@@ -39,6 +39,9 @@ class EvalConfig:
                              f"{self.batch_size}")
 
 
+INJECTIONS = (None, "teleport", "freeze")  # events `filter --filter.inject` can inject
+
+
 @dataclass
 class FilterConfig:
     """`filter` subcommand: replay one episode through WorldModel.step, one frame at a time."""
@@ -50,17 +53,33 @@ class FilterConfig:
         "help": "dropped-frame ranges as start stop pairs, e.g. 40 60 (frames start..stop-1 are withheld)"})
     drop_prob: float = field(default=0.0, metadata={"help": "probability of dropping each further frame"})
     seed: int = field(default=1234, metadata={"help": "seed of live episodes and random frame drops"})
+    inject: Literal["teleport", "freeze"] | None = field(default=None, metadata={
+        "help": "inject an implausible event into the replayed frames and score it in surprise.png: teleport "
+                "(from step inject_at on, the frames of another held-out episode: a jump in state) or freeze "
+                "(the frame of step inject_at repeats for inject_length steps) (none = no event)"})
+    inject_at: int | None = field(default=None, metadata={
+        "help": "step k of the injected event (none = the middle of the episode)"})
+    inject_length: int = field(default=5, metadata={
+        "help": "steps of the event window (freeze: frames held; both: the steps scored against the normal frames)"})
+    inject_episode: int | None = field(default=None, metadata={
+        "help": "teleport: the held-out episode whose frames are shown from step k on (none = the one whose true "
+                "state at step k is farthest from the replayed one's)"})
 
     def __post_init__(self):
         if len(self.drop) % 2:
             raise ValueError(f"filter.drop takes start stop pairs, got {self.drop}")
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError(f"filter.drop_prob must be in [0, 1), got {self.drop_prob}")
+        if self.inject not in INJECTIONS:
+            raise ValueError(f"filter.inject must be one of {', '.join(map(str, INJECTIONS))}, got {self.inject!r}")
+        if self.inject_length < 1 or (self.inject_at is not None and self.inject_at < 1):
+            raise ValueError(f"filter.inject_at must be >= 1 and filter.inject_length >= 1, got {self.inject_at}, "
+                             f"{self.inject_length}")
 
 
 # fields that do not change what is trained: a resumed run may change them freely
 RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
-                "ckpt_every", "eval", "filter", "progress", "plots")
+                "ckpt_every", "eval", "filter", "progress", "plots", "tensorboard")
 
 
 @dataclass
@@ -109,6 +128,9 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also log the metrics.jsonl scalars and the PNG figures to <run_dir>/tensorboard/ (needs the "
+                "tensorboard package)"})
     model: ModelConfig = field(default_factory=lambda: ModelConfig(image_size=None, channels=None, action_dim=None))
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)

@@ -194,16 +194,32 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
 
 
 # ---------------------------------------------------------------------------------------- a run's report
-def report(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict, step: int) -> dict[str, Any]:
+def report(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict, step: int,
+           board: Any = None) -> dict[str, Any]:
     """evaluate, print the table, append ``{"kind": "eval", "step": step, ...}`` to metrics.jsonl and
-    write the figures (if cfg.plots); returns the results."""
-    features = split_features(model, cfg, train_data, val_data)
-    results = evaluate(model, cfg, train_data, val_data, features)
-    print_eval_table(results)
-    append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "eval", "step": step, **results})
-    if cfg.plots:
-        write_plots(model, cfg, train_data, val_data, features)
-    return results
+    write the figures (if cfg.plots); with cfg.tensorboard also log the record's scalars and the figures
+    to TensorBoard (on ``board``, the train loop's TensorBoardWriter, else a writer of its own); returns
+    the results."""
+    own = board is None and cfg.tensorboard
+    if own:  # before any work: a missing tensorboard package stops here
+        from worldmodel.training.tensorboard import TensorBoardWriter
+
+        board = TensorBoardWriter(cfg.run_dir)
+    try:
+        features = split_features(model, cfg, train_data, val_data)
+        results = evaluate(model, cfg, train_data, val_data, features)
+        print_eval_table(results)
+        record = {"kind": "eval", "step": step, **results}
+        append_jsonl(cfg.run_dir / "metrics.jsonl", record)
+        paths = write_plots(model, cfg, train_data, val_data, features) if cfg.plots else []
+        if board is not None:
+            board.record(record)
+            board.figures(paths, step)
+            board.flush()
+        return results
+    finally:
+        if own:
+            board.close()
 
 
 def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:

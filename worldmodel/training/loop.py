@@ -138,7 +138,13 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
         restore(ckpt, model, optimizer, cfg)
     else:
         seed_all(cfg.seed + rank)
+    board = None
     if rank == 0:
+        if cfg.tensorboard:  # before start_files: a missing tensorboard package changes nothing in the run dir
+            from worldmodel.training.tensorboard import TensorBoardWriter
+
+            board = TensorBoardWriter(cfg.run_dir, resume_step=None if ckpt is None else ckpt["step"],
+                                      fresh=ckpt is None)
         start_files(cfg, ckpt)
     loss_step = _loss_step(model, cfg, device)
 
@@ -183,6 +189,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
                               frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
                 if rank == 0:
                     append_jsonl(metrics_path, record)
+                    if board is not None:
+                        board.record(record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 sums, count, t_log = {}, 0, now
             bar.update(1)
@@ -191,6 +199,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             if ddp.any_rank(stop.set):
                 save_checkpoint(model, optimizer, cfg, step)
                 bar.close()
+                if board is not None:
+                    board.close()
                 ddp.shutdown()
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved to "
                                   f"{str(cfg.run_dir / 'checkpoint.pt')!r}; continue with --resume")
@@ -201,10 +211,14 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     ddp.shutdown()
 
     # ---- final evaluation (rank 0)
-    if step < cfg.steps:
-        ddp.log(f"stopped at step {step} of {cfg.steps} (--max-steps); continue with --resume")
+    try:
+        if step < cfg.steps:
+            ddp.log(f"stopped at step {step} of {cfg.steps} (--max-steps); continue with --resume")
+            return cfg.run_dir
+        if rank == 0 and final_eval:
+            report(model.eval(), cfg, train_data, val_data, step, board)
+            ddp.log(f"wrote {str(cfg.run_dir)!r}")
         return cfg.run_dir
-    if rank == 0 and final_eval:
-        report(model.eval(), cfg, train_data, val_data, step)
-        ddp.log(f"wrote {str(cfg.run_dir)!r}")
-    return cfg.run_dir
+    finally:
+        if board is not None:
+            board.close()
