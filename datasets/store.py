@@ -180,7 +180,7 @@ class RolloutStore:
             "obs_shape": list(obs_shape),
             "action_dim": int(action_dim),
             "state_dim": int(state_dim),
-            "episode_length": None if episode_length is None else int(episode_length),
+            "episode_length": None,  # set_episode_length below creates the arrays for a given T
             "chunk_frames": None if chunk_frames is None else int(chunk_frames),
             "compression_level": int(compression_level),
             "n_episodes": 0,

@@ -605,3 +605,12 @@ def test_windows_through_dataloader_workers_on_a_file_url(tmp_path):
     obs = torch.cat([b["obs"] for b in batches])
     want = np.concatenate([[fake_episode(e)["obs"][t:t + 5] for t in range(8)] for e in (0, 2)])
     np.testing.assert_array_equal(obs.numpy(), want)
+
+
+def test_create_with_a_given_episode_length(tmp_path):
+    """episode_length at create fixes T before the first append (it used to fail: 'episode_length is already T')."""
+    store = RolloutStore.create(tmp_path / "fixed.zarr", obs_shape=(4, 4, 3), action_dim=1, state_dim=2,
+                                episode_length=6)
+    assert store.episode_length == 6 and RolloutStore.open(tmp_path / "fixed.zarr").episode_length == 6
+    store.append(np.zeros((6, 4, 4, 3), np.uint8), np.zeros((6, 1), np.float32), np.zeros((6, 2)), np.zeros(6))
+    assert len(store) == 1 and store.episode(0)["obs"].shape == (6, 4, 4, 3)
