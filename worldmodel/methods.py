@@ -86,7 +86,7 @@ class VICRegLoss(LDMLoss):
     alignment = -sim_coeff * invariance, entropy = -(std_coeff * variance + cov_coeff * covariance).
     """
 
-    def __init__(self, prior, entropy=None, *, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+    def __init__(self, prior, *, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                  cov_coeff: float = 1.0, gather: bool = True, dim: int | None = None):
         super().__init__(prior, None, gather=gather, dim=dim)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
@@ -147,7 +147,7 @@ def make(name: str, dim: int, **overrides) -> LDMLoss:
     loss_options = _loss_options(preset.loss)
     if preset.loss is not LDMLoss:  # a loss of its own (vicreg_original): only its options
         _reject_unknown(name, overrides, loss_options)
-        return preset.loss(build_prior(preset.prior, dim, **preset.prior_kwargs), None, dim=dim, **overrides)
+        return preset.loss(build_prior(preset.prior, dim, **preset.prior_kwargs), dim=dim, **overrides)
     entropy = overrides.pop("entropy", preset.entropy)
     model_options = prior_options(preset.prior)
     estimator_options = ESTIMATOR_OPTIONS.get(entropy, set())

@@ -171,11 +171,10 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     skip = cfg.eval.burn_in
     train_features, val_features = features or split_features(model, cfg, train_data, val_data)
     w, c = fit_readout(train_features[:, skip:], y_train[:, skip:])
-    y_val, _ = readout_targets(cfg, val_data["state"][:1])
+    y_val, _ = readout_targets(cfg, val_data["state"])
     paths.append(plots.trajectories(y_val[0], run_dir / "readout.png", val_features[0].double() @ w + c, names=names,
                                     title="linear readout of the latent features (held-out episode)"))
-    y_all, _ = readout_targets(cfg, val_data["state"])
-    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), y_all[..., 0].reshape(-1),
+    paths.append(plots.latent_scatter(val_features.reshape(-1, val_features.shape[-1]), y_val[..., 0].reshape(-1),
                                       run_dir / "latents.png", names[0]))
     if model.can_filter:
         device = next(model.parameters()).device
