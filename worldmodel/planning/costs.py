@@ -32,10 +32,10 @@ class QuadraticCost:
         n = Whh.shape[0]
         self.Whh = (Whh + Whh.mT) / 2
         self.Whu, self.wh, self.wu, Wuu = (None if x is None else _as_tensor(x, Whh) for x in (Whu, wh, wu, Wuu))
-        self.Wuu = Wuu if Wuu is None or Wuu.dim() != 2 else (Wuu + Wuu.mT) / 2
-        self.c0 = _as_tensor(c0, Whh)
         if Wuu is not None and (Wuu.dim() not in (0, 2) or Wuu.dim() == 2 and Wuu.shape[0] != Wuu.shape[1]):
             raise ValueError(f"Wuu must be a scalar or a square (a, a) tensor, got {tuple(Wuu.shape)}")
+        self.Wuu = Wuu if Wuu is None or Wuu.dim() != 2 else (Wuu + Wuu.mT) / 2
+        self.c0 = _as_tensor(c0, Whh)
         if self.Whu is not None and (self.Whu.dim() != 2 or self.Whu.shape[0] != n):
             raise ValueError(f"Whu must be (n, a) with n = {n}, got {tuple(self.Whu.shape)}")
         if self.wu is not None and self.wu.dim() != 1:
@@ -84,7 +84,7 @@ class QuadraticCost:
         if mean.dim() not in (3, 4) or mean.shape[-1] != self.state_dim or actions.shape[:-1] != mean.shape[:-1]:
             raise ValueError(f"mean must be (B, N, H, n) or (B, H, n) with n = {self.state_dim} and actions the "
                              f"same leading dims + (a,), got {tuple(mean.shape)} and {tuple(actions.shape)}")
-        batch = (mean.shape[0],) + (1,) * (mean.dim() - 2)  # a per-problem wh / c0 broadcast over (N,) H
+        lead = (1,) * (mean.dim() - 2)  # a per-problem wh (B, n) / c0 (B,) broadcasts over (N,) H
         cost = (mean @ self.Whh * mean).sum(-1)
         if self.Whu is not None:
             cost = cost + 2 * (mean @ self.Whu * actions).sum(-1)
@@ -92,10 +92,10 @@ class QuadraticCost:
             uWu = actions.square().sum(-1) * self.Wuu if self.Wuu.dim() == 0 else (actions @ self.Wuu * actions).sum(-1)
             cost = cost + uWu
         if self.wh is not None:
-            cost = cost + (mean * (self.wh if self.wh.dim() == 1 else self.wh.view(*batch, -1))).sum(-1)
+            cost = cost + (mean * (self.wh if self.wh.dim() == 1 else self.wh.view(len(self.wh), *lead, -1))).sum(-1)
         if self.wu is not None:
             cost = cost + actions @ self.wu
-        cost = cost + (self.c0 if self.c0.dim() == 0 else self.c0.view(batch))
+        cost = cost + (self.c0 if self.c0.dim() == 0 else self.c0.view(-1, *lead))
         if cov is None:
             return cost
         trace = torch.einsum("...ij,ji->...", cov, self.Whh)  # once per (B, H), not per candidate

@@ -145,9 +145,10 @@ def lqr(A: Tensor, B: Tensor, cost: QuadraticCost, h0: Tensor, horizon: int, c: 
     if h0.dim() != 2 or h0.shape[1] != n or c is not None and c.shape != (n,) or cost.state_dim != n:
         raise ValueError(f"need h0 (Bt, n), c (n,) and a cost on n = {n} states, got h0 {tuple(h0.shape)}, c "
                          f"{None if c is None else tuple(c.shape)}, cost on {cost.state_dim}")
-    if horizon < 1 or cost.wh is not None and cost.wh.dim() == 2 and cost.wh.shape[0] not in (1, h0.shape[0]):
-        raise ValueError(f"need horizon >= 1 and the cost's wh (n,) or (Bt, n) with Bt = {h0.shape[0]}, got "
-                         f"horizon {horizon}, wh {tuple(cost.wh.shape)}")
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if cost.wh is not None and cost.wh.dim() == 2 and cost.wh.shape[0] not in (1, h0.shape[0]):
+        raise ValueError(f"the cost's wh must be (n,) or (Bt, n) with Bt = {h0.shape[0]}, got {tuple(cost.wh.shape)}")
     Q, S, R, q, r = cost.blocks(a)
     c = h0.new_zeros(n) if c is None else c
     joint = torch.cat([torch.cat([Q, S], 1), torch.cat([S.mT, R], 1)], 0)  # PSD: PD after a round-off shift
