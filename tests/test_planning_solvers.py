@@ -265,7 +265,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_solvers_and_costs_are_device_agnostic(device):  # noqa: F811
     """On another device (test_devices' fake device, or CUDA): no CPU tensor is mixed in, the results are those of
     the CPU (the same CPU generator on the fake device; on CUDA only the deterministic ones), float64 stays
-    float64, and each call synchronises with the host once (its input checks)."""
+    float64, and each call synchronises with the host once (its input checks; lqr with bounds also once per step)."""
     A, B, c, cost, h0 = swing_problem(torch.float64)
     H, low, high = 15, -torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     on_cpu = device.mode is not None  # the fake device computes on the CPU: the CPU generator serves it
@@ -287,6 +287,6 @@ def test_solvers_and_costs_are_device_agnostic(device):  # noqa: F811
     for name, (fn, args, kw) in calls.items():
         got, syncs = device.count_syncs(fn, *args, **kw)
         assert got.device.type == device.torch_device.type and got.dtype == torch.float64, name
-        assert syncs == (name != "stage"), (name, syncs)
+        assert syncs == (name != "stage") or name == "lqr_box" and syncs <= 1 + 10, (name, syncs)  # + 1 per step
         if on_cpu or name not in ("mppi", "cem"):
             torch.testing.assert_close(device.host(got), want[name], rtol=1e-9, atol=1e-9, msg=name)

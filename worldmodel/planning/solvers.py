@@ -3,7 +3,7 @@ quadratic cost (DESIGN section 4b).
 
 Batch-first: B problems, horizon H, action dimension a; plans (B, H, a), candidates (B, N, H, a). Every routine
 runs on the device and in the dtype of its inputs; the input checks synchronise with the device once per call,
-the iterations not at all.
+the iterations of mppi and cem not at all (lqr with bounds: once per projected-Newton step, to stop).
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def lqr(A: Tensor, B: Tensor, cost: QuadraticCost, h0: Tensor, horizon: int, c: 
     Unbounded: the backward Riccati recursion on Q_k(h, u) = cost(h', u) + V_{k+1}(h'), h' = A h + B u + c, exact.
     With bounds low/high ((a,), scalars, None = unbounded; infinities allowed): the box-constrained QP over the
     stacked U (H a variables) is solved by projected Newton (Bertsekas 1982: Newton on the variables not held at a
-    bound by the gradient, a step-size search along the projection arc), ``iterations`` steps from the clamped
-    Riccati solution; it is exact once the active set is found (a few steps). ValueError when the cost is not
+    bound by the gradient, a step-size search along the projection arc) from the clamped Riccati solution, until no
+    step lowers the cost (at most ``iterations`` steps); it is exact once the active set is found (a few steps). ValueError when the cost is not
     convex in (h', u) ([[Whh, Whu], [Whu^T, Wuu]] not PSD) or not strictly convex in the actions (a singular
     Riccati Hessian; Wuu = 0 is fine when B^T Whh B > 0).
     """
@@ -151,8 +151,9 @@ def lqr(A: Tensor, B: Tensor, cost: QuadraticCost, h0: Tensor, horizon: int, c: 
         raise ValueError(f"the cost's wh must be (n,) or (Bt, n) with Bt = {h0.shape[0]}, got {tuple(cost.wh.shape)}")
     Q, S, R, q, r = cost.blocks(a)
     c = h0.new_zeros(n) if c is None else c
-    joint = torch.cat([torch.cat([Q, S], 1), torch.cat([S.mT, R], 1)], 0)  # PSD: PD after a round-off shift
-    shift = 100 * (n + a) * torch.finfo(joint.dtype).eps * joint.diagonal().abs().amax()
+    # PSD: PD after a shift for float32 round-off (also in float64: weights such as C^T W C are often built in float32)
+    joint = torch.cat([torch.cat([Q, S], 1), torch.cat([S.mT, R], 1)], 0)
+    shift = 100 * (n + a) * torch.finfo(torch.float32).eps * joint.diagonal().abs().amax()
     psd = torch.linalg.cholesky_ex(joint + shift * torch.eye(n + a, dtype=joint.dtype, device=joint.device)).info == 0
     gains, singular = _riccati(A, B, c, Q, S, R, q, r, horizon)
     checks = {"lqr: the cost is not convex in (h, u): [[Whh, Whu], [Whu^T, Wuu]] is not PSD": psd,
@@ -174,28 +175,29 @@ def lqr(A: Tensor, B: Tensor, cost: QuadraticCost, h0: Tensor, horizon: int, c: 
 
 
 def _riccati(A, B, c, Q, S, R, q, r, horizon: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
-    """Backward recursion of V_k(h) = h^T P_k h + p_k^T h + const (V_H = 0). With Qt = Whh + P_{k+1},
-    qt = wh + p_{k+1}, M = Qt B + Whu: Huu = B^T M + Whu^T B + Wuu, Hux = M^T A, gu = (2 c^T Qt + qt^T) B
-    + 2 c^T Whu + wu^T; u_k = K h + k with K = -Huu^-1 Hux, k = -Huu^-1 gu / 2; P_k = A^T Qt A + Hux^T K,
-    p_k = A^T (2 Qt c + qt) + 2 Hux^T k. Returns [(K_k (a, n), k_k (a,) or (Bt, a))] for k = 0..H-1 and
-    whether some Huu was not positive definite (0-d bool)."""
+    """Backward recursion of V_k(h) = h^T P_k h + p_k^T h + const (V_H = 0). The Q-function of x = (h, u), with
+    Z = [A B], Qt = Whh + P_{k+1}, y = 2 Qt c + wh + p_{k+1}, is x^T Hk x + gk^T x + const with
+        Hk = Z^T Qt Z + [[0, A^T Whu], [Whu^T A, B^T Whu + Whu^T B + Wuu]],  gk = Z^T y + (0, 2 Whu^T c + wu);
+    u_k = K h + k with K = -Huu^-1 Hux, k = -Huu^-1 gu / 2; P_k = Hxx + Hux^T K, p_k = gx + 2 Hux^T k.
+    Returns [(K_k (a, n), k_k (a,) or (Bt, a))] for k = 0..H-1 and whether some Huu was not positive definite."""
     n, a = B.shape
-    P, p = Q.new_zeros(n, n), q.new_zeros(q.shape)
-    gains, singular = [], torch.zeros((), dtype=torch.bool, device=Q.device)
+    Z = torch.cat([A, B], 1)
+    E = Z.mT @ S @ torch.cat([Z.new_zeros(a, n), torch.eye(a, dtype=Z.dtype, device=Z.device)], 1)
+    E = E + E.mT + torch.block_diag(Q.new_zeros(n, n), R)
+    e = torch.cat([c.new_zeros(n), 2 * c @ S + r])
+    P, p, gains, infos = Q.new_zeros(n, n), q.new_zeros(q.shape), [], []
     for _ in range(horizon):
-        Qt, qt = Q + P, q + p
-        M = Qt @ B + S
-        Hux = M.mT @ A
-        y = 2 * c @ Qt + qt
-        gu = y @ B + 2 * c @ S + r
-        L, info = torch.linalg.cholesky_ex(B.mT @ M + S.mT @ B + R)
-        singular = singular | (info != 0)
-        solution = -torch.cholesky_solve(torch.cat([Hux, gu.reshape(-1, a).mT / 2], 1), L)
-        K, k = solution[:, :n], solution[:, n:].mT.reshape(gu.shape)
-        P = A.mT @ Qt @ A + Hux.mT @ K
-        P, p = (P + P.mT) / 2, y @ A + 2 * k @ Hux
+        Qt = Q + P
+        Hk, y = Z.mT @ Qt @ Z + E, 2 * c @ Qt + q + p
+        gk = y @ Z + e
+        L, info = torch.linalg.cholesky_ex(Hk[n:, n:])
+        solution = -torch.cholesky_solve(torch.cat([Hk[n:, :n], gk[..., n:].reshape(-1, a).mT / 2], 1), L)
+        K, k = solution[:, :n], solution[:, n:].mT.reshape(gk[..., n:].shape)
+        P = Hk[:n, :n] + Hk[n:, :n].mT @ K
+        P, p = (P + P.mT) / 2, gk[..., :n] + 2 * k @ Hk[n:, :n]
         gains.append((K, k))
-    return gains[::-1], singular
+        infos.append(info)
+    return gains[::-1], torch.stack(infos).ne(0).any()
 
 
 def _stacked_qp(A, B, c, Q, S, R, q, r, h0: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
@@ -223,15 +225,17 @@ def _stacked_qp(A, B, c, Q, S, R, q, r, h0: Tensor, horizon: int) -> tuple[Tenso
 def _box_qp(G: Tensor, g: Tensor, U: Tensor, low: Tensor, high: Tensor, iterations: int) -> Tensor:
     """argmin U^T G U + g^T U s.t. low <= U <= high (G (m, m) positive definite, g (Bt, m), U (Bt, m) feasible) by
     projected Newton: the free variables F exclude those at a bound with the gradient 2 G U + g pushing outward;
-    d_F = -(2 G_FF)^-1 grad_F, d elsewhere 0; U <- the best of clamp(U + s d) over s in {1, 1/2, ..., 2^-19, 0}
-    (monotone)."""
-    steps = torch.cat([2.0 ** -torch.arange(20, dtype=U.dtype, device=U.device), U.new_zeros(1)])[:, None]
+    d_F = -(2 G_FF)^-1 grad_F, d elsewhere 0; U <- the best of clamp(U + s d) over s in {0, 1, 1/2, ..., 2^-19}
+    (ties keep U). Stops when no step lowers the objective (one host sync per iteration) or after ``iterations``."""
+    steps = torch.cat([U.new_zeros(1), 2.0 ** -torch.arange(20, dtype=U.dtype, device=U.device)])[:, None]
     for _ in range(iterations):
         grad = 2 * U @ G + g
         free = (~((U <= low) & (grad > 0) | (U >= high) & (grad < 0))).to(U.dtype)
         L, _ = torch.linalg.cholesky_ex(G * free[:, :, None] * free[:, None, :] + torch.diag_embed(1 - free))
         d = -torch.cholesky_solve((grad * free / 2)[..., None], L)[..., 0]
         trial = (U[:, None] + steps * d[:, None]).clamp(low, high)  # (Bt, S, m)
-        f = (trial @ G * trial).sum(-1) + (trial * g[:, None]).sum(-1)
-        U = trial.take_along_dim(f.argmin(1)[:, None, None], 1)[:, 0]
+        best = ((trial @ G * trial).sum(-1) + (trial * g[:, None]).sum(-1)).argmin(1)
+        if not best.any():
+            break
+        U = trial.take_along_dim(best[:, None, None], 1)[:, 0]
     return U
