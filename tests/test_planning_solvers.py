@@ -15,7 +15,7 @@ from test_devices import device  # noqa: F401  (the fixture: a fake non-CPU devi
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 
 
 def random_problem(dtype, n=4, a=2, Bt=3, seed=0):

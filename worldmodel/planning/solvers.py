@@ -135,9 +135,9 @@ def lqr(A: Tensor, B: Tensor, cost: QuadraticCost, h0: Tensor, horizon: int, c: 
     With bounds low/high ((a,), scalars, None = unbounded; infinities allowed): the box-constrained QP over the
     stacked U (H a variables) is solved by projected Newton (Bertsekas 1982: Newton on the variables not held at a
     bound by the gradient, a step-size search along the projection arc) from the clamped Riccati solution, until no
-    step lowers the cost (at most ``iterations`` steps); it is exact once the active set is found (a few steps). ValueError when the cost is not
-    convex in (h', u) ([[Whh, Whu], [Whu^T, Wuu]] not PSD) or not strictly convex in the actions (a singular
-    Riccati Hessian; Wuu = 0 is fine when B^T Whh B > 0).
+    step lowers the cost (at most ``iterations`` steps); it is exact once the active set is found (a few steps).
+    ValueError when the cost is not convex in (h', u) ([[Whh, Whu], [Whu^T, Wuu]] not PSD, up to float32 round-off)
+    or not strictly convex in the actions (a singular Riccati Hessian Huu; Wuu = 0 is fine when B^T Whh B > 0).
     """
     if A.dim() != 2 or A.shape[0] != A.shape[1] or B.dim() != 2 or B.shape[0] != A.shape[0]:
         raise ValueError(f"A must be (n, n) and B (n, a), got {tuple(A.shape)} and {tuple(B.shape)}")
