@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import gymnasium
 import numpy as np
+import torch
 from gymnasium import spaces
 
-from .physics import rk4, wrap_angle
+from .physics import array_module, rk4, wrap_angle
 from .readout import angle_targets
 from .render import Canvas, image_shape
 
@@ -63,12 +64,29 @@ class PendulumEnv(gymnasium.Env):
         self.action_space = spaces.Box(-self.max_torque, self.max_torque, (1,), np.float32)
         self.state = np.zeros(2)
 
-    def derivative(self, y: np.ndarray, torque: float) -> np.ndarray:
-        """d/dt (theta, theta_dot) at state y under constant torque."""
-        theta, theta_dot = y
+    def derivative(self, y, torque):
+        """d/dt (theta, theta_dot) at state(s) y (..., 2) under constant torque(s) (...) (numpy or torch)."""
+        xp = array_module(y)
+        theta, theta_dot = y[..., 0], y[..., 1]
         inertia = self.mass * self.length**2
-        accel = (torque - self.friction * theta_dot - self.mass * self.gravity * self.length * np.sin(theta)) / inertia
-        return np.array([theta_dot, accel])
+        accel = (torque - self.friction * theta_dot - self.mass * self.gravity * self.length * xp.sin(theta)) / inertia
+        return xp.stack([theta_dot, accel], -1)
+
+    @staticmethod
+    def reward(state, torque):
+        """Swing-up reward of the state(s) (..., 2) reached under torque(s) (...):
+        -(angle from upright^2 + 0.1 theta_dot^2 + 0.001 u^2) (numpy or torch)."""
+        upright_error = wrap_angle(state[..., 0] - np.pi)
+        return -(upright_error**2 + 0.1 * state[..., 1] ** 2 + 0.001 * torque**2)
+
+    def simulate(self, state, action):
+        """The true dynamics, batched (for planning with the simulator's state, e.g. the oracle of ``train.py
+        control``): state (..., 2), action (..., 1) tensors -> (next state (..., 2), reward (...)), exactly as
+        ``step`` computes them (same integrator, clipping and reward; dtype and device of ``state``)."""
+        torque = action[..., 0].clamp(-self.max_torque, self.max_torque)
+        y = rk4(lambda y: self.derivative(y, torque), state, self.dt, self.substeps)
+        y = torch.stack([wrap_angle(y[..., 0]), y[..., 1]], -1)
+        return y, self.reward(y, torque)
 
     def energy(self, state: np.ndarray) -> np.ndarray:
         """Mechanical energy 1/2 m l^2 theta_dot^2 + m g l (1 - cos theta) of state(s) (..., 2)."""
@@ -100,9 +118,7 @@ class PendulumEnv(gymnasium.Env):
         torque = float(np.clip(action[0], -self.max_torque, self.max_torque))
         theta, theta_dot = rk4(lambda y: self.derivative(y, torque), self.state, self.dt, self.substeps)
         self.state = np.array([wrap_angle(theta), theta_dot])
-        upright_error = wrap_angle(self.state[0] - np.pi)
-        reward = -(upright_error**2 + 0.1 * self.state[1] ** 2 + 0.001 * torque**2)
-        return self.render(), float(reward), False, False, {"state": self.state.copy()}
+        return self.render(), float(self.reward(self.state, torque)), False, False, {"state": self.state.copy()}
 
     def render(self) -> np.ndarray:
         """The current frame, uint8 (H, W, 3): a thick white rod with a light-orange bob on black."""
