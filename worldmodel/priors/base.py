@@ -13,6 +13,7 @@ inference, which `WorldModel.filter/step/imagine`, the k-step loss term, evaluat
     filter(z, u, mask, R, target) -> FilterResult filtered / predicted beliefs (B, T, S), log-likelihood (B,)
     step(belief, z_t, u_t, mask_t, R_t)           one online predict + update
     rollout(belief, actions) -> Gaussian (B, H, S)  exact k-step state predictive
+    candidate_rollout(belief, H) -> fn               the same for N candidate action sequences (B, N, H, a) (planning)
     predict_observation(belief, R) -> Gaussian    the latent's predictive N(C m, C P C^T + R)
 
 Nothing outside a prior tests which prior it is: callers ask `isinstance(prior, StateSpacePrior)` (can it
@@ -21,6 +22,8 @@ of `worldmodel.priors.PRIORS`.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from torch import Tensor, nn
 
@@ -96,6 +99,21 @@ class StateSpacePrior(LatentPrior):
     def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
         """The latent's predictive distribution N(C m, C P C^T + R) over any leading dims of `belief`."""
         raise NotImplementedError
+
+    def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
+        """For planning: a function that rolls N candidate action sequences (B, N, H, a) out from the beliefs
+        (B, S) -> means (B, N, H, S), covs (B, N, H, S, S). A prior computes what does not depend on the actions
+        once, here (the planner calls this once per control step and the function once per solver iteration); one
+        whose covariances do not depend on the actions may return them once per belief, (B, 1, H, S, S).
+        By default: `rollout` on every candidate."""
+        def rollout(actions: Tensor) -> Gaussian:
+            batch, n = actions.shape[:2]
+            flat = Gaussian(belief.mean.repeat_interleave(n, 0),
+                            belief.cov.expand(batch, -1, -1).repeat_interleave(n, 0))
+            states = self.rollout(flat, actions.flatten(0, 1))
+            return Gaussian(states.mean.unflatten(0, (batch, n)), states.cov.unflatten(0, (batch, n)))
+
+        return rollout
 
     def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
         """Sum of the one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) per observed step

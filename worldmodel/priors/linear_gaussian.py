@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, symmetrize, update
@@ -317,6 +319,37 @@ class KalmanLatentModel(StateSpacePrior):
         if not means:
             return Gaussian(belief.mean.new_zeros(batch, 0, S), belief.mean.new_zeros(batch, 0, S, S))
         return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
+
+    @_full_precision
+    def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
+        """`rollout` of N candidate action sequences (B, N, H, k) from beliefs (B, S), exact and cheap: the
+        covariances do not depend on the actions, so they are rolled out here, once per belief (B, 1, H, S, S), and
+        the returned function only propagates the N means, m_{h+1} = A m_h + G u_h + (I - A) b -> (B, N, H, S)."""
+        belief = self._batched(belief)
+        batch = belief.mean.shape[0]
+        A, G, c = (x.detach() for x in self.transition())
+        covs = self.rollout(belief, horizon).cov[:, None].detach()
+        start = belief.mean.detach()
+
+        def rollout(actions: Tensor) -> Gaussian:
+            if actions.shape[0] != batch or actions.shape[2:] != (horizon, self.action_dim) or actions.dim() != 4:
+                raise ValueError(f"actions must have shape (B={batch}, N, H={horizon}, {self.action_dim}), got "
+                                 f"{tuple(actions.shape)}")
+            n = actions.shape[1]
+            # 2-d matmuls on contiguous rows: a batched matmul on an expanded belief is ~30x slower on CPU
+            drive = rearrange(actions.to(A.dtype) @ G.mT + c, "b n h s -> h (b n) s").contiguous()
+            mean, means = repeat(start, "b s -> (b n) s", n=n), []
+            for h in range(horizon):
+                mean = torch.addmm(drive[h], mean, A.mT)
+                means.append(mean)
+            return Gaussian(rearrange(torch.stack(means), "h (b n) s -> b n h s", b=batch), covs)
+
+        return rollout
+
+    def transition(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean dynamics h' = A h + G u + c as (A (S, S), G (S, k), c = (I - A) b (S,)): linear, as LQR needs."""
+        A = self.A
+        return A, self.G, self.b - A @ self.b
 
     @_full_precision
     def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
