@@ -29,6 +29,8 @@ from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, Sequence
 from worldmodel.kalman import FilterResult, Gaussian
 from worldmodel.methods import PRESETS, make
 from worldmodel.objective import NORMS, LossOutput
+from worldmodel.planning.mpc import PlannerConfig
+from worldmodel.planning.reward import RewardHead
 from worldmodel.priors import StateSpacePrior, prior_options
 
 __all__ = ["ModelConfig", "WorldModel", "shift_actions", "upgrade_state_dict"]
@@ -73,6 +75,12 @@ class ModelConfig:
                 "none = the method's own: 10 for the kalman presets)"})
     multistep_weight: float | None = field(default=None, metadata={
         "help": "weight of the k-step term in the loss (none = the method's own: 3 for the kalman presets)"})
+    reward_head: bool = field(default=False, metadata={
+        "help": "add a reward head (quadratic in state and action, exact expectation under the belief), fitted "
+                "to the stored rewards after training (state-space priors with actions)"})
+    planner: dict = field(default_factory=dict, metadata={
+        "help": "JSON planner defaults stored with the model (worldmodel.planning.PlannerConfig: solver, horizon, "
+                "samples, action_low, action_high, ...)"})
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -87,6 +95,7 @@ class ModelConfig:
             raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {self.multistep_horizon}")
         if self.resolved_encoder == "mlp" and self.input_dim < 1:
             raise ValueError("encoder='mlp' needs input_dim >= 1")
+        PlannerConfig.from_overrides(self.planner)  # ValueError for unknown or invalid settings
 
     @property
     def resolved_encoder(self) -> str:
@@ -175,6 +184,12 @@ class WorldModel(nn.Module):
             raise ValueError(f"heteroscedastic=True needs a state-space prior, method {config.method!r} has none")
         if config.prior_lr_multiplier is not None:
             self.prior.lr_multiplier = float(config.prior_lr_multiplier)
+        self.reward_head: RewardHead | None = None
+        if config.reward_head:
+            if not self.can_filter or not config.action_dim:
+                raise ValueError(f"reward_head=True needs a state-space prior and actions (method {config.method!r}, "
+                                 f"action_dim {config.action_dim})")
+            self.reward_head = RewardHead(self.prior.state_dim, config.action_dim)
         self.target_encoder: SequenceEncoder | None = None
         if self.objective.target_ema is not None:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -356,6 +371,21 @@ class WorldModel(nn.Module):
         missing = ~torch.isfinite(z_t).all(-1)
         nll = -predictive.log_prob(torch.where(missing[:, None], predictive.mean.to(z_t.dtype), z_t))
         return nll.masked_fill(missing, float("nan"))
+
+    def reward(self, belief: Gaussian, action: Tensor) -> Tensor:
+        """Expected reward (B,) of taking `action` (B, a) at `belief` (B, S): the reward head's E r(h', u) under the
+        predicted belief of the next state h' (exact: the head is quadratic, see `planning.RewardHead`).
+        ValueError without a fitted reward head (ModelConfig.reward_head=True and data with rewards)."""
+        prior = self._state_space("reward")
+        if self.reward_head is None:
+            raise ValueError("this model has no reward head: train it with ModelConfig.reward_head=True on data with "
+                             "rewards (train.py control does)")
+        batch = belief.mean.shape[0]
+        if action is None or not action.is_floating_point() or tuple(action.shape) != (batch, self.config.action_dim):
+            raise ValueError(f"action must be a float tensor of shape ({batch}, {self.config.action_dim}), got "
+                             f"{None if action is None else tuple(action.shape)}")
+        with torch.autocast(belief.mean.device.type, enabled=False):
+            return self.reward_head.expected(prior.step(belief, None, action), action.to(belief.mean.dtype))
 
     def imagine(self, belief: Gaussian, actions: Tensor | int, observe: bool = False) -> Gaussian:
         """Exact k-step predictive Gaussians from `belief`, k = 1..H (no sampling).

@@ -1,0 +1,120 @@
+"""The reward head: an expected reward quadratic in the latent state and the action, exact under a Gaussian belief.
+
+    r(h, u) = h^T Whh h + 2 h^T Whu u + u^T Wuu u + wh^T h + wu^T u + c0
+    E_{h ~ N(m, P)} r(h, u) = r(m, u) + tr(Whh P)
+
+The stored reward of step t is the one earned by action u_t from frame t, i.e. a function of the next state
+h_{t+1} and u_t. So the head is fitted on the filter's one-step *predictive* beliefs N(m_{t+1|t}, P_{t+1|t})
+(exactly what `WorldModel.reward(belief, action)` and a planner's rollout produce): the expectation above is
+linear in the coefficients, with features (m m^T + P, m u^T, u u^T, m, u, 1), so the fit is one ridge
+least-squares solve in float64 (no learning rate, no epochs, exact for the data given).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from worldmodel.kalman import Gaussian
+from worldmodel.planning.costs import QuadraticCost
+
+__all__ = ["RewardHead", "fit_reward_head"]
+
+
+def _quadratic_features(belief: Gaussian, actions: Tensor) -> Tensor:
+    """Features (N, F) whose linear map is the expected reward: upper triangles of m m^T + P and u u^T, m u^T, m,
+    u, 1, from beliefs mean (N, S), cov (N, S, S) and actions (N, a)."""
+    m, P, u = belief.mean, belief.cov, actions
+    S, a = m.shape[-1], u.shape[-1]
+    iu_h = torch.triu_indices(S, S, device=m.device)
+    iu_a = torch.triu_indices(a, a, device=m.device)
+    second = (m[:, :, None] * m[:, None, :] + P)[:, iu_h[0], iu_h[1]]
+    actions2 = (u[:, :, None] * u[:, None, :])[:, iu_a[0], iu_a[1]]
+    cross = (m[:, :, None] * u[:, None, :]).flatten(1)
+    return torch.cat([second, cross, actions2, m, u, torch.ones_like(m[:, :1])], 1)
+
+
+def _symmetric(coef: Tensor, n: int) -> Tensor:
+    """The symmetric W (n, n) with x^T W x = sum_{i <= j} coef_ij x_i x_j (coef over the upper triangle)."""
+    iu = torch.triu_indices(n, n, device=coef.device)
+    W = coef.new_zeros(n, n)
+    W[iu[0], iu[1]] = coef
+    return (W + W.mT) / 2
+
+
+class RewardHead(nn.Module):
+    """Quadratic expected-reward model over states (S,) and actions (a,) (see the module docstring).
+
+    Coefficients are buffers (saved with the model, never trained by gradient); `fitted` is False until `fit`.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int):
+        super().__init__()
+        if state_dim < 1 or action_dim < 1:
+            raise ValueError(f"a reward head needs state_dim >= 1 and action_dim >= 1, got {state_dim}, {action_dim}")
+        self.state_dim, self.action_dim = state_dim, action_dim
+        S, a = state_dim, action_dim
+        for name, shape in (("Whh", (S, S)), ("Whu", (S, a)), ("Wuu", (a, a)), ("wh", (S,)), ("wu", (a,)), ("c0", ())):
+            self.register_buffer(name, torch.zeros(shape))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def cost(self) -> QuadraticCost:
+        """The planning cost: minus the reward, as a `QuadraticCost` (its `stage` is -E r exactly)."""
+        if not bool(self.fitted):
+            raise ValueError("the reward head is not fitted: train the model on data with rewards (ModelConfig."
+                             "reward_head=True fits it after training)")
+        return QuadraticCost(-self.Whh, -self.Wuu, -self.Whu, -self.wh, -self.wu, -self.c0)
+
+    def expected(self, belief: Gaussian, actions: Tensor) -> Tensor:
+        """E r(h, u) under h ~ belief: mean (B, S), cov (B, S, S), actions (B, a) -> (B,)."""
+        return -self.cost().stage(belief.mean[:, None], actions[:, None], belief.cov[:, None])[:, 0]
+
+    @torch.no_grad()
+    def fit(self, belief: Gaussian, actions: Tensor, rewards: Tensor, ridge: float = 1e-6) -> float:
+        """Least-squares fit of E r to observed rewards: predictive beliefs mean (N, S), cov (N, S, S) of the state
+        reached by actions (N, a), rewards (N,). Ridge `ridge` relative to the mean feature variance. Returns the
+        fit's R^2 on these samples."""
+        N = rewards.shape[0]
+        if belief.mean.shape != (N, self.state_dim) or actions.shape != (N, self.action_dim):
+            raise ValueError(f"fit needs beliefs (N, {self.state_dim}), actions (N, {self.action_dim}) and rewards "
+                             f"(N,); got {tuple(belief.mean.shape)}, {tuple(actions.shape)}, {tuple(rewards.shape)}")
+        if N < 2 or not (torch.isfinite(rewards).all() and torch.isfinite(belief.mean).all()):
+            raise ValueError(f"fit needs at least 2 finite samples, got {N}")
+        X = _quadratic_features(Gaussian(belief.mean.double(), belief.cov.double()), actions.double())
+        y = rewards.double()
+        scale = X[:, :-1].std(0).clamp_min(1e-12)  # standardise all but the constant column
+        Xs = torch.cat([(X[:, :-1] - X[:, :-1].mean(0)) / scale, torch.ones_like(X[:, -1:])], 1)
+        gram = Xs.mT @ Xs
+        reg = ridge * N * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        reg[-1, -1] = 0.0
+        coef_s = torch.linalg.solve(gram + reg, Xs.mT @ y)
+        coef = torch.cat([coef_s[:-1] / scale, (coef_s[-1] - (coef_s[:-1] / scale) @ X[:, :-1].mean(0))[None]])
+        S, a = self.state_dim, self.action_dim
+        sizes = [S * (S + 1) // 2, S * a, a * (a + 1) // 2, S, a, 1]
+        hh, hu, uu, h, u, c = coef.split(sizes)
+        values = {"Whh": _symmetric(hh, S), "Whu": hu.reshape(S, a) / 2, "Wuu": _symmetric(uu, a), "wh": h, "wu": u,
+                  "c0": c[0]}
+        for name, value in values.items():
+            getattr(self, name).copy_(value)
+        self.fitted.fill_(True)
+        residual = y - X @ coef
+        return float(1.0 - residual.square().mean() / y.var(unbiased=False).clamp_min(1e-300))
+
+
+@torch.no_grad()
+def fit_reward_head(model, data: dict[str, Tensor], batch_size: int = 32) -> float:
+    """Fit `model.reward_head` (in eval mode) to whole episodes `data` (obs (N, T, ...), action (N, T, a),
+    reward (N, T), mask (N, T)): the reward of step t against the filter's predictive belief of step t + 1 and
+    action t, over the steps whose next frame is observed. Returns the fit's R^2."""
+    device = next(model.parameters()).device
+    means, covs, actions, rewards = [], [], [], []
+    for i in range(0, len(data["obs"]), batch_size):
+        part = {k: data[k][i:i + batch_size].to(device) for k in ("obs", "action", "reward", "mask")}
+        predicted = model.filter(part["obs"], part["action"], part["mask"]).predicted
+        keep = part["mask"][:, 1:]
+        means.append(predicted.mean[:, 1:][keep])
+        covs.append(predicted.cov[:, 1:][keep])
+        actions.append(part["action"][:, :-1][keep])
+        rewards.append(part["reward"][:, :-1][keep])
+    belief = Gaussian(torch.cat(means), torch.cat(covs))
+    return model.reward_head.fit(belief, torch.cat(actions), torch.cat(rewards))
