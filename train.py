@@ -7,6 +7,7 @@
     python train.py eval --name NAME      # readout R^2 + k-step NLL/coverage table, appended to metrics.jsonl
     python train.py filter --name NAME --filter.drop 40 60   # online filtering with dropped frames -> filter.png
     python train.py import --videos clips/ --data data/clips.zarr   # outside data -> a rollout store
+    python train.py control               # collect-train-plan loop on the pendulum swing-up, closed-loop eval
     torchrun --nproc_per_node=2 train.py --steps 500         # DDP (gloo on CPU, nccl on GPU)
 
 Subcommands, each with only its own flags (``train.py SUBCOMMAND --help``), generated from the fields of
@@ -15,6 +16,8 @@ a config dataclass (worldmodel.training.TrainConfig, or worldmodel.datasets.Impo
                      as --x-y (--method, --latent-dim, ...)
     eval             --name, --out-dir, --device, --progress, --plots and --eval.x-y
     filter           --name, --out-dir, --device, --progress, --plots and --filter.x-y
+    control          the train flags (for each training phase) and --control.x-y (worldmodel.training.control);
+                     planner settings as --model.planner '{"horizon": 30, "samples": 256}'
     import           --videos DIR | --hdf5 F | --npz F | --minari PATH | --lerobot PATH, --data OUT.zarr,
                      --image-size, --fps, --strict, ... (worldmodel.datasets.importers)
 eval and filter read the run's config.json and apply only the flags you pass. Training on an imported
@@ -39,6 +42,7 @@ from worldmodel.allocator import tune_malloc
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
 from worldmodel.datasets import ImportConfig, run_import
 from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
+from worldmodel.training.control import control
 from worldmodel.training.data import imported_store_settings, is_imported
 
 
@@ -52,10 +56,13 @@ class Command(NamedTuple):
 _RUN = ("name", "out_dir", "device", "progress", "plots")
 COMMANDS = {
     "train": Command("train a model (the default)",
-                     tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "filter"), ("model",)),
+                     tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("filter", "control")),
+                     ("model",)),
     "eval": Command("evaluate a run's checkpoint", (*_RUN, "eval")),
     "filter": Command("replay an episode through WorldModel.step and plot beliefs vs the true state",
                       (*_RUN, "filter")),
+    "control": Command("collect with MPC, train, repeat; evaluate closed-loop against random and oracle policies",
+                       tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "filter"), ("model",)),
     "import": Command("import videos, HDF5 / npz arrays, or a Minari / LeRobot dataset on disk into a rollout "
                       "store", None, config=ImportConfig),
 }
@@ -79,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | Import
     try:
         if spec.config is not TrainConfig:
             return command, apply_overrides(spec.config(), overrides)
+        if command == "control":  # resolved by training.control.for_control (the env's own dynamics)
+            return command, apply_overrides(TrainConfig(), overrides)
         if command == "train":
             overrides = {**imported_store_settings(overrides), **overrides}
         base = TrainConfig()
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> Path | dict:
                              f"evaluate against (train.py evaluates imported data only by its training loss)")
         if command == "filter":
             return replay_filter(cfg)
+        if command == "control":
+            return control(cfg)
         if command == "eval":
             return evaluate_run(cfg)
         imported = is_imported(cfg)

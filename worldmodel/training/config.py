@@ -13,7 +13,7 @@ from typing import Any, Literal
 from worldmodel.cli import config_from_dict
 from worldmodel.model import ModelConfig
 
-__all__ = ["RUN_CONTROL", "EvalConfig", "FilterConfig", "TrainConfig", "config_difference"]
+__all__ = ["RUN_CONTROL", "ControlConfig", "EvalConfig", "FilterConfig", "TrainConfig", "config_difference"]
 
 
 @dataclass
@@ -77,9 +77,39 @@ class FilterConfig:
                              f"{self.inject_length}")
 
 
+@dataclass
+class ControlConfig:
+    """`control` subcommand: the collect-train-plan loop and its closed-loop evaluation (training.control)."""
+
+    episode_length: int = field(default=200, metadata={"help": "steps per episode (collected and evaluated)"})
+    seed_episodes: int = field(default=40, metadata={"help": "episodes of uniform random actions before phase 0"})
+    iterations: int = field(default=3, metadata={"help": "collect-then-train iterations after phase 0"})
+    episodes_per_iteration: int = field(default=10, metadata={"help": "MPC episodes collected per iteration"})
+    steps_per_iteration: int = field(default=400, metadata={
+        "help": "fine-tuning steps of the phases after the first (phase 0 trains --steps)"})
+    exploration: float = field(default=0.3, metadata={
+        "help": "std of the Gaussian noise added to the MPC's actions while collecting (fraction of the half range)"})
+    val_episodes: int = field(default=2, metadata={"help": "the latest episodes held out of each phase (val loss)"})
+    eval_episodes: int = field(default=10, metadata={"help": "evaluation episodes (fixed seeds)"})
+    eval_seed: int = field(default=100_000, metadata={"help": "env seed of evaluation episode i: eval_seed + i"})
+    oracle: bool = field(default=True, metadata={
+        "help": "also evaluate an MPC with the true state and dynamics (envs with simulate())"})
+
+    def __post_init__(self):
+        for name in ("episode_length", "seed_episodes", "episodes_per_iteration", "steps_per_iteration",
+                     "val_episodes", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"control.{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations < 0 or self.exploration < 0:
+            raise ValueError("control.iterations and control.exploration must be >= 0")
+        if self.val_episodes >= self.seed_episodes:
+            raise ValueError(f"control.val_episodes ({self.val_episodes}) must be < seed_episodes "
+                             f"({self.seed_episodes})")
+
+
 # fields that do not change what is trained: a resumed run may change them freely
 RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
-                "ckpt_every", "eval", "filter", "progress", "plots", "tensorboard")
+                "ckpt_every", "eval", "filter", "progress", "plots", "tensorboard", "control")
 
 
 @dataclass
@@ -126,6 +156,8 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={
         "help": "stop (with a checkpoint) at this step without changing the schedule; continue with --resume"})
     resume: bool = field(default=False, metadata={"help": "continue the run in <out_dir>/<name>/ from its checkpoint"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the weights of this checkpoint (fine-tuning; same model config; fresh optimizer)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     plots: bool = field(default=True, metadata={"help": "write PNG figures after training / eval"})
     tensorboard: bool = field(default=False, metadata={
@@ -134,6 +166,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(image_size=None, channels=None, action_dim=None))
     eval: EvalConfig = field(default_factory=EvalConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self):
         positive = ("train_episodes", "val_episodes", "episode_length", "window", "batch_size", "steps", "log_every",

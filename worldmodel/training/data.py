@@ -131,14 +131,14 @@ def split_episodes(store, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 def load_split(store, cfg: TrainConfig, episodes: tuple[np.ndarray, np.ndarray] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(train, val) episodes in memory: obs uint8 (N, T, H, W, C), action (N, T, a), state (N, T, s),
-    mask bool (N, T) (True = frame observed).
+    reward (N, T), mask bool (N, T) (True = frame observed).
 
     ``episodes``: their (train, val) store indices (default ``split_episodes(store, cfg)``); T = the
     store's episode length (shorter episodes are zero-padded; windows never reach the padding)."""
     train, val = split_episodes(store, cfg) if episodes is None else episodes
 
     def stack(indices) -> dict[str, torch.Tensor]:
-        keys = ("obs", "action", "state", "mask")
+        keys = ("obs", "action", "state", "reward", "mask")
         episodes = [store.window(int(i), 0, store.episode_length, keys=keys) for i in indices]
         return {key: torch.from_numpy(np.stack([e[key] for e in episodes])) for key in keys}
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from worldmodel.model import WorldModel
+from worldmodel.planning.reward import fit_reward_head
 from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
 from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split, open_store, split_episodes,
@@ -28,7 +29,7 @@ from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split,
 from worldmodel.training.evaluate import report
 from worldmodel.training.run import append_jsonl, prepare_run, restore, save_checkpoint, seed_all, start_files
 
-__all__ = ["Interrupted", "build_model", "lr_factor", "make_optimizer", "train"]
+__all__ = ["Interrupted", "build_model", "init_weights", "lr_factor", "make_optimizer", "train"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -50,6 +51,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> WorldModel:
         return WorldModel.from_config(cfg.model).to(device)
     except ValueError as err:
         raise ValueError(f"cannot build the model: {err}") from err
+
+
+def init_weights(model: WorldModel, cfg: TrainConfig) -> None:
+    """Load the weights of checkpoint ``cfg.init_from`` (its model config must equal the run's)."""
+    source = WorldModel.load(cfg.init_from, map_location="cpu")
+    if source.config != model.config:
+        raise ValueError(f"--init-from {cfg.init_from!r} holds a model of another config; fine-tuning needs the same "
+                         f"model settings")
+    model.load_state_dict(source.state_dict())
 
 
 def make_optimizer(model: WorldModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -137,6 +147,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     if ckpt is not None:
         restore(ckpt, model, optimizer, cfg)
     else:
+        if cfg.init_from:
+            init_weights(model, cfg)
         seed_all(cfg.seed + rank)
     board = None
     if rank == 0:
@@ -206,6 +218,10 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
                                   f"{str(cfg.run_dir / 'checkpoint.pt')!r}; continue with --resume")
     bar.close()
     if step > start or ckpt is None:
+        if model.reward_head is not None and step == cfg.steps:
+            r2 = fit_reward_head(model.eval(), train_data, cfg.eval.batch_size)
+            if rank == 0:
+                append_jsonl(metrics_path, {"kind": "reward_head", "step": step, "r2": r2})
         save_checkpoint(model, optimizer, cfg, step)
     ddp.barrier()
     ddp.shutdown()

@@ -1,0 +1,286 @@
+"""``train.py control``: the collect-train-plan loop (PlaNet's) and the closed-loop evaluation.
+
+    seed episodes (uniform random actions) -> train phase 0 -> collect with MPC + exploration noise -> train
+    phase 1 (fine-tuning on the grown store) -> ... -> closed-loop evaluation on fixed seeds
+
+All data goes into one rollout store, ``<run_dir>/rollouts.zarr``; phase k trains ``<run_dir>/train-<k>/``
+(an ordinary train.py run, initialised from phase k-1). Every part is resumable: collection continues at the
+first missing episode, a phase at its checkpoint, a finished phase is skipped; so Ctrl-C keeps every collected
+episode and the same command goes on. The evaluation runs the learned MPC (frames only), a uniform random
+policy and an oracle MPC that plans with the simulator's true state and dynamics (``env.unwrapped.simulate``,
+when the env has it) on the same seeds, batched over episodes, and writes ``control.json`` (returns, the
+normalised score (R - R_random) / (R_oracle - R_random), planning ms per step), ``returns.png`` and
+``episode.png`` (a filmstrip of one episode with the belief's linear readout against the true state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from worldmodel.kalman import Gaussian
+from worldmodel.model import WorldModel
+from worldmodel.planning.mpc import MPC, PlannerConfig, RecedingHorizon, one_thread_on_cpu
+from worldmodel.training import ddp
+from worldmodel.training.config import TrainConfig
+from worldmodel.training.data import make_run_env
+from worldmodel.training.loop import train
+
+__all__ = ["control", "for_control", "run_episodes"]
+
+
+def for_control(cfg: TrainConfig) -> TrainConfig:
+    """The control run's config: the env's own dynamics (env_kwargs {} unless given), episodes of
+    ``control.episode_length``, run name ``<env>-control``, a reward head and the env's action bounds stored as
+    planner defaults; every other "none" field resolved as for training."""
+    control = cfg.control
+    cfg = dataclasses.replace(cfg, env_kwargs={} if cfg.env_kwargs is None else cfg.env_kwargs,
+                              episode_length=cfg.episode_length or control.episode_length,
+                              name=cfg.name or f"{cfg.env}-control",
+                              model=dataclasses.replace(cfg.model, reward_head=True)).resolved()
+    env = make_run_env(cfg)
+    try:
+        space = env.action_space
+        if not hasattr(space, "low") or cfg.model.action_dim == 0:
+            raise ValueError(f"train.py control needs an env with continuous (Box) actions; {cfg.env!r} has "
+                             f"{space}")
+        bounds = {"action_low": [float(x) for x in np.ravel(space.low)],
+                  "action_high": [float(x) for x in np.ravel(space.high)]}
+    finally:
+        env.close()
+    planner = {**bounds, **cfg.model.planner}
+    PlannerConfig.from_overrides(planner)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, planner=planner))
+
+
+# ---------------------------------------------------------------------------------------- policies
+class RandomPolicy:
+    """Uniform random actions in the bounds, for a batch of E envs."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray):
+        self.low, self.high = low, high
+
+    def reset(self, batch: int, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
+        return self.rng.uniform(self.low, self.high, (len(obs), len(self.low))).astype(np.float32)
+
+
+class ModelPolicy:
+    """The learned MPC from frames: filter each frame with `WorldModel.step`, plan from the belief with `MPC`, add
+    Gaussian exploration noise of std ``exploration`` x the half action range (0 for evaluation)."""
+
+    def __init__(self, model: WorldModel, exploration: float = 0.0):
+        self.model, self.exploration = model, exploration
+        self.mpc = MPC(model)
+        self.plan_ms: list[float] = []
+
+    def reset(self, batch: int, rng: np.random.Generator) -> None:
+        self.rng, self.belief, self.previous = rng, self.model.init_belief(batch), None
+        self.means: list[torch.Tensor] = []  # filtered state means (E, S) of every step, for the readout figure
+        self.mpc.reset()
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
+        device = self.mpc.low.device
+        self.belief = self.model.step(self.belief, torch.as_tensor(obs, device=device), self.previous)
+        self.means.append(self.belief.mean.float().cpu())
+        action = self.mpc.plan(self.belief)[:, 0]
+        self.plan_ms.append(self.mpc.last_ms)
+        low, high = self.mpc.low, self.mpc.high
+        if self.exploration > 0:
+            noise = torch.as_tensor(self.rng.standard_normal(tuple(action.shape)), dtype=action.dtype, device=device)
+            action = torch.minimum(torch.maximum(action + self.exploration * (high - low) / 2 * noise, low), high)
+        self.previous = action.float()
+        return action.cpu().numpy().astype(np.float32)
+
+
+class OraclePolicy:
+    """MPC with the simulator's true state and dynamics: the same solver and settings as the learned MPC, the cost
+    minus the sum of true rewards from ``env.unwrapped.simulate(state, action) -> (state, reward)``."""
+
+    def __init__(self, simulator, planner: PlannerConfig):
+        low, high = (torch.tensor(b, dtype=torch.float64) for b in (planner.action_low, planner.action_high))
+        self.simulate, self.solver = simulator.simulate, RecedingHorizon(planner, low, high)
+        self.plan_ms: list[float] = []
+
+    def reset(self, batch: int, rng: np.random.Generator) -> None:
+        self.solver.reset()
+
+    def _cost(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        s = state[:, None].expand(-1, actions.shape[1], -1)
+        total = actions.new_zeros(actions.shape[:2])
+        for h in range(actions.shape[2]):
+            s, reward = self.simulate(s, actions[:, :, h])
+            total = total - reward
+        return total
+
+    def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        s = torch.as_tensor(state, dtype=torch.float64)
+        with one_thread_on_cpu(s.device):
+            action = self.solver(lambda actions: self._cost(s, actions), len(s))[:, 0]
+        self.plan_ms.append(1000 * (time.perf_counter() - start))
+        return action.numpy().astype(np.float32)
+
+
+class _SingleEnv:
+    """A batched policy as ``collect``'s ``policy(obs, info)`` for one env."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.policy.reset(1, rng)
+
+    def __call__(self, obs, info):
+        return self.policy(obs[None], np.asarray(info["state"])[None])[0]
+
+
+# ---------------------------------------------------------------------------------------- episodes
+def run_episodes(cfg: TrainConfig, policy, seeds: list[int], length: int, keep_frames: int = 1,
+                 desc: str = "episodes") -> dict[str, np.ndarray]:
+    """Run ``policy`` (batched: ``reset(E, rng)``, ``policy(obs (E, H, W, C), state (E, s)) -> actions (E, a)``) in
+    one env per seed for ``length`` steps in lockstep (an env that terminates stops earning reward).
+    Returns returns (E,), rewards (E, T), states (E, T, s) and the frames (k, T, H, W, C) of the first k episodes."""
+    envs = [make_run_env(cfg) for _ in seeds]
+    try:
+        first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
+        obs = np.stack([o for o, _ in first])
+        state = np.stack([np.asarray(i["state"], np.float64) for _, i in first])
+        policy.reset(len(seeds), np.random.default_rng(int(seeds[0])))
+        rewards = np.zeros((len(seeds), length))
+        states = np.zeros((len(seeds), length, state.shape[-1]))
+        frames = np.zeros((min(keep_frames, len(seeds)), length, *obs.shape[1:]), np.uint8)
+        alive = np.ones(len(seeds), bool)
+        for t in tqdm(range(length), desc=desc, leave=False, disable=None):
+            states[:, t], frames[:, t] = state, obs[:len(frames)]
+            actions = policy(obs, state)
+            for i, env in enumerate(envs):
+                if alive[i]:
+                    o, r, terminated, truncated, info = env.step(actions[i])
+                    obs[i], state[i], rewards[i, t] = o, info["state"], r
+                    alive[i] = not (terminated or truncated)
+        return {"returns": rewards.sum(1), "rewards": rewards, "states": states, "frames": frames}
+    finally:
+        for env in envs:
+            env.close()
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _phase_config(cfg: TrainConfig, k: int, episodes: int) -> TrainConfig:
+    """The ordinary training run of phase k on the first ``episodes`` episodes of the run's store."""
+    c, run_dir = cfg.control, cfg.run_dir
+    return dataclasses.replace(
+        cfg, out_dir=str(run_dir), name=f"train-{k}", data=str(run_dir / "rollouts.zarr"),
+        train_episodes=episodes - c.val_episodes, val_episodes=c.val_episodes, resume=True, plots=False,
+        steps=cfg.steps if k == 0 else c.steps_per_iteration, warmup=cfg.warmup if k == 0 else 0,
+        init_from=None if k == 0 else str(run_dir / f"train-{k - 1}" / "checkpoint.pt"))
+
+
+def _collect(cfg: TrainConfig, policy, episodes: int) -> list[float]:
+    """Grow the run's store to ``episodes`` episodes with ``policy`` (resumable); returns of the new episodes."""
+    from worldmodel.datasets import RolloutStore, collect
+
+    env = make_run_env(cfg)
+    path = cfg.run_dir / "rollouts.zarr"
+    try:
+        store = collect(env, _SingleEnv(policy), episodes, cfg.control.episode_length, path, seed=cfg.seed,
+                        progress=cfg.progress)
+    finally:
+        env.close()
+    return [float(RolloutStore.open(path, read_only=True).episode(i)["reward"].sum()) for i in range(len(store))]
+
+
+def control(cfg: TrainConfig) -> dict:
+    """The collect-train-plan loop and the closed-loop evaluation (module docstring); ``cfg`` as ``for_control``
+    makes it. Returns the record written to ``<run_dir>/control.json``."""
+    cfg = for_control(cfg)
+    c, run_dir = cfg.control, cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    t0 = time.time()
+    low, high = (np.asarray(b, np.float32) for b in (cfg.model.planner["action_low"], cfg.model.planner["action_high"]))
+    returns = _collect(cfg, RandomPolicy(low, high), c.seed_episodes)
+    for k in range(c.iterations + 1):
+        episodes = c.seed_episodes + k * c.episodes_per_iteration
+        ddp.log(f"control phase {k}: training on {episodes} episodes")
+        phase = _phase_config(cfg, k, episodes)
+        train(phase, final_eval=False)
+        if k == c.iterations:
+            break
+        model = WorldModel.load(phase.run_dir / "checkpoint.pt").eval()
+        returns = _collect(cfg, ModelPolicy(model, c.exploration), episodes + c.episodes_per_iteration)
+    model = WorldModel.load(run_dir / f"train-{c.iterations}" / "checkpoint.pt").eval()
+    model.save(run_dir / "checkpoint.pt")
+    record = evaluate_control(cfg, model)
+    record.update(collected_returns=returns, elapsed_s=round(time.time() - t0, 1))
+    (run_dir / "control.json").write_text(json.dumps(record, indent=2) + "\n")
+    _print_table(record)
+    return record
+
+
+def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
+    """Closed-loop returns of the learned MPC, a random policy and (when the env has ``simulate``) the oracle MPC on
+    seeds eval_seed + i; the normalised score; planning ms per step; and the figures (when cfg.plots)."""
+    from worldmodel import plots
+
+    c = cfg.control
+    seeds = [c.eval_seed + i for i in range(c.eval_episodes)]
+    planner = PlannerConfig.from_overrides(cfg.model.planner)
+    policies = {"mpc": ModelPolicy(model), "random": RandomPolicy(np.asarray(planner.action_low, np.float32),
+                                                                  np.asarray(planner.action_high, np.float32))}
+    env = make_run_env(cfg)
+    if c.oracle and hasattr(env.unwrapped, "simulate"):
+        policies["oracle"] = OraclePolicy(env.unwrapped, planner)
+    env.close()
+    runs = {name: run_episodes(cfg, policy, seeds, c.episode_length, desc=f"eval {name}")
+            for name, policy in policies.items()}
+    mean = {name: float(run["returns"].mean()) for name, run in runs.items()}
+    record = {"kind": "control", "env": cfg.env, "seeds": seeds, "episode_length": c.episode_length,
+              "returns": {name: run["returns"].round(3).tolist() for name, run in runs.items()}, "mean_return": mean,
+              "planning_ms": {name: round(float(np.median(p.plan_ms)), 3) for name, p in policies.items()
+                              if hasattr(p, "plan_ms")}}
+    if "oracle" in mean:
+        record["score"] = (mean["mpc"] - mean["random"]) / (mean["oracle"] - mean["random"])
+    if cfg.plots:
+        plots.control_returns(record, cfg.run_dir / "returns.png")
+        truth, readout, names = _belief_readout(cfg, torch.stack(policies["mpc"].means, 1), runs["mpc"]["states"])
+        plots.control_episode(runs["mpc"]["frames"][0], truth, readout, names, runs["mpc"]["rewards"][0],
+                              cfg.run_dir / "episode.png")
+    return record
+
+
+def _belief_readout(cfg: TrainConfig, means: torch.Tensor, states: np.ndarray):
+    """(true targets (T, D), their linear readout from the filtered means (T, D), names) of evaluation episode 0;
+    the affine readout is fit on the other evaluation episodes (on episode 0 itself when it is the only one)."""
+    from worldmodel import envs
+    from worldmodel.evaluation import fit_readout
+
+    env = make_run_env(cfg)
+    try:
+        targets, names = envs.readout_targets(env, states)
+    finally:
+        env.close()
+    fit = slice(1, None) if len(means) > 1 else slice(None)
+    W, c = fit_readout(means[fit].double(), targets[fit])
+    return targets[0].numpy(), (means[0].double() @ W + c).numpy(), names
+
+
+def _print_table(record: dict) -> None:
+    """The evaluation as a small text table on stdout."""
+    lines = [f"closed-loop returns over {record['episode_length']} steps, {len(record['seeds'])} seeds "
+             f"({record['env']}):", f"  {'policy':8s} {'mean':>9s} {'std':>8s} {'plan ms':>8s}"]
+    for name, values in record["returns"].items():
+        ms = record["planning_ms"].get(name)
+        lines.append(f"  {name:8s} {np.mean(values):9.1f} {np.std(values):8.1f} {'' if ms is None else f'{ms:8.1f}'}")
+    if "score" in record:
+        lines.append(f"  normalised score (R - R_random) / (R_oracle - R_random): {record['score']:.3f}")
+    print("\n".join(lines), flush=True)
