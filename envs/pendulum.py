@@ -35,7 +35,9 @@ class PendulumEnv(gymnasium.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
     # training data for ``worldmodel.envs.env_defaults``; friction 0.5: few full rotations, so theta_dot
     # is linearly recoverable
-    defaults = {"image_size": 64, "episode_length": 100, "env_kwargs": {"friction": 0.5}}
+    # and the swing-up task of ``train.py control``: the env's own dynamics (friction 0.1), 200-step episodes
+    defaults = {"image_size": 64, "episode_length": 100, "env_kwargs": {"friction": 0.5},
+                "control": {"task": "reward", "env_kwargs": {}, "episode_length": 200}}
 
     def __init__(
         self,

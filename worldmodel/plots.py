@@ -201,36 +201,39 @@ def latent_scatter(latents: Any, color: Any, path: str | Path, color_label: str 
     return _save(fig, path)
 
 
-def control_returns(record: dict, path: str | Path) -> Path:
-    """Closed-loop evaluation of ``train.py control``: the return of every evaluation episode per policy (dots, with
-    the mean as a bar), and the returns of the episodes collected during the loop in order (seed, then MPC)."""
+def control_returns(record: dict, path: str | Path, key: str = "returns") -> Path:
+    """Closed-loop evaluation of ``train.py control``: ``record[key]`` (returns, or final goal errors) of every
+    evaluation episode per policy (dots, with the mean as a bar), and the returns of the episodes collected during
+    the loop in order (seed, then MPC)."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
-    for i, (name, values) in enumerate(record["returns"].items()):
+    for i, (name, values) in enumerate(record[key].items()):
         values = _np(values)
         ax.bar(i, values.mean(), color=f"C{i}", alpha=0.35)
         ax.plot(np.full(len(values), i) + np.linspace(-0.2, 0.2, len(values)), values, "o", color=f"C{i}", ms=4)
-    ax.set_xticks(range(len(record["returns"])), list(record["returns"]))
+    ax.set_xticks(range(len(record[key])), list(record[key]))
     score = f", score {record['score']:.2f}" if "score" in record else ""
-    ax.set(ylabel="return", title=f"evaluation ({len(record['seeds'])} seeds{score})")
+    ax.set(ylabel=key.replace("_", " "), title=f"evaluation ({len(record['seeds'])} seeds{score})")
     collected = _np(record.get("collected_returns", []))
     bx.plot(np.arange(len(collected)), collected, ".", color="0.3")
     bx.set(xlabel="collected episode", ylabel="return", title="data collection (random seed episodes, then MPC)")
     return _save(fig, path)
 
 
-def control_episode(frames: Any, truth: Any, readout: Any, names: Sequence[str], rewards: Any, path: str | Path,
-                    n_frames: int = 10) -> Path:
-    """One closed-loop episode: a filmstrip of ``n_frames`` frames (T, H, W, C) spread over the episode, the true
-    readout targets (T, D) against their linear readout from the filter's beliefs, and the reward per step (T,)."""
-    frames, truth, readout, rewards = np.asarray(frames), _as_columns(truth, "truth"), _as_columns(readout, "readout"), _np(rewards)
+def control_episode(frames: Any, truth: Any, readout: Any, names: Sequence[str], trace: Any, path: str | Path,
+                    n_frames: int = 10, trace_label: str = "reward", goal: Any = None) -> Path:
+    """One closed-loop episode: a filmstrip of ``n_frames`` frames (T, H, W, C) spread over the episode (then the goal
+    frame, when given), the true readout targets (T, D) against their linear readout from the filter's beliefs, and a
+    per-step trace (T,) (the reward, or the goal error)."""
+    frames, truth, readout, trace = np.asarray(frames), _as_columns(truth, "truth"), _as_columns(readout, "readout"), _np(trace)
     T = len(frames)
     picks = np.linspace(0, T - 1, min(n_frames, T)).astype(int)
-    fig = plt.figure(figsize=(1.2 * len(picks), 5.2), layout="constrained")
+    shown = [(frames[t], f"t={t}") for t in picks] + ([] if goal is None else [(np.asarray(goal), "goal")])
+    fig = plt.figure(figsize=(1.2 * len(shown), 5.2), layout="constrained")
     top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.0, 1.6, 1.0])
-    for ax, t in zip(top.subplots(1, len(picks)), picks):
-        ax.imshow(frames[t])
+    for ax, (image, title) in zip(top.subplots(1, len(shown)), shown):
+        ax.imshow(image)
         ax.set_axis_off()
-        ax.set_title(f"t={t}", fontsize=8)
+        ax.set_title(title, fontsize=8)
     ax = middle.subplots()
     for d in range(truth.shape[1]):
         ax.plot(truth[:, d], color=f"C{d}", label=names[d])
@@ -238,6 +241,6 @@ def control_episode(frames: Any, truth: Any, readout: Any, names: Sequence[str],
     ax.set(ylabel="true (solid), belief readout (dashed)")
     ax.legend(fontsize=7, ncol=min(4, truth.shape[1]), loc="upper right")
     bx = bottom.subplots()
-    bx.plot(rewards, color="0.3")
-    bx.set(xlabel="step", ylabel="reward")
+    bx.plot(trace, color="0.3")
+    bx.set(xlabel="step", ylabel=trace_label)
     return _save(fig, path)

@@ -81,7 +81,11 @@ class FilterConfig:
 class ControlConfig:
     """`control` subcommand: the collect-train-plan loop and its closed-loop evaluation (training.control)."""
 
-    episode_length: int = field(default=200, metadata={"help": "steps per episode (collected and evaluated)"})
+    task: Literal["reward", "goal"] | None = field(default=None, metadata={
+        "help": "reward (maximise the env's reward with a learned reward head) or goal (reach goal frames the env "
+                "draws) (none = the env's, worldmodel.envs.control_defaults)"})
+    episode_length: int | None = field(default=None, metadata={
+        "help": "steps per episode, collected and evaluated (none = the env's control default)"})
     seed_episodes: int = field(default=40, metadata={"help": "episodes of uniform random actions before phase 0"})
     iterations: int = field(default=3, metadata={"help": "collect-then-train iterations after phase 0"})
     episodes_per_iteration: int = field(default=10, metadata={"help": "MPC episodes collected per iteration"})
@@ -98,7 +102,7 @@ class ControlConfig:
     def __post_init__(self):
         for name in ("episode_length", "seed_episodes", "episodes_per_iteration", "steps_per_iteration",
                      "val_episodes", "eval_episodes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"control.{name} must be >= 1, got {getattr(self, name)}")
         if self.iterations < 0 or self.exploration < 0:
             raise ValueError("control.iterations and control.exploration must be >= 0")

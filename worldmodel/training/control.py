@@ -36,20 +36,29 @@ __all__ = ["control", "for_control", "run_episodes"]
 
 
 def for_control(cfg: TrainConfig) -> TrainConfig:
-    """The control run's config: the env's own dynamics (env_kwargs {} unless given), episodes of
-    ``control.episode_length``, run name ``<env>-control``, a reward head and the env's action bounds stored as
-    planner defaults; every other "none" field resolved as for training."""
-    control = cfg.control
-    cfg = dataclasses.replace(cfg, env_kwargs={} if cfg.env_kwargs is None else cfg.env_kwargs,
-                              episode_length=cfg.episode_length or control.episode_length,
-                              name=cfg.name or f"{cfg.env}-control",
-                              model=dataclasses.replace(cfg.model, reward_head=True)).resolved()
+    """The control run's config: the env's control defaults (``worldmodel.envs.control_defaults``: the task, reward or
+    goal, its ``make_env`` kwargs and episode length) for every field not given, run name ``<env>-control``, a
+    reward head for reward tasks and the env's action bounds stored as planner defaults; every other "none" field
+    resolved as for training."""
+    from worldmodel.envs import control_defaults
+
+    defaults, control = control_defaults(cfg.env), cfg.control
+    control = dataclasses.replace(control, task=control.task or defaults["task"],
+                                  episode_length=control.episode_length or defaults["episode_length"])
+    cfg = dataclasses.replace(cfg, control=control, name=cfg.name or f"{cfg.env}-control",
+                              env_kwargs=defaults["env_kwargs"] if cfg.env_kwargs is None else cfg.env_kwargs,
+                              episode_length=control.episode_length,
+                              model=dataclasses.replace(cfg.model, reward_head=control.task == "reward")).resolved()
     env = make_run_env(cfg)
     try:
         space = env.action_space
         if not hasattr(space, "low") or cfg.model.action_dim == 0:
             raise ValueError(f"train.py control needs an env with continuous (Box) actions; {cfg.env!r} has "
                              f"{space}")
+        missing = [m for m in ("sample_goal", "render_state", "goal_error") if not hasattr(env.unwrapped, m)]
+        if control.task == "goal" and missing:
+            raise ValueError(f"control.task 'goal' needs an env that declares goals ({', '.join(missing)} missing on "
+                             f"{cfg.env!r})")
         bounds = {"action_low": [float(x) for x in np.ravel(space.low)],
                   "action_high": [float(x) for x in np.ravel(space.high)]}
     finally:
@@ -59,6 +68,12 @@ def for_control(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, planner=planner))
 
 
+def goal_set(env, rngs: list[np.random.Generator]) -> dict[str, np.ndarray]:
+    """One goal per generator from the env's goal API: states (E, s) and their frames (E, H, W, C)."""
+    states = np.stack([env.unwrapped.sample_goal(rng) for rng in rngs])
+    return {"states": states, "frames": np.stack([env.unwrapped.render_state(g) for g in states])}
+
+
 # ---------------------------------------------------------------------------------------- policies
 class RandomPolicy:
     """Uniform random actions in the bounds, for a batch of E envs."""
@@ -66,7 +81,7 @@ class RandomPolicy:
     def __init__(self, low: np.ndarray, high: np.ndarray):
         self.low, self.high = low, high
 
-    def reset(self, batch: int, rng: np.random.Generator) -> None:
+    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
         self.rng = rng
 
     def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
@@ -74,18 +89,18 @@ class RandomPolicy:
 
 
 class ModelPolicy:
-    """The learned MPC from frames: filter each frame with `WorldModel.step`, plan from the belief with `MPC`, add
-    Gaussian exploration noise of std ``exploration`` x the half action range (0 for evaluation)."""
+    """The learned MPC from frames: filter each frame with `WorldModel.step`, plan from the belief with `MPC` (the
+    reward head, or the goal frames given to `reset`), add Gaussian exploration noise of std ``exploration`` x the
+    half action range (0 for evaluation)."""
 
     def __init__(self, model: WorldModel, exploration: float = 0.0):
         self.model, self.exploration = model, exploration
-        self.mpc = MPC(model)
         self.plan_ms: list[float] = []
 
-    def reset(self, batch: int, rng: np.random.Generator) -> None:
+    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
         self.rng, self.belief, self.previous = rng, self.model.init_belief(batch), None
         self.means: list[torch.Tensor] = []  # filtered state means (E, S) of every step, for the readout figure
-        self.mpc.reset()
+        self.mpc = MPC(self.model) if goals is None else MPC(self.model, goal=torch.as_tensor(goals["frames"]))
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
@@ -103,23 +118,25 @@ class ModelPolicy:
 
 
 class OraclePolicy:
-    """MPC with the simulator's true state and dynamics: the same solver and settings as the learned MPC, the cost
-    minus the sum of true rewards from ``env.unwrapped.simulate(state, action) -> (state, reward)``."""
+    """MPC with the simulator's true state and dynamics: the same solver and settings as the learned MPC; the cost is
+    minus the sum of true rewards of ``env.unwrapped.simulate(state, action) -> (state, reward)``, or with goals the
+    sum of ``env.unwrapped.goal_cost(state, goal)``."""
 
     def __init__(self, simulator, planner: PlannerConfig):
         low, high = (torch.tensor(b, dtype=torch.float64) for b in (planner.action_low, planner.action_high))
-        self.simulate, self.solver = simulator.simulate, RecedingHorizon(planner, low, high)
+        self.simulator, self.solver = simulator, RecedingHorizon(planner, low, high)
         self.plan_ms: list[float] = []
 
-    def reset(self, batch: int, rng: np.random.Generator) -> None:
+    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
         self.solver.reset()
+        self.goal = None if goals is None else torch.as_tensor(goals["states"], dtype=torch.float64)[:, None]
 
     def _cost(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         s = state[:, None].expand(-1, actions.shape[1], -1)
         total = actions.new_zeros(actions.shape[:2])
         for h in range(actions.shape[2]):
-            s, reward = self.simulate(s, actions[:, :, h])
-            total = total - reward
+            s, reward = self.simulator.simulate(s, actions[:, :, h])
+            total = total + (-reward if self.goal is None else self.simulator.goal_cost(s, self.goal))
         return total
 
     def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
@@ -132,13 +149,14 @@ class OraclePolicy:
 
 
 class _SingleEnv:
-    """A batched policy as ``collect``'s ``policy(obs, info)`` for one env."""
+    """A batched policy as ``collect``'s ``policy(obs, info)`` for one env (a fresh goal of ``goal_env`` per episode
+    when given)."""
 
-    def __init__(self, policy):
-        self.policy = policy
+    def __init__(self, policy, goal_env=None):
+        self.policy, self.goal_env = policy, goal_env
 
     def reset(self, rng: np.random.Generator) -> None:
-        self.policy.reset(1, rng)
+        self.policy.reset(1, rng, None if self.goal_env is None else goal_set(self.goal_env, [rng]))
 
     def __call__(self, obs, info):
         return self.policy(obs[None], np.asarray(info["state"])[None])[0]
@@ -146,16 +164,18 @@ class _SingleEnv:
 
 # ---------------------------------------------------------------------------------------- episodes
 def run_episodes(cfg: TrainConfig, policy, seeds: list[int], length: int, keep_frames: int = 1,
-                 desc: str = "episodes") -> dict[str, np.ndarray]:
-    """Run ``policy`` (batched: ``reset(E, rng)``, ``policy(obs (E, H, W, C), state (E, s)) -> actions (E, a)``) in
-    one env per seed for ``length`` steps in lockstep (an env that terminates stops earning reward).
-    Returns returns (E,), rewards (E, T), states (E, T, s) and the frames (k, T, H, W, C) of the first k episodes."""
+                 desc: str = "episodes", goals: bool = False) -> dict[str, np.ndarray]:
+    """Run ``policy`` (batched: ``reset(E, rng, goals)``, ``policy(obs (E, H, W, C), state (E, s)) -> actions (E, a)``)
+    in one env per seed for ``length`` steps in lockstep (an env that terminates stops earning reward).
+    Returns returns (E,), rewards (E, T), states (E, T, s) and the frames (k, T, H, W, C) of the first k episodes;
+    with ``goals`` also the goals (seeded by the episode seeds, the same for every policy) and goal_error (E, T)."""
     envs = [make_run_env(cfg) for _ in seeds]
     try:
         first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
         obs = np.stack([o for o, _ in first])
         state = np.stack([np.asarray(i["state"], np.float64) for _, i in first])
-        policy.reset(len(seeds), np.random.default_rng(int(seeds[0])))
+        goal = goal_set(envs[0], [np.random.default_rng([int(s), 1]) for s in seeds]) if goals else None
+        policy.reset(len(seeds), np.random.default_rng(int(seeds[0])), goal)
         rewards = np.zeros((len(seeds), length))
         states = np.zeros((len(seeds), length, state.shape[-1]))
         frames = np.zeros((min(keep_frames, len(seeds)), length, *obs.shape[1:]), np.uint8)
@@ -168,7 +188,10 @@ def run_episodes(cfg: TrainConfig, policy, seeds: list[int], length: int, keep_f
                     o, r, terminated, truncated, info = env.step(actions[i])
                     obs[i], state[i], rewards[i, t] = o, info["state"], r
                     alive[i] = not (terminated or truncated)
-        return {"returns": rewards.sum(1), "rewards": rewards, "states": states, "frames": frames}
+        out = {"returns": rewards.sum(1), "rewards": rewards, "states": states, "frames": frames}
+        if goal is not None:
+            out.update(goals=goal, goal_error=np.asarray(envs[0].unwrapped.goal_error(states, goal["states"][:, None])))
+        return out
     finally:
         for env in envs:
             env.close()
@@ -192,7 +215,8 @@ def _collect(cfg: TrainConfig, policy, episodes: int) -> list[float]:
     env = make_run_env(cfg)
     path = cfg.run_dir / "rollouts.zarr"
     try:
-        store = collect(env, _SingleEnv(policy), episodes, cfg.control.episode_length, path, seed=cfg.seed,
+        goal_env = env if cfg.control.task == "goal" else None
+        store = collect(env, _SingleEnv(policy, goal_env), episodes, cfg.control.episode_length, path, seed=cfg.seed,
                         progress=cfg.progress)
     finally:
         env.close()
@@ -228,33 +252,45 @@ def control(cfg: TrainConfig) -> dict:
 
 
 def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
-    """Closed-loop returns of the learned MPC, a random policy and (when the env has ``simulate``) the oracle MPC on
-    seeds eval_seed + i; the normalised score; planning ms per step; and the figures (when cfg.plots)."""
+    """Closed-loop evaluation on seeds eval_seed + i of the learned MPC, a random policy and (when the env has
+    ``simulate``) the oracle MPC: returns, and for goal tasks the final goal error (mean over the last tenth of the
+    episode) and success rate (final error below the env's ``goal_tolerance``); the normalised score (returns, or
+    final errors for goal tasks); planning ms per step; and the figures (when cfg.plots)."""
     from worldmodel import plots
 
     c = cfg.control
+    goals = c.task == "goal"
     seeds = [c.eval_seed + i for i in range(c.eval_episodes)]
     planner = PlannerConfig.from_overrides(cfg.model.planner)
     policies = {"mpc": ModelPolicy(model), "random": RandomPolicy(np.asarray(planner.action_low, np.float32),
                                                                   np.asarray(planner.action_high, np.float32))}
     env = make_run_env(cfg)
+    tolerance = getattr(env.unwrapped, "goal_tolerance", 0.2)
     if c.oracle and hasattr(env.unwrapped, "simulate"):
         policies["oracle"] = OraclePolicy(env.unwrapped, planner)
     env.close()
-    runs = {name: run_episodes(cfg, policy, seeds, c.episode_length, desc=f"eval {name}")
+    runs = {name: run_episodes(cfg, policy, seeds, c.episode_length, desc=f"eval {name}", goals=goals)
             for name, policy in policies.items()}
-    mean = {name: float(run["returns"].mean()) for name, run in runs.items()}
-    record = {"kind": "control", "env": cfg.env, "seeds": seeds, "episode_length": c.episode_length,
-              "returns": {name: run["returns"].round(3).tolist() for name, run in runs.items()}, "mean_return": mean,
+    record = {"kind": "control", "env": cfg.env, "task": c.task, "seeds": seeds, "episode_length": c.episode_length,
+              "returns": {name: run["returns"].round(3).tolist() for name, run in runs.items()},
               "planning_ms": {name: round(float(np.median(p.plan_ms)), 3) for name, p in policies.items()
                               if hasattr(p, "plan_ms")}}
-    if "oracle" in mean:
+    key = "returns"
+    if goals:
+        key, tail = "final_error", max(1, c.episode_length // 10)
+        record["final_error"] = {name: run["goal_error"][:, -tail:].mean(1).round(4).tolist() for name, run in runs.items()}
+        record["goal_tolerance"] = tolerance
+        record["success_rate"] = {name: float(np.mean(np.asarray(v) < tolerance)) for name, v in record[key].items()}
+    mean = {name: float(np.mean(v)) for name, v in record[key].items()}
+    record["mean_" + key] = mean
+    if "oracle" in mean and mean["oracle"] != mean["random"]:
         record["score"] = (mean["mpc"] - mean["random"]) / (mean["oracle"] - mean["random"])
     if cfg.plots:
-        plots.control_returns(record, cfg.run_dir / "returns.png")
+        plots.control_returns(record, cfg.run_dir / "returns.png", key)
         truth, readout, names = _belief_readout(cfg, torch.stack(policies["mpc"].means, 1), runs["mpc"]["states"])
-        plots.control_episode(runs["mpc"]["frames"][0], truth, readout, names, runs["mpc"]["rewards"][0],
-                              cfg.run_dir / "episode.png")
+        trace, label = (runs["mpc"]["goal_error"][0], "goal error") if goals else (runs["mpc"]["rewards"][0], "reward")
+        plots.control_episode(runs["mpc"]["frames"][0], truth, readout, names, trace, cfg.run_dir / "episode.png",
+                              trace_label=label, goal=runs["mpc"]["goals"]["frames"][0] if goals else None)
     return record
 
 
@@ -276,11 +312,18 @@ def _belief_readout(cfg: TrainConfig, means: torch.Tensor, states: np.ndarray):
 
 def _print_table(record: dict) -> None:
     """The evaluation as a small text table on stdout."""
-    lines = [f"closed-loop returns over {record['episode_length']} steps, {len(record['seeds'])} seeds "
-             f"({record['env']}):", f"  {'policy':8s} {'mean':>9s} {'std':>8s} {'plan ms':>8s}"]
-    for name, values in record["returns"].items():
+    goals = record["task"] == "goal"
+    key = "final_error" if goals else "returns"
+    what = "final goal error (rad)" if goals else "returns"
+    lines = [f"closed-loop {what} over {record['episode_length']} steps, {len(record['seeds'])} seeds "
+             f"({record['env']}):", f"  {'policy':8s} {'mean':>9s} {'std':>8s} {'plan ms':>8s}"
+             + ("  success" if goals else "")]
+    for name, values in record[key].items():
         ms = record["planning_ms"].get(name)
-        lines.append(f"  {name:8s} {np.mean(values):9.1f} {np.std(values):8.1f} {'' if ms is None else f'{ms:8.1f}'}")
+        success = f"  {record['success_rate'][name]:7.0%}" if goals else ""
+        lines.append(f"  {name:8s} {np.mean(values):9.3g} {np.std(values):8.3g} "
+                     f"{'        ' if ms is None else f'{ms:8.1f}'}{success}")
     if "score" in record:
-        lines.append(f"  normalised score (R - R_random) / (R_oracle - R_random): {record['score']:.3f}")
+        lines.append(f"  normalised score (X - X_random) / (X_oracle - X_random) of the mean {what}: "
+                     f"{record['score']:.3f}")
     print("\n".join(lines), flush=True)
