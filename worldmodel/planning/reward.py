@@ -102,19 +102,35 @@ class RewardHead(nn.Module):
 
 
 @torch.no_grad()
-def fit_reward_head(model, data: dict[str, Tensor], batch_size: int = 32) -> float:
+def fit_reward_head(model, data: dict[str, Tensor], horizon: int = 10, batch_size: int = 32,
+                    max_samples: int = 200_000) -> float:
     """Fit `model.reward_head` (in eval mode) to whole episodes `data` (obs (N, T, ...), action (N, T, a),
-    reward (N, T), mask (N, T)): the reward of step t against the filter's predictive belief of step t + 1 and
-    action t, over the steps whose next frame is observed. Returns the fit's R^2."""
+    reward (N, T), mask (N, T)), where the planner evaluates it: on the model's own k-step predictive beliefs.
+
+    From the filtered belief of every step t (every `stride`-th one, so that at most `max_samples` samples are
+    used), the prior's `rollout` under the actions taken gives the beliefs of steps t + k, k = 1..horizon; the
+    reward of step t + k - 1 (earned by action t + k - 1) is regressed on the belief of step t + k and that action.
+    Fitting on one-step beliefs only leaves the quadratic head unconstrained in directions the data does not
+    excite, where k-step rollouts go (measured on the pendulum: the rank correlation of planned and true returns of
+    random 5-step action sequences was -0.73 with one-step beliefs, 0.99 with horizon 10). Returns the fit's R^2."""
     device = next(model.parameters()).device
+    prior, (episodes, steps) = model.prior, data["reward"].shape
+    horizon = max(1, min(horizon, steps - 1))
+    stride = max(1, -(-episodes * steps * horizon // max_samples))
+    starts = torch.arange(0, steps - 1, stride, device=device)
+    times = starts[:, None] + torch.arange(1, horizon + 1, device=device)  # (S, K) the predicted steps
+    valid, times = times < steps, times.clamp(max=steps - 1)
     means, covs, actions, rewards = [], [], [], []
-    for i in range(0, len(data["obs"]), batch_size):
+    for i in range(0, episodes, batch_size):
         part = {k: data[k][i:i + batch_size].to(device) for k in ("obs", "action", "reward", "mask")}
-        predicted = model.filter(part["obs"], part["action"], part["mask"]).predicted
-        keep = part["mask"][:, 1:]
-        means.append(predicted.mean[:, 1:][keep])
-        covs.append(predicted.cov[:, 1:][keep])
-        actions.append(part["action"][:, :-1][keep])
-        rewards.append(part["reward"][:, :-1][keep])
+        filtered = model.filter(part["obs"], part["action"], part["mask"]).filtered
+        belief = Gaussian(filtered.mean[:, starts].flatten(0, 1), filtered.cov[:, starts].flatten(0, 1))
+        taken = part["action"][:, times - 1]  # (B, S, K, a): action t + k - 1 leads into step t + k
+        states = prior.rollout(belief, taken.flatten(0, 1).to(belief.mean.dtype))
+        keep = valid & part["mask"][:, times]  # (B, S, K): an observed step inside the episode
+        means.append(states.mean.unflatten(0, keep.shape[:2])[keep])
+        covs.append(states.cov.unflatten(0, keep.shape[:2])[keep])
+        actions.append(taken[keep])
+        rewards.append(part["reward"][:, times - 1][keep])
     belief = Gaussian(torch.cat(means), torch.cat(covs))
     return model.reward_head.fit(belief, torch.cat(actions), torch.cat(rewards))

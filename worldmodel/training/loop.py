@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
     bar.close()
     if step > start or ckpt is None:
         if model.reward_head is not None and step == cfg.steps:
-            r2 = fit_reward_head(model.eval(), train_data, cfg.eval.batch_size)
+            r2 = fit_reward_head(model.eval(), train_data, batch_size=cfg.eval.batch_size)
             if rank == 0:
                 append_jsonl(metrics_path, {"kind": "reward_head", "step": step, "r2": r2})
         save_checkpoint(model, optimizer, cfg, step)

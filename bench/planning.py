@@ -1,0 +1,81 @@
+"""Planning time per control step: MPC.plan at the default model (latent 8, state 16, 1 action) for each solver,
+with 1 and with all intra-op threads, plus the oracle's true-dynamics MPPI on the pendulum.
+
+    python bench/planning.py                      # default planner (mppi, H=30, 256 samples, 6 iterations)
+    python bench/planning.py --device cuda        # on a GPU
+    python bench/planning.py --batch 10           # B beliefs planned at once (batched evaluation episodes)
+
+Prints the median milliseconds per `plan` call over --repeats calls (after --warmup). Planning runs with one
+intra-op thread on the CPU (`planning.mpc.one_thread_on_cpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from worldmodel.model import ModelConfig, WorldModel
+from worldmodel.planning import MPC, PlannerConfig
+from worldmodel.planning.mpc import RecedingHorizon, one_thread_on_cpu
+
+
+def _time(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bounds = {"action_low": [-2.0], "action_high": [2.0]}
+    model = WorldModel.from_config(ModelConfig(reward_head=True, planner=bounds)).to(device).eval()
+    head = model.reward_head
+    with torch.no_grad():  # any fitted quadratic reward: the cost's shape does not change the time
+        head.Whh.copy_(-torch.eye(head.state_dim)), head.Wuu.fill_(-0.001), head.fitted.fill_(True)
+    belief = model.init_belief(args.batch)
+    print(f"MPC.plan, B={args.batch}, latent 8, state 16, {device}: median ms per control step")
+    for solver in ("mppi", "cem", "lqr"):
+        mpc = MPC(model, solver=solver)
+        ms = _time(lambda: mpc.plan(belief), args.warmup, args.repeats)
+        cfg = mpc.config
+        print(f"  {solver:5s} H={cfg.horizon} N={cfg.samples} iterations={cfg.iterations}: {ms:7.2f} ms")
+    if device.type == "cpu":
+        from worldmodel.envs import make_env
+
+        env = make_env("pendulum", image_size=16).unwrapped
+        planner = PlannerConfig(**bounds)
+        solver = RecedingHorizon(planner, torch.tensor([-2.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64))
+        state = torch.zeros(args.batch, 2, dtype=torch.float64)
+
+        def oracle_cost(actions):
+            s, total = state[:, None].expand(-1, actions.shape[1], -1), actions.new_zeros(actions.shape[:2])
+            for h in range(actions.shape[2]):
+                s, r = env.simulate(s, actions[:, :, h])
+                total = total - r
+            return total
+
+        def oracle_plan():
+            with one_thread_on_cpu(state.device):
+                solver(oracle_cost, args.batch)
+
+        ms = _time(oracle_plan, args.warmup, max(3, args.repeats // 4))
+        print(f"  oracle (true pendulum dynamics, mppi H={planner.horizon} N={planner.samples}): {ms:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
