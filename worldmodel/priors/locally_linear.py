@@ -242,14 +242,20 @@ class LocallyLinearPrior(StateSpacePrior):
             if tuple(mask.shape) != (batch, steps):
                 raise ValueError(f"mask must have shape (B, T) = {(batch, steps)}, got {tuple(mask.shape)}")
             missing = missing | ~mask.to(torch.bool)
-        observed = ~missing[..., None]
-        z = torch.where(observed, z.to(dtype), 0.0)
-        if target is not None:
-            target = torch.where(observed, target.to(dtype), 0.0)
+        observed = None
+        z = z.to(dtype)
+        if bool(missing.any()):  # one host sync; fully observed windows (training) skip the masking per step
+            observed = ~missing
+            z = torch.where(observed[..., None], z, 0.0)
+            if target is not None:
+                target = torch.where(observed[..., None], target.to(dtype), 0.0)
+            observed = observed.to(dtype)
+        elif target is not None:
+            target = target.to(dtype)
         u_aug = self._control(u, (batch, steps), dtype, z.device)
         R = observation_noise(self.R, R, (batch, steps)).to(dtype)
         for jitter in _JITTERS:
-            result, ok = self._filter(z, u_aug, observed[..., 0].to(dtype), R, target, jitter)
+            result, ok = self._filter(z, u_aug, observed, R, target, jitter)
             if ok:
                 if jitter:
                     warnings.warn(f"LocallyLinearPrior.filter: Cholesky failed, used relative jitter {jitter:g}",
@@ -269,7 +275,8 @@ class LocallyLinearPrior(StateSpacePrior):
             A_t, B_t = self._local(mean, A, Bk)
             mean, cov = _predict(mean, cov, A_t, Q, (B_t @ u_aug[:, t, :, None]).squeeze(-1))
             pm.append(mean), pc.append(cov)
-            mean, cov, ll, info = _update(mean, cov, z[:, t], C, R[:, t] if R.dim() == 4 else R, observed[:, t],
+            mean, cov, ll, info = _update(mean, cov, z[:, t], C, R[:, t] if R.dim() == 4 else R,
+                                          None if observed is None else observed[:, t],
                                           None if target is None else target[:, t], jitter, eye)
             fm.append(mean), fc.append(cov), lls.append(ll), infos.append(info.reshape(-1))
         ok = not bool((torch.cat(infos) > 0).any())
