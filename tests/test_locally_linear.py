@@ -249,7 +249,7 @@ def test_float32_long_sequences_stay_finite():
     torch.testing.assert_close(out.log_likelihood.double(), ref.log_likelihood, rtol=1e-4, atol=0.05)
 
 
-def test_world_model_trains_filters_and_plans():
+def test_world_model_trains_filters_and_plans(tmp_path):
     torch.manual_seed(0)
     config = ModelConfig(method="kalman_ll", image_size=16, depth=4, latent_dim=3, action_dim=1,
                          method_kwargs={"num_bases": 3, "hidden": 8},
@@ -277,6 +277,10 @@ def test_world_model_trains_filters_and_plans():
         torch.testing.assert_close(belief.mean, filtered.mean[:, -1], rtol=1e-4, atol=1e-4)
         assert model.imagine(belief, actions[:, :3], observe=True).mean.shape == (4, 3, 3)
         assert torch.isfinite(model.surprise(belief, frames[:, 0])).all()
+    model.save(tmp_path / "ll.pt")
+    loaded = WorldModel.load(tmp_path / "ll.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.filter(frames, actions).filtered.mean, filtered.mean)
     one = Gaussian(belief.mean[:1], belief.cov[:1])
     assert MPC(model, goal=frames[0, -1]).act(one).shape == (1,)
     with pytest.raises(ValueError, match="lqr"):
