@@ -82,7 +82,8 @@ def planning(repeats: int) -> None:
             belief = Gaussian(belief.mean.clone(), belief.cov.clone())
         rollout = prior.candidate_rollout(belief, horizon)
         rollout(actions)
-        print(f"candidate_rollout B=1 N=256 H=30 S=16  {name:45s} {timed(lambda: rollout(actions), repeats * 6):6.2f} ms")
+        ms = timed(lambda: rollout(actions), repeats * 6)
+        print(f"candidate_rollout B=1 N=256 H=30 S=16  {name:45s} {ms:6.2f} ms")
 
 
 def main() -> None:
