@@ -5,6 +5,7 @@
 | kalman          | KalmanLatentModel, whitened latents | plugin (stop-gradient target) | LDM  |
 | kalman_knn      | KalmanLatentModel                   | knn (k=3, clip at 90 % quantile) | MI |
 | kalman_logdet   | KalmanLatentModel                   | logdet over windows of 2     | LDM  |
+| kalman_ll       | LocallyLinearPrior (K=8 bases), whitened latents | plugin (stop-gradient target) | LDM |
 | vicreg          | plane (sigma=1)                     | logdet                       | MI   |
 | vicreg_ldm      | plane (sigma=1)                     | logdet of the joint (z, z')  | LDM  |
 | vicreg_original | official VICReg loss 25/25/1 on consecutive pairs | (variance + covariance terms) | - |
@@ -15,7 +16,10 @@
 | jepa            | MLP predictor on context, Gaussian  | plugin, EMA target 0.996     | LDM  |
 | ica             | factorized (logistic sources)       | jacobian (linear encoder)    | LDM  |
 
-The Kalman presets also fit the exact k-step predictive (multistep_horizon=10, weight 3).
+kalman_ll is the kalman row with a locally-linear prior (A(m) = sum_k alpha_k(m) A_k, alpha a softmax of a small
+MLP of the belief mean; assumed-density filtering), for dynamics a linear latent model cannot represent; its
+options: num_bases, hidden, detach_alpha, planning_cov. The Kalman presets (kalman_ll too) also fit the exact k-step
+predictive (multistep_horizon=10, weight 3).
 
 `make(name, dim, **overrides)` forwards overrides to the prior (e.g. sigma, beta, kind, hidden, steps,
 source, or KalmanLatentModel's action_dim, state_dim, lr_multiplier, ...), to the estimator (eps; k,
@@ -115,6 +119,8 @@ PRESETS: dict[str, Preset] = {
     "kalman_knn": Preset("kalman", "knn", mi=True, estimator_kwargs={"k": 3, "clip_quantile": 0.9},
                          objective_kwargs=_MULTISTEP),
     "kalman_logdet": Preset("kalman", "logdet", estimator_kwargs={"window": 2}, objective_kwargs=_MULTISTEP),
+    "kalman_ll": Preset("locally_linear", "plugin", estimator_kwargs={"latent_norm": "whiten"},
+                        objective_kwargs=_MULTISTEP),
     "vicreg": Preset("plane", "logdet", mi=True),
     "vicreg_ldm": Preset("plane", "logdet"),
     "vicreg_original": Preset("plane", None, loss=VICRegLoss),

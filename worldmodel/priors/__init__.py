@@ -1,6 +1,8 @@
 """Latent models P_theta behind one interface (`base.LatentPrior`; state-space priors: `base.StateSpacePrior`).
 
     kalman      linear_gaussian.KalmanLatentModel   linear-Gaussian state space, exact Kalman filtering
+    locally_linear  locally_linear.LocallyLinearPrior   mixture of K linear systems weighted by the belief mean,
+                                                    assumed-density (locally linearised) Kalman filtering
     plane       pairs.plane                         z' ~ N(z, sigma^2 I)
     sphere      pairs.sphere                        von Mises-Fisher on the unit sphere
     predictor   pairs.predictor                     z' ~ N(g(z), sigma^2 I) (or vMF / bilinear critic)
@@ -19,16 +21,18 @@ from collections.abc import Callable
 from worldmodel.priors.base import LatentPrior, StateSpacePrior
 from worldmodel.priors.factorized import FactorizedPrior, factorized
 from worldmodel.priors.linear_gaussian import CholeskyCovariance, KalmanLatentModel, spectral_radius_upper_bound
+from worldmodel.priors.locally_linear import LocallyLinearPrior
 from worldmodel.priors.pairs import TransitionPrior, plane, predictor, sphere
 
 __all__ = [
     "PRIORS", "build_prior", "prior_options", "LatentPrior", "StateSpacePrior", "KalmanLatentModel",
-    "CholeskyCovariance", "spectral_radius_upper_bound", "TransitionPrior", "FactorizedPrior",
+    "LocallyLinearPrior", "CholeskyCovariance", "spectral_radius_upper_bound", "TransitionPrior", "FactorizedPrior",
     "plane", "sphere", "predictor", "factorized",
 ]
 
 PRIORS: dict[str, Callable[..., LatentPrior]] = {
     "kalman": KalmanLatentModel,
+    "locally_linear": LocallyLinearPrior,
     "plane": plane,
     "sphere": sphere,
     "predictor": predictor,

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, symmetrize, update
 from worldmodel.priors.base import StateSpacePrior
 
-__all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound"]
+__all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound", "initial_transition",
+           "bounded_transition"]
 
 
 def _full_precision(method):
@@ -54,6 +55,48 @@ def spectral_radius_upper_bound(A: Tensor, squarings: int = 6) -> Tensor:
         log_scale = 2.0 * log_scale + norm.log()
     top = torch.linalg.matrix_norm(M, ord=2).clamp_min(tiny)
     return torch.exp((log_scale + top.log()) / 2.0**squarings)
+
+
+def initial_transition(state_dim: int, init_radius: float) -> Tensor:
+    """A transition matrix ``I + 0.1 N(0, 1)`` ``(S, S)`` rescaled to spectral radius ``init_radius`` (DESIGN: 0.91)."""
+    A = torch.eye(state_dim) + 0.1 * torch.randn(state_dim, state_dim)
+    return A * (init_radius / torch.linalg.eigvals(A).abs().max())
+
+
+def bounded_transition(A_raw: Tensor, spectral_bound: float | None) -> Tensor:
+    """``A_raw / max(1, rho_hat / spectral_bound)`` per matrix of ``A_raw`` ``(..., S, S)``, rho_hat =
+    :func:`spectral_radius_upper_bound`: spectral radius <= ``spectral_bound`` (None: ``A_raw``); differentiable."""
+    if spectral_bound is None:
+        return A_raw
+    scale = (spectral_radius_upper_bound(A_raw) / spectral_bound).clamp_min(1.0)
+    return A_raw / scale[..., None, None]
+
+
+def observation_noise(learned: Tensor, R: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """The learned observation noise ``learned`` ``(L, L)``, or the override ``R``: full ``shape + (L, L)`` or
+    diagonal variances ``shape + (L,)``."""
+    if R is None:
+        return learned
+    L = learned.shape[-1]
+    if R.shape == (*shape, L):
+        return torch.diag_embed(R)
+    if R.shape == (*shape, L, L):
+        return R
+    raise ValueError(
+        f"R must have shape {(*shape, L, L)} (full) or {(*shape, L)} (variances), got {tuple(R.shape)}"
+    )
+
+
+def batched_belief(belief: Gaussian, state_dim: int) -> Gaussian:
+    """Check a belief ``(B, S)`` and give its covariance the batch dimension ``(B, S, S)``."""
+    S = state_dim
+    mean, cov = belief
+    if mean.dim() != 2 or mean.shape[-1] != S or cov.shape[-2:] != (S, S):
+        raise ValueError(
+            f"belief must have mean (B, {S}) and cov (B, {S}, {S}), "
+            f"got {tuple(mean.shape)}, {tuple(cov.shape)}"
+        )
+    return Gaussian(mean, cov.expand(mean.shape[0], S, S))
 
 
 class CholeskyCovariance(nn.Module):
@@ -130,9 +173,7 @@ class KalmanLatentModel(StateSpacePrior):
         self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
         self.spectral_bound = spectral_bound
 
-        A = torch.eye(state_dim) + 0.1 * torch.randn(state_dim, state_dim)
-        A = A * (init_radius / torch.linalg.eigvals(A).abs().max())
-        self.A_raw = nn.Parameter(A)
+        self.A_raw = nn.Parameter(initial_transition(state_dim, init_radius))
         self.b = nn.Parameter(torch.zeros(state_dim))
         self.G = nn.Parameter(torch.zeros(state_dim, action_dim))
         C = torch.eye(obs_dim, state_dim)
@@ -150,10 +191,7 @@ class KalmanLatentModel(StateSpacePrior):
     @_full_precision
     def A(self) -> Tensor:
         """Effective transition matrix ``(S, S)``, spectral radius <= spectral_bound."""
-        if self.spectral_bound is None:
-            return self.A_raw
-        scale = (spectral_radius_upper_bound(self.A_raw) / self.spectral_bound).clamp_min(1.0)
-        return self.A_raw / scale
+        return bounded_transition(self.A_raw, self.spectral_bound)
 
     @property
     def C(self) -> Tensor:
@@ -191,16 +229,7 @@ class KalmanLatentModel(StateSpacePrior):
 
     def _obs_noise(self, R: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         """Learned R, or the override: full ``shape + (L, L)`` or diagonal variances ``shape + (L,)``."""
-        if R is None:
-            return self.R
-        L = self.obs_dim
-        if R.shape == (*shape, L):
-            return torch.diag_embed(R)
-        if R.shape == (*shape, L, L):
-            return R
-        raise ValueError(
-            f"R must have shape {(*shape, L, L)} (full) or {(*shape, L)} (variances), got {tuple(R.shape)}"
-        )
+        return observation_noise(self.R, R, shape)
 
     # ---- sequences ------------------------------------------------------------------------------
     @_full_precision
@@ -256,14 +285,7 @@ class KalmanLatentModel(StateSpacePrior):
     # ---- online use -----------------------------------------------------------------------------
     def _batched(self, belief: Gaussian) -> Gaussian:
         """Check a belief ``(B, S)`` and give its covariance the batch dimension ``(B, S, S)``."""
-        S = self.state_dim
-        mean, cov = belief
-        if mean.dim() != 2 or mean.shape[-1] != S or cov.shape[-2:] != (S, S):
-            raise ValueError(
-                f"belief must have mean (B, {S}) and cov (B, {S}, {S}), "
-                f"got {tuple(mean.shape)}, {tuple(cov.shape)}"
-            )
-        return Gaussian(mean, cov.expand(mean.shape[0], S, S))
+        return batched_belief(belief, self.state_dim)
 
     @_full_precision
     def init_belief(self, batch_size: int) -> Gaussian:

@@ -1,0 +1,415 @@
+"""LocallyLinearPrior: a state-space prior whose transition is a state-dependent mixture of K linear systems.
+
+In the style of the Recurrent Kalman Network (Becker et al., ICML 2019) and E2C (Watter et al., NeurIPS 2015)::
+
+    h_t = A(m) h_{t-1} + G(m) u_{t-1} + c(m) + w_t,    w_t ~ N(0, Q)          (state h_t in R^S)
+    z_t = C h_t + v_t,                                 v_t ~ N(0, R)          (encoder latent z_t in R^L)
+    A(m) = sum_k alpha_k(m) A_k,  G(m) = sum_k alpha_k(m) G_k,  c(m) = sum_k alpha_k(m) c_k,
+    alpha(m) = softmax(gate(m))          (gate: a small MLP, or a linear map, of the belief mean m)
+
+The linearisation point m is the current belief mean: the filtered mean m_{t-1|t-1} when filtering, the
+predicted mean m_{t+h-1|t} when rolling out. Given m the step is linear-Gaussian, so each step is an exact Kalman
+predict and update with the local (A, G, c), and the belief stays Gaussian: an *assumed-density* filter (the
+covariance is propagated with the local A(m), as RKN does, not with the Jacobian of h -> A(h) h). The one-step
+predictive log-likelihood is the sum of the innovation log-densities, as for KalmanLatentModel.
+
+alpha depends on m *with* gradient by default (``detach_alpha=False``): the computed likelihood is a function of
+the history through the linearisation points, and its exact gradient includes how the encoder's latents move
+them (RKN and E2C backpropagate through their coefficient networks alike); detaching would give a biased
+gradient that ignores that the chosen local model depends on the past. ``detach_alpha=True`` is the option
+(the gate's own parameters learn either way).
+
+The same C = [I 0] (fixed by default), Q, R and (m0, P0) parameterisation as KalmanLatentModel, whose pieces are
+reused (CholeskyCovariance, the A initialisation and the spectral bound, here per basis matrix). Every A_k starts
+at the *same* draw I + 0.1 N(0, 1) rescaled to spectral radius 0.91, G_k = 0 and c_k = 0: at initialisation the
+prior IS a KalmanLatentModel (alpha sums to 1); the gate's random initialisation makes the bases' gradients
+differ, which separates them. `copy_kalman` loads a (trained) KalmanLatentModel into every basis. Note that
+the bound holds per A_k: a convex combination of matrices of spectral radius <= 1.02 has spectral norm <= their
+largest, but its spectral radius is not bounded by theirs in general (non-normal A_k).
+
+There is no `transition()`: the mean dynamics are not linear, so MPC's `lqr` solver refuses this prior; mppi and
+cem plan with `candidate_rollout`, whose covariances depend on the actions (``planning_cov``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from worldmodel.kalman import FilterResult, Gaussian, predict, symmetrize, update
+from worldmodel.kalman.checks import _dtype
+from worldmodel.kalman.reference import _predict, _update
+from worldmodel.kalman.types import _JITTERS
+from worldmodel.priors.base import StateSpacePrior
+from worldmodel.priors.linear_gaussian import (CholeskyCovariance, KalmanLatentModel, _full_precision,
+                                               batched_belief, bounded_transition, initial_transition,
+                                               observation_noise)
+
+__all__ = ["LocallyLinearPrior"]
+
+PLANNING_COVS = ("each", "mean")
+
+
+class _Gate(nn.Module):
+    """logits (..., K) of the mixture weights from the belief mean (..., S): Linear-ReLU-Linear, or one Linear map
+    (``hidden=0``). Runs in the input's dtype (its weights are cast), so float64 filtering of a float32 model works."""
+
+    def __init__(self, state_dim: int, num_bases: int, hidden: int):
+        super().__init__()
+        self.hidden = nn.Linear(state_dim, hidden) if hidden else None
+        self.out = nn.Linear(hidden or state_dim, num_bases)
+
+    def weights(self, dtype: torch.dtype) -> list[Tensor]:
+        """(W1, b1, W2, b2) (or (W, b) for a linear gate) in ``dtype``."""
+        layers = [self.out] if self.hidden is None else [self.hidden, self.out]
+        return [p.to(dtype) for layer in layers for p in (layer.weight, layer.bias)]
+
+    def forward(self, m: Tensor) -> Tensor:
+        w = self.weights(m.dtype)
+        if len(w) == 4:
+            m = torch.relu(F.linear(m, w[0], w[1]))
+        return F.linear(m, w[-2], w[-1])
+
+
+class LocallyLinearPrior(StateSpacePrior):
+    """Locally-linear Gaussian state-space prior with assumed-density filtering (see the module docstring).
+
+    Args:
+        obs_dim: L, the latent (observation) dimension.
+        state_dim: S >= 1, the hidden state dimension (default 2 L).
+        action_dim: a, the action dimension (0 = uncontrolled).
+        num_bases: K, the number of linear systems (A_k, G_k, c_k) mixed (K = 1: a linear-Gaussian model).
+        hidden: hidden width of the gate MLP m -> logits of alpha (0: a linear map).
+        detach_alpha: compute alpha from the detached belief mean (no gradient through the linearisation point).
+        planning_cov: covariances of `candidate_rollout`: "mean" (default: every candidate's mean rolled out, one
+            covariance sequence per problem (B, 1, H, S, S), that of the first call's mean candidate; the planner's
+            trace term is then one constant per control step and ranks no candidates, as with the linear prior)
+            or "each" (exact per candidate (B, N, H, S, S)). Measured (bench/locally_linear.py, B=1, N=256, H=30,
+            S=16, K=8, one thread of a busy 2-core CPU, two runs): linear prior 1.0 ms, "mean" 7.5-11.6 ms,
+            "each" 29 ms.
+        learn_C, full_cov, spectral_bound (per basis A_k), init_radius, q_std, r_std, min_noise_std, lr_multiplier:
+            as for :class:`~worldmodel.priors.KalmanLatentModel` (the lr multiplier also applies to the gate).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        state_dim: int | None = None,
+        action_dim: int = 0,
+        num_bases: int = 8,
+        hidden: int = 32,
+        detach_alpha: bool = False,
+        planning_cov: str = "mean",
+        learn_C: bool = False,
+        full_cov: bool = False,
+        spectral_bound: float | None = 1.02,
+        init_radius: float = 0.91,
+        q_std: float = 0.3,
+        r_std: float = 0.3,
+        min_noise_std: float = 1e-3,
+        lr_multiplier: float = 100.0,
+    ):
+        super().__init__()
+        state_dim = 2 * obs_dim if state_dim is None else state_dim
+        if obs_dim < 1 or state_dim < 1 or action_dim < 0:
+            raise ValueError(
+                f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}"
+            )
+        if num_bases < 1 or hidden < 0:
+            raise ValueError(f"need num_bases >= 1 and hidden >= 0, got {num_bases}, {hidden}")
+        if planning_cov not in PLANNING_COVS:
+            raise ValueError(f"planning_cov must be one of {PLANNING_COVS}, got {planning_cov!r}")
+        if spectral_bound is not None and not spectral_bound > 0:
+            raise ValueError(f"spectral_bound must be positive or None, got {spectral_bound}")
+        if not lr_multiplier > 0:
+            raise ValueError(f"lr_multiplier must be positive, got {lr_multiplier}")
+        self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
+        self.num_bases, self.detach_alpha, self.planning_cov = num_bases, bool(detach_alpha), planning_cov
+        self.spectral_bound, self.lr_multiplier = spectral_bound, float(lr_multiplier)
+
+        # one draw for all bases, first (so that with a seed, K = 1 draws KalmanLatentModel's A)
+        self.A_raw = nn.Parameter(initial_transition(state_dim, init_radius).repeat(num_bases, 1, 1))
+        self.G = nn.Parameter(torch.zeros(num_bases, state_dim, action_dim))
+        self.c = nn.Parameter(torch.zeros(num_bases, state_dim))
+        C = torch.eye(obs_dim, state_dim)
+        if learn_C:
+            self.C_param = nn.Parameter(C)
+        else:
+            self.register_buffer("C_param", C)
+        self.Q_cov = CholeskyCovariance(state_dim, q_std, full_cov, min_noise_std)
+        self.R_cov = CholeskyCovariance(obs_dim, r_std, full_cov, min_noise_std)
+        self.m0 = nn.Parameter(torch.zeros(state_dim))
+        self.P0_cov = CholeskyCovariance(state_dim, 1.0, full=True)
+        self.gate = _Gate(state_dim, num_bases, hidden)
+
+    # ---- effective parameters -------------------------------------------------------------------
+    @property
+    @_full_precision
+    def A(self) -> Tensor:
+        """The basis transition matrices ``(K, S, S)``, each of spectral radius <= spectral_bound."""
+        return bounded_transition(self.A_raw, self.spectral_bound)
+
+    @property
+    def C(self) -> Tensor:
+        """Observation matrix ``(L, S)``."""
+        return self.C_param
+
+    @property
+    @_full_precision
+    def Q(self) -> Tensor:
+        """Process noise ``(S, S)``."""
+        return self.Q_cov()
+
+    @property
+    @_full_precision
+    def R(self) -> Tensor:
+        """Observation noise ``(L, L)``."""
+        return self.R_cov()
+
+    @property
+    @_full_precision
+    def P0(self) -> Tensor:
+        """Initial state covariance ``(S, S)``."""
+        return self.P0_cov()
+
+    def alpha(self, mean: Tensor) -> Tensor:
+        """Mixture weights ``(..., K)`` (softmax, summing to 1) at belief means ``(..., S)``."""
+        return torch.softmax(self.gate(mean.detach() if self.detach_alpha else mean), -1)
+
+    def _bases(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The flattened bases in ``dtype``: A_k as ``(K, S S)`` and [G_k, c_k] as ``(K, S (a + 1))``."""
+        Bk = torch.cat([self.G, self.c[..., None]], -1)
+        return self.A.to(dtype).flatten(1), Bk.to(dtype).flatten(1)
+
+    def _local(self, mean: Tensor, A: Tensor, Bk: Tensor) -> tuple[Tensor, Tensor]:
+        """The local system at belief means ``(B, S)``: A(m) ``(B, S, S)``, [G(m), c(m)] ``(B, S, a + 1)``."""
+        alpha = self.alpha(mean)
+        S = self.state_dim
+        return (alpha @ A).view(-1, S, S), (alpha @ Bk).view(-1, S, self.action_dim + 1)
+
+    def _control(self, u: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """Augmented controls [u, 1] ``shape + (a + 1,)`` (None = zero actions)."""
+        if u is None:
+            u = torch.zeros(*shape, self.action_dim, dtype=dtype, device=device)
+        elif u.shape != (*shape, self.action_dim):
+            raise ValueError(f"u must have shape {(*shape, self.action_dim)}, got {tuple(u.shape)}")
+        return torch.cat([u.to(dtype), torch.ones(*shape, 1, dtype=dtype, device=device)], -1)
+
+    @torch.no_grad()
+    def copy_kalman(self, kalman: KalmanLatentModel) -> "LocallyLinearPrior":
+        """Load a KalmanLatentModel of the same sizes and covariance structure into every basis (A_k = its A_raw,
+        G_k = its G, c_k = (I - A) b) and its C, Q, R, m0, P0: the prior then computes exactly what it does, and
+        training refines the bases from there (e.g. warm-starting from a trained `kalman` model). Returns self."""
+        if (kalman.obs_dim, kalman.state_dim, kalman.action_dim) != (self.obs_dim, self.state_dim, self.action_dim):
+            raise ValueError("copy_kalman needs the same obs_dim, state_dim and action_dim")
+        if kalman.spectral_bound != self.spectral_bound:
+            raise ValueError(f"copy_kalman needs the same spectral_bound, got {kalman.spectral_bound}")
+        A = kalman.A
+        self.A_raw.copy_(kalman.A_raw.expand_as(self.A_raw))
+        self.G.copy_(kalman.G.expand_as(self.G))
+        self.c.copy_((kalman.b - A @ kalman.b).expand_as(self.c))
+        self.C_param.copy_(kalman.C_param)
+        self.m0.copy_(kalman.m0)
+        for name in ("Q_cov", "R_cov", "P0_cov"):
+            getattr(self, name).load_state_dict(getattr(kalman, name).state_dict())
+        return self
+
+    # ---- sequences ------------------------------------------------------------------------------
+    @_full_precision
+    def filter(self, z: Tensor, u: Tensor | None = None, mask: Tensor | None = None, R: Tensor | None = None,
+               target: Tensor | None = None) -> FilterResult:
+        """Assumed-density filter over latents ``z`` ``(B, T, L)``: per step, predict with the local system at the
+        filtered mean, then the Kalman update; returns what :func:`worldmodel.kalman.kalman_filter` does.
+
+        ``u`` ``(B, T, a)``, ``u[:, t]`` driving the transition into step t; ``mask`` ``(B, T)`` bool, True =
+        observed (NaN latents also count as missing: only predicted, no likelihood term); ``R`` per-frame
+        observation noise ``(B, T, L, L)`` or variances ``(B, T, L)``; ``target`` ``(B, T, L)`` replaces z in
+        the likelihood term only. Float32 or float64 (half precision is upcast).
+        """
+        if z.dim() != 3 or z.shape[-1] != self.obs_dim or z.shape[1] == 0:
+            raise ValueError(f"z must have shape (B, T >= 1, {self.obs_dim}), got {tuple(z.shape)}")
+        if target is not None and target.shape != z.shape:
+            raise ValueError(f"target must have the shape of z {tuple(z.shape)}, got {tuple(target.shape)}")
+        batch, steps, _ = z.shape
+        dtype = _dtype(z, self.A_raw, target)
+        missing = torch.isnan(z).any(-1)
+        if target is not None:
+            missing = missing | torch.isnan(target).any(-1)
+        if mask is not None:
+            if tuple(mask.shape) != (batch, steps):
+                raise ValueError(f"mask must have shape (B, T) = {(batch, steps)}, got {tuple(mask.shape)}")
+            missing = missing | ~mask.to(torch.bool)
+        observed = None
+        z = z.to(dtype)
+        if bool(missing.any()):  # one host sync; fully observed windows (training) skip the masking per step
+            observed = ~missing
+            z = torch.where(observed[..., None], z, 0.0)
+            if target is not None:
+                target = torch.where(observed[..., None], target.to(dtype), 0.0)
+            observed = observed.to(dtype)
+        elif target is not None:
+            target = target.to(dtype)
+        u_aug = self._control(u, (batch, steps), dtype, z.device)
+        R = observation_noise(self.R, R, (batch, steps)).to(dtype)
+        for jitter in _JITTERS:
+            result, ok = self._filter(z, u_aug, observed, R, target, jitter)
+            if ok:
+                if jitter:
+                    warnings.warn(f"LocallyLinearPrior.filter: Cholesky failed, used relative jitter {jitter:g}",
+                                  RuntimeWarning)
+                return result
+        raise FloatingPointError("LocallyLinearPrior.filter: innovation covariance not positive definite")
+
+    def _filter(self, z, u_aug, observed, R, target, jitter) -> tuple[FilterResult, bool]:
+        batch, steps, _ = z.shape
+        dtype, S = z.dtype, self.state_dim
+        A, Bk = self._bases(dtype)
+        Q, C = self.Q.to(dtype), self.C.to(dtype)
+        eye = torch.eye(S, dtype=dtype, device=z.device)
+        mean, cov = self.m0.to(dtype).expand(batch, S), self.P0.to(dtype).expand(batch, S, S)
+        pm, pc, fm, fc, lls, infos = [], [], [], [], [], []
+        for t in range(steps):
+            A_t, B_t = self._local(mean, A, Bk)
+            mean, cov = _predict(mean, cov, A_t, Q, (B_t @ u_aug[:, t, :, None]).squeeze(-1))
+            pm.append(mean), pc.append(cov)
+            mean, cov, ll, info = _update(mean, cov, z[:, t], C, R[:, t] if R.dim() == 4 else R,
+                                          None if observed is None else observed[:, t],
+                                          None if target is None else target[:, t], jitter, eye)
+            fm.append(mean), fc.append(cov), lls.append(ll), infos.append(info.reshape(-1))
+        ok = not bool((torch.cat(infos) > 0).any())
+        step_ll = torch.stack(lls, 1)
+        return FilterResult(Gaussian(torch.stack(fm, 1), torch.stack(fc, 1)),
+                            Gaussian(torch.stack(pm, 1), torch.stack(pc, 1)), step_ll.sum(1), step_ll), ok
+
+    # ---- online use -----------------------------------------------------------------------------
+    @_full_precision
+    def init_belief(self, batch_size: int) -> Gaussian:
+        """Belief of h_0 before any observation, N(m0, P0), as ``(B, S)`` / ``(B, S, S)``."""
+        S = self.state_dim
+        return Gaussian(self.m0.expand(batch_size, S), self.P0.expand(batch_size, S, S))
+
+    @_full_precision
+    def step(self, belief: Gaussian, z_t: Tensor | None, u_t: Tensor | None = None, mask_t: Tensor | None = None,
+             R_t: Tensor | None = None) -> Gaussian:
+        """One online step: predict with ``u_t`` ``(B, a)`` through the local system at the belief's mean, then
+        update with ``z_t`` ``(B, L)`` (None, NaN rows or ``mask_t`` ``(B,)`` False: predict only). ``R_t``:
+        ``(B, L, L)`` or variances ``(B, L)``. Applied T times from `init_belief` it reproduces `filter`."""
+        belief = batched_belief(belief, self.state_dim)
+        batch = belief.mean.shape[0]
+        dtype = _dtype(belief.mean, belief.cov, self.A_raw)
+        A_t, B_t = self._local(belief.mean.to(dtype), *self._bases(dtype))
+        prior = predict(belief, A_t, self.Q, B_t, self._control(u_t, (batch,), dtype, belief.mean.device))
+        if z_t is None:
+            return prior
+        return update(prior, z_t, self.C, observation_noise(self.R, R_t, (batch,)), mask_t)[0]
+
+    @_full_precision
+    def rollout(self, belief: Gaussian, actions: Tensor | int) -> Gaussian:
+        """Assumed-density k-step state beliefs (B, H, S): each step predicts through the local system at the
+        predicted mean. ``actions`` ``(B, H, a)``, ``actions[:, 0]`` taken at the belief's step; or a horizon H
+        (zero actions)."""
+        belief = batched_belief(belief, self.state_dim)
+        batch = belief.mean.shape[0]
+        if isinstance(actions, int):
+            actions = belief.mean.new_zeros(batch, actions, self.action_dim)
+        if actions.dim() != 3 or actions.shape[0] != batch:
+            raise ValueError(f"actions must have shape (B={batch}, H, {self.action_dim}), got {tuple(actions.shape)}")
+        dtype = _dtype(belief.mean, belief.cov, self.A_raw, actions)
+        u_aug = self._control(actions, tuple(actions.shape[:2]), dtype, belief.mean.device)
+        A, Bk = self._bases(dtype)
+        Q = self.Q.to(dtype)
+        mean, cov = belief.mean.to(dtype), belief.cov.to(dtype)
+        means, covs = [], []
+        for h in range(actions.shape[1]):
+            A_t, B_t = self._local(mean, A, Bk)
+            mean, cov = _predict(mean, cov, A_t, Q, (B_t @ u_aug[:, h, :, None]).squeeze(-1))
+            means.append(mean), covs.append(cov)
+        S = self.state_dim
+        if not means:
+            return Gaussian(mean.new_zeros(batch, 0, S), mean.new_zeros(batch, 0, S, S))
+        return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
+
+    @_full_precision
+    def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
+        """`rollout` of N candidate action sequences (B, N, H, a) from beliefs (B, S), for planning (no gradient).
+
+        All B N candidates in one loop over H with few ops per step on contiguous matrices (at these sizes a step
+        costs about its op count). Each row of one buffer holds x = [m, u, 1], the actions filled in up front.
+        A step: one 2-d matmul gives [A_k m + G_k u + c_k]_k for every k and the gate's first layer W1 m + b1;
+        then relu, the second layer and softmax give alpha, and the alpha-weighted sum over k (a product and a
+        sum) is written into the next step's rows.
+
+        The covariances depend on the actions here (``planning_cov``): ``"each"``: per candidate,
+        P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them (without its per-step symmetrisation);
+        3 more batched ops per step, about 4x the time of the means. ``"mean"``: the covariances of the rollout of
+        the *first call's* mean candidate (the planner's warm start), (B, 1, H, S, S), computed at the first call
+        and returned by the later ones: then the expected cost's trace term is one constant for all candidates of
+        a control step, as for the linear-Gaussian prior, and changes no mppi / cem decision.
+        """
+        belief = batched_belief(belief, self.state_dim)
+        batch, S, K, a = belief.mean.shape[0], self.state_dim, self.num_bases, self.action_dim
+        dtype = _dtype(belief.mean, belief.cov, self.A_raw)
+        width = S + a + 1  # x = [m, u, 1]
+        with torch.no_grad():
+            A, Bk = self._bases(dtype)
+            gate = self.gate.weights(dtype)  # (W1, b1, W2, b2) or (W, b)
+            W1, b1 = gate[0], gate[1]
+            # x @ W = [A_k m + G_k u + c_k]_k (K S) | W1 m + b1
+            bases = torch.cat([A.view(K, S, S), Bk.view(K, S, a + 1)], -1)  # (K, S, width)
+            first = torch.cat([W1, W1.new_zeros(W1.shape[0], a + 1)], 1)
+            first[:, -1] = b1
+            W = torch.cat([bases.reshape(K * S, width), first]).mT.contiguous()
+            second = (gate[3], gate[2].mT.contiguous()) if len(gate) == 4 else None
+            Q = self.Q.to(dtype)
+            start, start_cov = belief.mean.to(dtype).contiguous(), belief.cov.to(dtype).contiguous()
+        each = self.planning_cov == "each"
+        mean_covs: list[Tensor] = []  # "mean": the first call's covariances
+
+        @torch.no_grad()
+        def rollout(actions: Tensor) -> Gaussian:
+            if actions.dim() != 4 or actions.shape[0] != batch or actions.shape[2:] != (horizon, a):
+                raise ValueError(f"actions must have shape (B={batch}, N, H={horizon}, {a}), got "
+                                 f"{tuple(actions.shape)}")
+            n = actions.shape[1]
+            rows = batch * n
+            x = torch.empty(horizon + 1, rows, width, dtype=dtype, device=start.device)
+            x[0, :, :S] = repeat(start, "b s -> (b n) s", n=n)
+            x[:horizon, :, S:-1] = rearrange(actions.to(dtype), "b n h a -> h (b n) a")
+            x[horizon, :, S:-1] = 0.0
+            x[:, :, -1] = 1.0
+            product = torch.empty(rows, K, S, dtype=dtype, device=start.device)
+            if each:
+                cov = repeat(start_cov, "b s t -> (b n) s t", n=n).contiguous()
+                Q_rows = Q.expand(rows, S, S).contiguous()
+                covs = torch.empty(horizon, rows, S, S, dtype=dtype, device=start.device)
+            for h in range(horizon):
+                y = torch.mm(x[h], W)
+                logits = y[:, K * S:]
+                if second is not None:
+                    logits = torch.addmm(second[0], torch.relu(logits), second[1])
+                alpha = torch.softmax(logits, -1)
+                if each:
+                    A_t = (alpha @ A).view(rows, S, S)
+                    cov = torch.baddbmm(Q_rows, torch.bmm(A_t, cov), A_t.mT, out=covs[h])
+                torch.mul(y[:, :K * S].view(rows, K, S), alpha[:, :, None], out=product)
+                torch.sum(product, 1, out=x[h + 1, :, :S])
+            means = rearrange(x[1:, :, :S], "h (b n) s -> b n h s", b=batch)
+            if each:
+                return Gaussian(means, rearrange(covs, "h (b n) s t -> b n h s t", b=batch))
+            if not mean_covs:
+                mean_covs.append(self.rollout(Gaussian(start, start_cov), actions.to(dtype).mean(1)).cov[:, None])
+            return Gaussian(means, mean_covs[0])
+
+        return rollout
+
+    @_full_precision
+    def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
+        """Predictive distribution of the latent: N(C m, C P C^T + R), over any leading dims of ``belief``."""
+        C = self.C
+        noise = observation_noise(self.R, R, tuple(belief.mean.shape[:-1]))
+        return Gaussian(belief.mean @ C.mT, symmetrize(C @ belief.cov @ C.mT + noise))
