@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import gymnasium
 import numpy as np
+import torch
 from gymnasium import spaces
 
-from .physics import rk4, wrap_angle
+from .physics import array_module, rk4, wrap_angle
 from .readout import angle_targets
 from .render import Canvas, image_shape
 
 LINK_COLORS = ((1.0, 1.0, 1.0), (1.0, 0.6, 0.2), (0.3, 0.8, 1.0), (0.4, 1.0, 0.4), (1.0, 0.4, 0.8))
+
+
+def _matvec(matrix, vector):
+    """matrix (..., n, n) @ vector (..., n) -> (..., n), numpy or torch (a plain ``@`` for one vector, so
+    ``step``'s numpy arithmetic is unchanged)."""
+    return matrix @ vector if vector.ndim == 1 else (matrix @ vector[..., None])[..., 0]
 
 
 class NLinkPendulumEnv(gymnasium.Env):
@@ -63,6 +70,7 @@ class NLinkPendulumEnv(gymnasium.Env):
         # tail masses sum_{k >= max(i, j)} m_k and the constant part of the mass matrix
         tail = np.cumsum(self.masses[::-1])[::-1]
         self._tail = tail
+        self._tensor_constants: dict = {}
         self._mass_lengths = np.outer(self.lengths, self.lengths) * tail[np.maximum.outer(np.arange(self.n), np.arange(self.n))]
         height, width = image_shape(image_size)
         self.canvas = Canvas((height, width), extent=1.1 * self.lengths.sum())
@@ -70,15 +78,43 @@ class NLinkPendulumEnv(gymnasium.Env):
         self.action_space = spaces.Box(-self.max_torque, self.max_torque, (self.n,), np.float32)
         self.state = np.zeros(2 * self.n)
 
-    def derivative(self, y: np.ndarray, torque: np.ndarray) -> np.ndarray:
-        theta, omega = y[: self.n], y[self.n :]
-        diff = theta[:, None] - theta[None, :]
-        mass = self._mass_lengths * np.cos(diff)
-        joint_rate = np.diff(omega, prepend=0.0)
+    def _constants(self, like):
+        """(mass-length matrix M_ij (n, n), lengths (n,), tail masses (n,)) as arrays like ``like`` (a tensor's dtype
+        and device, else the float64 numpy arrays themselves)."""
+        consts = (self._mass_lengths, self.lengths, self._tail)
+        if not isinstance(like, torch.Tensor):
+            return consts
+        key = (like.dtype, like.device)
+        if key not in self._tensor_constants:  # converted once per dtype and device (the RK4 loop calls this often)
+            self._tensor_constants[key] = tuple(torch.tensor(c.copy(), dtype=like.dtype, device=like.device)
+                                                for c in consts)
+        return self._tensor_constants[key]
+
+    def derivative(self, y, torque):
+        """d/dt (theta, theta_dot) at state(s) y (..., 2 n) under constant joint torque(s) (..., n): numpy (the
+        (2 n,) vector ``step`` integrates) or torch (batched; ``simulate``)."""
+        xp = array_module(y)
+        mass_lengths, lengths, tail = self._constants(y)
+        theta, omega = y[..., : self.n], y[..., self.n :]
+        diff = theta[..., :, None] - theta[..., None, :]
+        mass = mass_lengths * xp.cos(diff)
+        zero = xp.zeros_like(omega[..., :1])
+        joint_rate = omega - xp.concatenate([zero, omega[..., :-1]], axis=-1)  # phi_j' (np.diff with prepend=0)
         tau = torque - self.friction * joint_rate
-        force = tau - np.append(tau[1:], 0.0)
-        rhs = force - (self._mass_lengths * np.sin(diff)) @ (omega**2) - self.gravity * self.lengths * np.sin(theta) * self._tail
-        return np.concatenate([omega, np.linalg.solve(mass, rhs)])
+        force = tau - xp.concatenate([tau[..., 1:], zero], axis=-1)  # Q_i = tau_i - tau_{i+1}
+        rhs = force - _matvec(mass_lengths * xp.sin(diff), omega**2) - self.gravity * lengths * xp.sin(theta) * tail
+        accel = xp.linalg.solve(mass, rhs) if rhs.ndim == 1 else xp.linalg.solve(mass, rhs[..., None])[..., 0]
+        return xp.concatenate([omega, accel], axis=-1)
+
+    def simulate(self, state, action):
+        """The true dynamics, batched (for planning with the simulator's state, e.g. an oracle MPC): state
+        (..., 2 n), action (..., n) tensors -> (next state (..., 2 n), reward (...)), exactly as ``step`` computes
+        them (torques clipped to +-max_torque, ``substeps`` RK4 steps over dt, angles wrapped; reward 0), in the
+        dtype and device of ``state``."""
+        torque = action.to(state.dtype).clamp(-self.max_torque, self.max_torque)
+        y = rk4(lambda y: self.derivative(y, torque), state, self.dt, self.substeps)
+        y = torch.cat([wrap_angle(y[..., : self.n]), y[..., self.n :]], -1)
+        return y, y.new_zeros(y.shape[:-1])
 
     def readout_targets(self, state):
         """State (..., 2 n) -> float64 targets (..., 3 n) = (sin θ1, cos θ1, .., sin θn, cos θn, θ̇1, .., θ̇n)
