@@ -1,6 +1,6 @@
 """Goal reaching on the N-link arm with the true dynamics: how well can a sampling planner do at all?
 
-    python bench/nlink_oracle.py                          # the arm's control defaults, 10 seeds
+    python bench/nlink_oracle.py                          # the arm's control defaults (env, planner), 10 seeds
     python bench/nlink_oracle.py --friction 0.5 --horizon 20 --samples 128 --iterations 3
 
 Runs ``--seeds`` episodes in lockstep (one env each; seed s: ``env.reset(seed=s)``, then the goal
@@ -94,9 +94,9 @@ def main():
     p.add_argument("--friction", type=float, default=None, help="override the joint friction")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--length", type=int, default=None, help="episode length (default: the control default)")
-    p.add_argument("--horizon", type=int, default=25)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--iterations", type=int, default=4)
+    p.add_argument("--horizon", type=int, default=None, help="default: the control task's planner setting")
+    p.add_argument("--samples", type=int, default=None, help="default: the control task's planner setting")
+    p.add_argument("--iterations", type=int, default=None, help="default: the control task's planner setting")
     p.add_argument("--elites", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--std", type=float, default=0.5)
@@ -109,6 +109,9 @@ def main():
     if args.env_kwargs is None:
         args.env_kwargs = json.dumps(control["env_kwargs"])
     args.length = args.length or control["episode_length"]
+    for name in ("horizon", "samples", "iterations"):
+        if getattr(args, name) is None:
+            setattr(args, name, control["planner"][name])
     print(json.dumps(run(args)), flush=True)
 
 
