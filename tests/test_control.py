@@ -94,3 +94,21 @@ def test_oracle_mpc_swings_the_pendulum_up(tmp_path):
     episodes = run_episodes(cfg, OraclePolicy(env.unwrapped, planner), [7], 120, keep_frames=0)
     upright_error = np.abs((episodes["states"][0, -20:, 0] % (2 * np.pi)) - np.pi)
     assert upright_error.max() < 0.3
+
+
+@pytest.mark.slow
+def test_goal_task_on_the_arm_reports_final_errors_and_success(tmp_path, monkeypatch):
+    """`--env nlink` is a goal task (the env declares it): goal frames drawn by the env, the same goals for every
+    policy, final goal errors and success rates; the oracle, planning on the true state, ends nearer its goals than
+    random torques."""
+    monkeypatch.chdir(tmp_path)
+    planner = '{"horizon": 6, "samples": 32, "iterations": 2, "elites": 8}'
+    args = [a if a != TINY[TINY.index("--model.planner") + 1] else planner for a in TINY]
+    args[args.index("--control.episode-length") + 1] = "30"
+    record = train.main(["control", "--env", "nlink", "--out-dir", str(tmp_path / "runs"), *args])
+    assert record["task"] == "goal" and set(record["final_error"]) == {"mpc", "random", "oracle"}
+    errors = {k: np.mean(v) for k, v in record["final_error"].items()}
+    assert errors["oracle"] < 0.7 * errors["random"]
+    assert record["success_rate"]["oracle"] == np.mean(np.asarray(record["final_error"]["oracle"]) < 0.2)
+    config = json.loads((tmp_path / "runs" / "nlink-control" / "config.json").read_text())
+    assert config["env_kwargs"] == {"gravity": 0.0} and config["model"]["reward_head"] is False

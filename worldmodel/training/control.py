@@ -63,7 +63,7 @@ def for_control(cfg: TrainConfig) -> TrainConfig:
                   "action_high": [float(x) for x in np.ravel(space.high)]}
     finally:
         env.close()
-    planner = {**bounds, **cfg.model.planner}
+    planner = {**bounds, **defaults.get("planner", {}), **cfg.model.planner}
     PlannerConfig.from_overrides(planner)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, planner=planner))
 
@@ -254,7 +254,7 @@ def control(cfg: TrainConfig) -> dict:
 def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
     """Closed-loop evaluation on seeds eval_seed + i of the learned MPC, a random policy and (when the env has
     ``simulate``) the oracle MPC: returns, and for goal tasks the final goal error (mean over the last tenth of the
-    episode) and success rate (final error below the env's ``goal_tolerance``); the normalised score (returns, or
+    episode) and success rate (final error below the env's ``success_error``); the normalised score (returns, or
     final errors for goal tasks); planning ms per step; and the figures (when cfg.plots)."""
     from worldmodel import plots
 
@@ -264,8 +264,10 @@ def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
     planner = PlannerConfig.from_overrides(cfg.model.planner)
     policies = {"mpc": ModelPolicy(model), "random": RandomPolicy(np.asarray(planner.action_low, np.float32),
                                                                   np.asarray(planner.action_high, np.float32))}
+    from worldmodel.envs import control_defaults
+
+    tolerance = control_defaults(cfg.env).get("success_error", 0.2)
     env = make_run_env(cfg)
-    tolerance = getattr(env.unwrapped, "goal_tolerance", 0.2)
     if c.oracle and hasattr(env.unwrapped, "simulate"):
         policies["oracle"] = OraclePolicy(env.unwrapped, planner)
     env.close()
