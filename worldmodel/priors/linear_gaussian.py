@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from worldmodel.kalman import FilterResult, Gaussian, kalman_filter, predict, symmetrize, update
 from worldmodel.priors.base import StateSpacePrior
 
-__all__ = ["CholeskyCovariance", "KalmanLatentModel", "spectral_radius_upper_bound", "initial_transition",
+__all__ = ["CholeskyCovariance", "GaussianStateSpace", "KalmanLatentModel", "spectral_radius_upper_bound", "initial_transition",
            "bounded_transition"]
 
 
@@ -126,7 +126,66 @@ class CholeskyCovariance(nn.Module):
         return symmetrize(L @ L.mT)
 
 
-class KalmanLatentModel(StateSpacePrior):
+class GaussianStateSpace(StateSpacePrior):
+    """What the Gaussian state-space priors share: the dimensions and their checks, the observation model
+    z = C h + v (C fixed [I 0] or learned), the process / observation noises Q, R and the initial belief N(m0, P0)
+    as `CholeskyCovariance`s, and the learning-rate multiplier. Subclasses register their transition parameters
+    between `_setup` and `_add_observation_and_noise` (that order keeps the random initialisation)."""
+
+    def _setup(self, obs_dim: int, state_dim: int | None, action_dim: int, spectral_bound: float | None,
+               lr_multiplier: float) -> int:
+        """Check and store the dimensions, the spectral bound and the lr multiplier; returns S (default 2 L)."""
+        if not lr_multiplier > 0:
+            raise ValueError(f"lr_multiplier must be positive, got {lr_multiplier}")
+        self.lr_multiplier = float(lr_multiplier)
+        state_dim = 2 * obs_dim if state_dim is None else state_dim
+        if obs_dim < 1 or state_dim < 1 or action_dim < 0:
+            raise ValueError(
+                f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}"
+            )
+        if spectral_bound is not None and not spectral_bound > 0:
+            raise ValueError(f"spectral_bound must be positive or None, got {spectral_bound}")
+        self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
+        self.spectral_bound = spectral_bound
+        return state_dim
+
+    def _add_observation_and_noise(self, learn_C: bool, full_cov: bool, q_std: float, r_std: float,
+                                   min_noise_std: float) -> None:
+        C = torch.eye(self.obs_dim, self.state_dim)
+        if learn_C:
+            self.C_param = nn.Parameter(C)
+        else:
+            self.register_buffer("C_param", C)
+        self.Q_cov = CholeskyCovariance(self.state_dim, q_std, full_cov, min_noise_std)
+        self.R_cov = CholeskyCovariance(self.obs_dim, r_std, full_cov, min_noise_std)
+        self.m0 = nn.Parameter(torch.zeros(self.state_dim))
+        self.P0_cov = CholeskyCovariance(self.state_dim, 1.0, full=True)
+
+    @property
+    def C(self) -> Tensor:
+        """Observation matrix D ``(L, S)``."""
+        return self.C_param
+
+    @property
+    @_full_precision
+    def Q(self) -> Tensor:
+        """Process noise Sigma_A ``(S, S)``."""
+        return self.Q_cov()
+
+    @property
+    @_full_precision
+    def R(self) -> Tensor:
+        """Observation noise Sigma_D ``(L, L)``."""
+        return self.R_cov()
+
+    @property
+    @_full_precision
+    def P0(self) -> Tensor:
+        """Initial state covariance ``(S, S)``."""
+        return self.P0_cov()
+
+
+class KalmanLatentModel(GaussianStateSpace):
     """Learned linear-Gaussian state-space model over encoder latents, with exact Kalman filtering.
 
     Args:
@@ -160,31 +219,11 @@ class KalmanLatentModel(StateSpacePrior):
         lr_multiplier: float = 100.0,
     ):
         super().__init__()
-        if not lr_multiplier > 0:
-            raise ValueError(f"lr_multiplier must be positive, got {lr_multiplier}")
-        self.lr_multiplier = float(lr_multiplier)
-        state_dim = 2 * obs_dim if state_dim is None else state_dim
-        if obs_dim < 1 or state_dim < 1 or action_dim < 0:
-            raise ValueError(
-                f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}"
-            )
-        if spectral_bound is not None and not spectral_bound > 0:
-            raise ValueError(f"spectral_bound must be positive or None, got {spectral_bound}")
-        self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
-        self.spectral_bound = spectral_bound
-
+        state_dim = self._setup(obs_dim, state_dim, action_dim, spectral_bound, lr_multiplier)
         self.A_raw = nn.Parameter(initial_transition(state_dim, init_radius))
         self.b = nn.Parameter(torch.zeros(state_dim))
         self.G = nn.Parameter(torch.zeros(state_dim, action_dim))
-        C = torch.eye(obs_dim, state_dim)
-        if learn_C:
-            self.C_param = nn.Parameter(C)
-        else:
-            self.register_buffer("C_param", C)
-        self.Q_cov = CholeskyCovariance(state_dim, q_std, full_cov, min_noise_std)
-        self.R_cov = CholeskyCovariance(obs_dim, r_std, full_cov, min_noise_std)
-        self.m0 = nn.Parameter(torch.zeros(state_dim))
-        self.P0_cov = CholeskyCovariance(state_dim, 1.0, full=True)
+        self._add_observation_and_noise(learn_C, full_cov, q_std, r_std, min_noise_std)
 
     # ---- effective parameters -------------------------------------------------------------------
     @property
@@ -192,29 +231,6 @@ class KalmanLatentModel(StateSpacePrior):
     def A(self) -> Tensor:
         """Effective transition matrix ``(S, S)``, spectral radius <= spectral_bound."""
         return bounded_transition(self.A_raw, self.spectral_bound)
-
-    @property
-    def C(self) -> Tensor:
-        """Observation matrix D ``(L, S)``."""
-        return self.C_param
-
-    @property
-    @_full_precision
-    def Q(self) -> Tensor:
-        """Process noise Sigma_A ``(S, S)``."""
-        return self.Q_cov()
-
-    @property
-    @_full_precision
-    def R(self) -> Tensor:
-        """Observation noise Sigma_D ``(L, L)``."""
-        return self.R_cov()
-
-    @property
-    @_full_precision
-    def P0(self) -> Tensor:
-        """Initial state covariance ``(S, S)``."""
-        return self.P0_cov()
 
     def _control(self, A: Tensor, u: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """``(B_aug, u_aug)`` with ``B_aug u_aug = G u + (I - A) b`` for controls ``u`` of ``shape + (k,)``

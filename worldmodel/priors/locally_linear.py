@@ -45,8 +45,7 @@ from worldmodel.kalman import FilterResult, Gaussian, predict, symmetrize, updat
 from worldmodel.kalman.checks import _dtype
 from worldmodel.kalman.reference import _predict, _update
 from worldmodel.kalman.types import _JITTERS
-from worldmodel.priors.base import StateSpacePrior
-from worldmodel.priors.linear_gaussian import (CholeskyCovariance, KalmanLatentModel, _full_precision,
+from worldmodel.priors.linear_gaussian import (GaussianStateSpace, KalmanLatentModel, _full_precision,
                                                batched_belief, bounded_transition, initial_transition,
                                                observation_noise)
 
@@ -76,7 +75,7 @@ class _Gate(nn.Module):
         return F.linear(m, w[-2], w[-1])
 
 
-class LocallyLinearPrior(StateSpacePrior):
+class LocallyLinearPrior(GaussianStateSpace):
     """Locally-linear Gaussian state-space prior with assumed-density filtering (see the module docstring).
 
     Args:
@@ -115,36 +114,18 @@ class LocallyLinearPrior(StateSpacePrior):
         lr_multiplier: float = 100.0,
     ):
         super().__init__()
-        state_dim = 2 * obs_dim if state_dim is None else state_dim
-        if obs_dim < 1 or state_dim < 1 or action_dim < 0:
-            raise ValueError(
-                f"need obs_dim >= 1, state_dim >= 1, action_dim >= 0; got {obs_dim}, {state_dim}, {action_dim}"
-            )
         if num_bases < 1 or hidden < 0:
             raise ValueError(f"need num_bases >= 1 and hidden >= 0, got {num_bases}, {hidden}")
         if planning_cov not in PLANNING_COVS:
             raise ValueError(f"planning_cov must be one of {PLANNING_COVS}, got {planning_cov!r}")
-        if spectral_bound is not None and not spectral_bound > 0:
-            raise ValueError(f"spectral_bound must be positive or None, got {spectral_bound}")
-        if not lr_multiplier > 0:
-            raise ValueError(f"lr_multiplier must be positive, got {lr_multiplier}")
-        self.obs_dim, self.state_dim, self.action_dim = obs_dim, state_dim, action_dim
+        state_dim = self._setup(obs_dim, state_dim, action_dim, spectral_bound, lr_multiplier)
         self.num_bases, self.detach_alpha, self.planning_cov = num_bases, bool(detach_alpha), planning_cov
-        self.spectral_bound, self.lr_multiplier = spectral_bound, float(lr_multiplier)
 
         # one draw for all bases, first (so that with a seed, K = 1 draws KalmanLatentModel's A)
         self.A_raw = nn.Parameter(initial_transition(state_dim, init_radius).repeat(num_bases, 1, 1))
         self.G = nn.Parameter(torch.zeros(num_bases, state_dim, action_dim))
         self.c = nn.Parameter(torch.zeros(num_bases, state_dim))
-        C = torch.eye(obs_dim, state_dim)
-        if learn_C:
-            self.C_param = nn.Parameter(C)
-        else:
-            self.register_buffer("C_param", C)
-        self.Q_cov = CholeskyCovariance(state_dim, q_std, full_cov, min_noise_std)
-        self.R_cov = CholeskyCovariance(obs_dim, r_std, full_cov, min_noise_std)
-        self.m0 = nn.Parameter(torch.zeros(state_dim))
-        self.P0_cov = CholeskyCovariance(state_dim, 1.0, full=True)
+        self._add_observation_and_noise(learn_C, full_cov, q_std, r_std, min_noise_std)
         self.gate = _Gate(state_dim, num_bases, hidden)
 
     # ---- effective parameters -------------------------------------------------------------------
@@ -153,29 +134,6 @@ class LocallyLinearPrior(StateSpacePrior):
     def A(self) -> Tensor:
         """The basis transition matrices ``(K, S, S)``, each of spectral radius <= spectral_bound."""
         return bounded_transition(self.A_raw, self.spectral_bound)
-
-    @property
-    def C(self) -> Tensor:
-        """Observation matrix ``(L, S)``."""
-        return self.C_param
-
-    @property
-    @_full_precision
-    def Q(self) -> Tensor:
-        """Process noise ``(S, S)``."""
-        return self.Q_cov()
-
-    @property
-    @_full_precision
-    def R(self) -> Tensor:
-        """Observation noise ``(L, L)``."""
-        return self.R_cov()
-
-    @property
-    @_full_precision
-    def P0(self) -> Tensor:
-        """Initial state covariance ``(S, S)``."""
-        return self.P0_cov()
 
     def alpha(self, mean: Tensor) -> Tensor:
         """Mixture weights ``(..., K)`` (softmax, summing to 1) at belief means ``(..., S)``."""
