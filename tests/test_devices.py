@@ -182,9 +182,10 @@ def _leaves(x) -> list[Tensor]:
 
 
 def _parameters(inputs: dict) -> list[Tensor]:
-    """The tensors of ``inputs`` that require grad, then the parameters of its modules."""
+    """The tensors of ``inputs`` that require grad, then the parameters of its modules that do."""
     tensors = [x for x in inputs.values() if isinstance(x, Tensor) and x.requires_grad]
-    return tensors + [p for x in inputs.values() if isinstance(x, torch.nn.Module) for p in x.parameters()]
+    return tensors + [p for x in inputs.values() if isinstance(x, torch.nn.Module) for p in x.parameters()
+                      if p.requires_grad]
 
 
 def _compare(device: _Device, fn, rtol=1e-8, atol=1e-10, **inputs):
@@ -348,3 +349,31 @@ def test_world_model_on_device(device):
         return [loss, model.filter(frames, actions), model.imagine(belief, actions[:, :3], observe=True)]
 
     _compare(device, run, rtol=1e-7, atol=1e-9, model=model, frames=frames, actions=actions)
+
+
+def test_planning_and_reward_head_on_device(device):
+    """MPC.plan with a goal (lqr; the sampling solvers are covered in test_planning_solvers, and the fake device
+    cannot hold a torch.Generator), the reward head's fit on the model's k-step predictive beliefs and
+    WorldModel.reward, on ``device`` equal to the CPU."""
+    from worldmodel.planning import MPC, fit_reward_head
+
+    torch.manual_seed(0)
+    config = ModelConfig(encoder="mlp", input_dim=5, hidden=16, latent_dim=2, action_dim=1, reward_head=True,
+                         multistep_horizon=0, planner={"action_low": [-1.0], "action_high": [1.0], "horizon": 4,
+                                                      "samples": 8, "elites": 3, "iterations": 2})
+    model = WorldModel(config).double().eval().requires_grad_(False)  # planning is not differentiated
+    model.prior.G.data.fill_(0.5)  # a controllable prior (G = 0 at initialisation: LQR is then singular)
+    gen = torch.Generator().manual_seed(0)
+    data = {"obs": torch.randn(3, 12, 5, dtype=torch.float64, generator=gen),
+            "action": torch.rand(3, 12, 1, dtype=torch.float64, generator=gen) * 2 - 1,
+            "reward": torch.randn(3, 12, dtype=torch.float64, generator=gen),
+            "mask": torch.ones(3, 12, dtype=torch.bool)}
+    goal = torch.randn(2, 5, dtype=torch.float64, generator=gen)
+
+    def run(model, goal, **data):
+        fit_reward_head(model, data, horizon=3)
+        belief = model.step(model.init_belief(2), data["obs"][:2, 0])
+        plan = MPC(model, goal=goal, solver="lqr").plan(belief)
+        return [plan, model.reward(belief, data["action"][:2, 0]), model.reward_head.Whh]
+
+    _compare(device, run, rtol=1e-6, atol=1e-8, model=model, goal=goal, **data)

@@ -148,8 +148,9 @@ class MPC:
         if cfg.action_low is None or len(cfg.action_low) != a:
             raise ValueError(f"MPC needs the action bounds: pass action_low=, action_high= ({a} values each; got "
                              f"{cfg.action_low}), or store them in ModelConfig.planner (train.py control does)")
-        self.low = torch.tensor(cfg.action_low, dtype=ref.dtype, device=ref.device)
-        self.high = torch.tensor(cfg.action_high, dtype=ref.dtype, device=ref.device)
+        # filled in on the model's device (no host-to-device copy of a Python list)
+        self.low, self.high = (torch.stack([ref.new_full((), float(v)) for v in bound])
+                               for bound in (cfg.action_low, cfg.action_high))
         self.quadratic: QuadraticCost | None = None
         self.custom = cost
         if cost is None:
