@@ -41,6 +41,8 @@ def test_control_loop_collects_trains_evaluates_and_resumes(tmp_path, monkeypatc
     assert record["score"] == pytest.approx((mean["mpc"] - mean["random"]) / (mean["oracle"] - mean["random"]), rel=1e-3)
     assert mean["oracle"] > mean["random"] + 5
     assert json.loads((run_dir / "control.json").read_text())["returns"] == record["returns"]
+    stored = [float(store.episode(i)["reward"].sum()) for i in range(len(store))]
+    assert record["collected_returns"] == pytest.approx(stored) and record["planning_ms_one_env"] > 0
     # the final model carries the fitted reward head and the env's action bounds as planner defaults
     model = WorldModel.load(run_dir / "checkpoint.pt")
     assert bool(model.reward_head.fitted) and model.config.planner["action_high"] == [2.0]

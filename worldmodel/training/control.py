@@ -244,18 +244,20 @@ def control(cfg: TrainConfig) -> dict:
         returns = _collect(cfg, ModelPolicy(model, c.exploration), episodes + c.episodes_per_iteration)
     model = WorldModel.load(run_dir / f"train-{c.iterations}" / "checkpoint.pt").eval()
     model.save(run_dir / "checkpoint.pt")
-    record = evaluate_control(cfg, model)
-    record.update(collected_returns=returns, elapsed_s=round(time.time() - t0, 1))
+    record = evaluate_control(cfg, model, collected=returns)
+    record["elapsed_s"] = round(time.time() - t0, 1)
     (run_dir / "control.json").write_text(json.dumps(record, indent=2) + "\n")
     _print_table(record)
     return record
 
 
-def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
+def evaluate_control(cfg: TrainConfig, model: WorldModel, collected: list[float] | None = None) -> dict:
     """Closed-loop evaluation on seeds eval_seed + i of the learned MPC, a random policy and (when the env has
     ``simulate``) the oracle MPC: returns, and for goal tasks the final goal error (mean over the last tenth of the
     episode) and success rate (final error below the env's ``success_error``); the normalised score (returns, or
-    final errors for goal tasks); planning ms per step; and the figures (when cfg.plots)."""
+    final errors for goal tasks); planning ms per step (of a batch of all evaluation episodes, and of the learned MPC
+    for one env: planning_ms_one_env); and the figures (when
+    cfg.plots). ``collected``: the returns of the episodes collected by the loop, kept in the record and plotted."""
     from worldmodel import plots
 
     c = cfg.control
@@ -276,7 +278,10 @@ def evaluate_control(cfg: TrainConfig, model: WorldModel) -> dict:
     record = {"kind": "control", "env": cfg.env, "task": c.task, "seeds": seeds, "episode_length": c.episode_length,
               "returns": {name: run["returns"].round(3).tolist() for name, run in runs.items()},
               "planning_ms": {name: round(float(np.median(p.plan_ms)), 3) for name, p in policies.items()
-                              if hasattr(p, "plan_ms")}}
+                              if hasattr(p, "plan_ms")}, "collected_returns": collected or []}
+    single = MPC(model) if not goals else MPC(model, goal=torch.as_tensor(runs["mpc"]["goals"]["frames"][:1]))
+    one = model.init_belief(1)
+    record["planning_ms_one_env"] = round(float(np.median([(single.plan(one), single.last_ms)[1] for _ in range(20)])), 3)
     key = "returns"
     if goals:
         key, tail = "final_error", max(1, c.episode_length // 10)
@@ -325,6 +330,7 @@ def _print_table(record: dict) -> None:
         success = f"  {record['success_rate'][name]:7.0%}" if goals else ""
         lines.append(f"  {name:8s} {np.mean(values):9.3g} {np.std(values):8.3g} "
                      f"{'        ' if ms is None else f'{ms:8.1f}'}{success}")
+    lines.append(f"  learned MPC, one env: {record['planning_ms_one_env']:.1f} ms per planning step")
     if "score" in record:
         lines.append(f"  normalised score (X - X_random) / (X_oracle - X_random) of the mean {what}: "
                      f"{record['score']:.3f}")
