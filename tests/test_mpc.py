@@ -110,7 +110,8 @@ def test_mpc_reaches_a_goal_in_the_latent_space(solver):
     for _ in range(40):
         action = mpc.act(belief)
         assert action.shape == (1,) and -1 <= float(action) <= 1
-        belief = model.prior.step(belief, None, action[None])
+        with torch.no_grad():
+            belief = model.prior.step(belief, None, action[None])
     final = float((belief.mean[0] @ model.prior.C.mT - z_goal).norm())
     assert final < (0.01 if solver == "lqr" else 0.1) * start  # sampling keeps a std floor of 5 % of the range
     if solver == "lqr":
