@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from common import median_times  # noqa: E402
 
 from worldmodel.kalman import Gaussian
 from worldmodel.model import ModelConfig, WorldModel, shift_actions
@@ -25,13 +29,8 @@ from worldmodel.priors import KalmanLatentModel, LocallyLinearPrior
 
 
 def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() in ms."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    """Median wall time of fn() in ms (``median_times`` of the Kalman benchmark, no warm-up)."""
+    return 1000 * median_times(fn, repeats, warmup=0)["wall_s"]
 
 
 def training_step(repeats: int) -> None:

@@ -12,10 +12,13 @@ intra-op thread on the CPU (`planning.mpc.one_thread_on_cpu`).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from common import median_times  # noqa: E402
 
 from worldmodel.model import ModelConfig, WorldModel
 from worldmodel.planning import MPC, PlannerConfig
@@ -23,14 +26,8 @@ from worldmodel.planning.mpc import RecedingHorizon, one_thread_on_cpu
 
 
 def _time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    """Median wall milliseconds of ``repeats`` calls after ``warmup`` (the Kalman benchmark's median_times)."""
+    return 1000 * median_times(fn, repeats, warmup)["wall_s"]
 
 
 def main() -> None:

@@ -209,10 +209,16 @@ class WorldModel(nn.Module):
         return isinstance(self.prior, StateSpacePrior)
 
     # ---- encoding ----------------------------------------------------------------------------
-    def _check_frames(self, frames: Tensor, extra: int) -> None:
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """The shape of one frame: (H, W, C), or (input_dim,) for vector encoders."""
         cfg = self.config
-        item = (cfg.input_dim,) if cfg.input_dim and cfg.resolved_encoder != "conv" else \
-            (cfg.image_size, cfg.image_size, cfg.channels)
+        if cfg.input_dim and cfg.resolved_encoder != "conv":
+            return (cfg.input_dim,)
+        return (cfg.image_size, cfg.image_size, cfg.channels)
+
+    def _check_frames(self, frames: Tensor, extra: int) -> None:
+        cfg, item = self.config, self.frame_shape
         if frames.dim() != extra + len(item) or tuple(frames.shape[extra:]) != item:
             lead = "(B, T, " if extra == 2 else "(B, "
             raise ValueError(f"frames must have shape {lead}{', '.join(map(str, item))}) for this config "

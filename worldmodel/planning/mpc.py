@@ -166,10 +166,10 @@ class MPC:
     def _goal_cost(self, goal: Tensor) -> QuadraticCost:
         """E||C h - z_goal||^2 + action_weight ||u||^2, z_goal the latents of goal frames (H, W, C) or (B, H, W, C)."""
         goal = torch.as_tensor(goal)
-        one = goal.dim() == len(self._frame_shape())
+        one = goal.dim() == len(self.model.frame_shape)
         frames = goal[None] if one else goal
-        if tuple(frames.shape[1:]) != self._frame_shape():
-            raise ValueError(f"goal must be one frame {self._frame_shape()} or a batch (B, *{self._frame_shape()}), "
+        if tuple(frames.shape[1:]) != self.model.frame_shape:
+            raise ValueError(f"goal must be one frame {self.model.frame_shape} or a batch (B, *{self.model.frame_shape}), "
                              f"got {tuple(goal.shape)}")
         with torch.no_grad():
             z_goal = self.model.encode(frames[:, None].to(self.prior.m0.device))[:, 0]
@@ -177,12 +177,6 @@ class MPC:
             raise ValueError("the goal frame has NaN pixels: it has no latent to reach")
         z_goal = z_goal[0] if one else z_goal
         return QuadraticCost.goal(self.prior.C.detach(), z_goal.detach(), 1.0, self.config.action_weight)
-
-    def _frame_shape(self) -> tuple[int, ...]:
-        cfg = self.model.config
-        if cfg.input_dim and cfg.resolved_encoder != "conv":
-            return (cfg.input_dim,)
-        return (cfg.image_size, cfg.image_size, cfg.channels)
 
     def _reward_cost(self) -> QuadraticCost:
         head = self.model.reward_head

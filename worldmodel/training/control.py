@@ -210,7 +210,7 @@ def _phase_config(cfg: TrainConfig, k: int, episodes: int) -> TrainConfig:
 
 def _collect(cfg: TrainConfig, policy, episodes: int) -> list[float]:
     """Grow the run's store to ``episodes`` episodes with ``policy`` (resumable); returns of the new episodes."""
-    from worldmodel.datasets import RolloutStore, collect
+    from worldmodel.datasets import collect
 
     env = make_run_env(cfg)
     path = cfg.run_dir / "rollouts.zarr"
@@ -220,7 +220,7 @@ def _collect(cfg: TrainConfig, policy, episodes: int) -> list[float]:
                         progress=cfg.progress)
     finally:
         env.close()
-    return [float(RolloutStore.open(path, read_only=True).episode(i)["reward"].sum()) for i in range(len(store))]
+    return [float(store.window(i, 0, int(n), keys=("reward",))["reward"].sum()) for i, n in enumerate(store.lengths())]
 
 
 def control(cfg: TrainConfig) -> dict:
