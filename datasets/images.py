@@ -131,7 +131,8 @@ class CIFAR(Dataset):
 class ImageFolder(Dataset):
     """ImageNet-style folder ``root/<class>/<image>`` (png, jpg, jpeg, bmp, gif, webp), read with Pillow.
 
-    Labels index the sorted class folder names (``classes``). With ``image_size`` every image is
+    Labels index the sorted class folder names (``classes``); a folder holding images and no class folders
+    gives unlabelled images (label -1, ``classes`` empty). Grayscale and RGBA images are converted to RGB. With ``image_size`` every image is
     centre-cropped to a square and area-resized to image_size x image_size (needed for batching).
     """
 
@@ -152,8 +153,11 @@ class ImageFolder(Dataset):
             for path in sorted((root / name).rglob("*"))
             if path.suffix.lower() in self.EXTENSIONS
         ]
+        if not self.samples:  # a folder of images without class folders: unlabelled (label -1)
+            self.classes = []
+            self.samples = [(path, -1) for path in sorted(root.iterdir()) if path.suffix.lower() in self.EXTENSIONS]
         if not self.samples:
-            raise FileNotFoundError(f"no images ({', '.join(self.EXTENSIONS)}) in class folders under {str(root)!r}")
+            raise FileNotFoundError(f"no images ({', '.join(self.EXTENSIONS)}) in {str(root)!r} or its class folders")
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -190,7 +194,7 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.base[index]
         image = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float() / 255.0
-        views = torch.stack([self.augment(image), self.augment(image)])  # (2, 3, S, S)
+        views = self.augment(image.expand(2, -1, -1, -1))  # (2, 3, S, S), independent draws
         out = {
             "obs": (views * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(),
             "label": torch.tensor(item.get("label", -1), dtype=torch.int64),
