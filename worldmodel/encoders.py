@@ -12,7 +12,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
-__all__ = ["ChannelLayerNorm", "ConvEncoder", "LinearEncoder", "MLPEncoder", "SequenceEncoder", "normalize_frames"]
+__all__ = ["ChannelLayerNorm", "ConvEncoder", "LinearEncoder", "MLPEncoder", "ResNetEncoder", "SequenceEncoder",
+           "normalize_frames"]
 
 
 def normalize_frames(frames: Tensor) -> Tensor:
@@ -95,6 +96,70 @@ class ConvEncoder(nn.Module):
                              f"got {tuple(frames.shape)}")
         x = rearrange(normalize_frames(frames), "n h w c -> n c h w").to(self.head.weight.dtype)
         return self.head(self.convs(x).flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs with GroupNorm and ReLU around a shortcut (a strided 1x1
+    projection when the stride or width changes)."""
+
+    def __init__(self, width_in: int, width: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width_in, width, 3, stride, 1, bias=False), _norm("group", width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), _norm("group", width))
+        self.shortcut = nn.Identity() if stride == 1 and width_in == width else nn.Sequential(
+            nn.Conv2d(width_in, width, 1, stride, bias=False), _norm("group", width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetEncoder(nn.Module):
+    """Images (N, H, W, C) -> projected latents (N, out_dim): a small ResNet backbone and an MLP projector,
+    the image-SSL architecture (SimCLR / VICReg / BYOL: losses act on the projection, probes read the
+    backbone's features).
+
+    Backbone: average pooling by ``pool`` (1: none), a 3x3 stem of width ``depth`` (the CIFAR stem), then ``len(blocks)`` stages of basic blocks with widths depth * (1, 2, 4, 8, ...), every
+    stage after the first halving the map, then global average pooling: ``feature_dim`` = depth *
+    2^(stages - 1). GroupNorm instead of BatchNorm, so a sample's features never depend on its batch
+    (multi-process training equals one process without synchronised statistics). Projector:
+    Linear -> LayerNorm -> ReLU -> Linear (``hidden`` units).
+    """
+
+    def __init__(self, image_size: int = 32, channels: int = 3, out_dim: int = 64, depth: int = 32,
+                 blocks: tuple[int, ...] = (1, 1, 1), hidden: int = 512, pool: int = 1):
+        super().__init__()
+        if int(image_size) != image_size or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        self.image_size, self.channels, self.out_dim = int(image_size), channels, out_dim
+        if int(pool) != pool or pool < 1 or not blocks or min(blocks) < 1:
+            raise ValueError(f"pool must be an int >= 1 and blocks a non-empty list of counts >= 1, got {pool!r}, "
+                             f"{blocks!r}")
+        layers: list[nn.Module] = [nn.AvgPool2d(int(pool))] if pool > 1 else []
+        layers += [nn.Conv2d(channels, depth, 3, 1, 1, bias=False), _norm("group", depth), nn.ReLU()]
+        width_in = depth
+        for stage, count in enumerate(blocks):
+            width = depth * 2**stage
+            for index in range(count):
+                layers.append(_BasicBlock(width_in, width, 2 if stage and not index else 1))
+                width_in = width
+        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = width_in
+        self.projector = nn.Sequential(nn.Linear(width_in, hidden), nn.LayerNorm(hidden), nn.ReLU(),
+                                       nn.Linear(hidden, out_dim))
+
+    def features(self, frames: Tensor) -> Tensor:
+        """frames: (N, H, W, C) uint8 or float -> backbone features (N, feature_dim)."""
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (self.image_size, self.image_size, self.channels):
+            raise ValueError(f"frames must have shape (N, {self.image_size}, {self.image_size}, {self.channels}) "
+                             f"(image_size={self.image_size}, channels={self.channels} in the config), "
+                             f"got {tuple(frames.shape)}")
+        x = rearrange(normalize_frames(frames), "n h w c -> n c h w").to(self.projector[0].weight.dtype)
+        return self.backbone(x.contiguous())
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """frames: (N, H, W, C) uint8 or float -> (N, out_dim)."""
+        return self.projector(self.features(frames))
 
 
 class MLPEncoder(nn.Module):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.checkpoint import MODEL_KEYS, model_payload, read_checkpoint, write_checkpoint
-from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, SequenceEncoder
+from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, ResNetEncoder, SequenceEncoder
 from worldmodel.kalman import FilterResult, Gaussian
 from worldmodel.methods import PRESETS, make
 from worldmodel.objective import NORMS, LossOutput
@@ -35,7 +35,7 @@ from worldmodel.priors import StateSpacePrior, prior_options
 
 __all__ = ["ModelConfig", "WorldModel", "shift_actions", "upgrade_state_dict"]
 
-ENCODERS = ("auto", "conv", "mlp", "linear")
+ENCODERS = ("auto", "conv", "mlp", "linear", "resnet")
 _RENAMED = {"kalman_lr_multiplier": "prior_lr_multiplier"}  # fields of older configs
 
 
@@ -46,16 +46,19 @@ class ModelConfig:
 
     encoder: str = field(default="auto", metadata={
         "help": "conv (frames), mlp (vector observations), linear (fixed projection + learned square map, as "
-                "ica needs) or auto (linear when the method needs it, mlp when input_dim > 0, else conv)"})
+                "ica needs), resnet (a ResNet backbone + MLP projector, for image SSL) or auto (linear when the "
+                "method needs it, mlp when input_dim > 0, else conv)"})
     image_size: int | None = field(default=64, metadata={
         "help": "H = W of the frames (conv and linear encoders; none = the env's native size)"})
     channels: int | None = field(default=3, metadata={"help": "C of the frames (none = the env's)"})
     depth: int = field(default=16, metadata={"help": "conv encoder width multiplier: widths depth*(1,2,4,8)"})
+    blocks: tuple[int, ...] = field(default=(1, 1, 1), metadata={
+        "help": "resnet encoder: basic blocks per stage, widths depth*(1,2,4,..) (ResNet-18: 2 2 2 2, depth 64)"})
     pool: int = field(default=2, metadata={
         "help": "average-pool the frames by this factor before the convs (2: a cheap first stage)"})
     norm: str = field(default="layer", metadata={"help": "conv encoder norm: layer, group or none"})
     input_dim: int = field(default=0, metadata={"help": "observation size (mlp encoder)"})
-    hidden: int = field(default=256, metadata={"help": "hidden width (mlp encoder)"})
+    hidden: int = field(default=256, metadata={"help": "hidden width (mlp encoder; the resnet encoder's projector)"})
     layers: int = field(default=2, metadata={"help": "hidden layers (mlp encoder)"})
     latent_dim: int = field(default=8, metadata={"help": "L, the encoder latent (observation) dimension"})
     state_dim: int | None = field(default=None, metadata={
@@ -83,6 +86,7 @@ class ModelConfig:
                 "samples, action_low, action_high, ...)"})
 
     def __post_init__(self):
+        self.blocks = tuple(self.blocks)  # a list when read from JSON
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.method not in PRESETS:
@@ -170,6 +174,9 @@ class WorldModel(nn.Module):
             item = ConvEncoder(config.image_size, config.channels, out_dim, config.depth, config.norm, config.pool)
         elif kind == "mlp":
             item = MLPEncoder(config.input_dim, out_dim, config.hidden, config.layers)
+        elif kind == "resnet":
+            item = ResNetEncoder(config.image_size, config.channels, out_dim, config.depth, config.blocks, config.hidden,
+                                 config.pool)
         else:
             item = LinearEncoder((config.input_dim,) if config.input_dim else frame_shape, out_dim, config.pool)
         self.encoder = SequenceEncoder(item)
