@@ -181,7 +181,7 @@ def kstep_predictions(true: Any, mean: Any, std: Any, start: int, path: str | Pa
                         title=f"open-loop prediction from step {start}", pred_label="prediction")
 
 
-def latent_scatter(latents: Any, color: Any, path: str | Path, color_label: str = "") -> Path:
+def latent_scatter(latents: Any, color: Any, path: str | Path, color_label: str = "", title: str = "latent means") -> Path:
     """The first two principal components of latents (N, n), coloured by a true quantity (N,)."""
     z = _as_columns(latents, "latents")
     c = _np(color).reshape(-1)
@@ -197,7 +197,7 @@ def latent_scatter(latents: Any, color: Any, path: str | Path, color_label: str 
     fig.colorbar(points, ax=ax, label=color_label)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title("latent means")
+    ax.set_title(title)
     return _save(fig, path)
 
 

@@ -227,11 +227,14 @@ class TrainConfig:
 
 
 def config_difference(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """Dotted names of the fields (other than run-control ones) in which two configs differ."""
+    """Dotted names of the fields (other than run-control ones: RUN_CONTROL, or the config class's own
+    ``RUN_CONTROL`` attribute) in which two configs of one class differ."""
+    run_control = getattr(type(a), "RUN_CONTROL", RUN_CONTROL)
+
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
-            if not prefix and k in RUN_CONTROL:
+            if not prefix and k in run_control:
                 continue
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "env_kwargs" else {prefix + k: v})
         return out

@@ -24,8 +24,8 @@ from worldmodel.training.config import RUN_CONTROL, TrainConfig, config_differen
 from worldmodel.training.data import ensure_dataset, load_split, make_run_env
 from worldmodel.training.run import append_jsonl, load_matching_run, load_run, read_metrics
 
-__all__ = ["baseline_model_config", "encode_episodes", "evaluate", "evaluate_run", "print_eval_table",
-           "readout_features", "readout_targets", "report", "split_features", "write_plots"]
+__all__ = ["baseline_model_config", "encode_episodes", "evaluate", "evaluate_run", "plot_losses",
+           "print_eval_table", "readout_features", "readout_targets", "report", "split_features", "write_plots"]
 
 
 # ---------------------------------------------------------------------------------------- what is read out
@@ -152,6 +152,19 @@ def print_eval_table(results: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- figures
+def plot_losses(run_dir: Path) -> list[Path]:
+    """``<run_dir>/loss.png``: every logged training scalar of metrics.jsonl against the step (val_loss in the
+    loss panel); [] before the first record."""
+    from worldmodel import plots
+
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"},
+                  key=lambda k: (k not in ("loss", "val_loss"), k))
+    curves = {k: [r[k] for r in records if k in r] for k in keys}
+    steps = {k: [r["step"] for r in records if k in r] for k in keys}
+    return [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
+
+
 @torch.no_grad()
 def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: dict,
                 features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
@@ -160,12 +173,7 @@ def write_plots(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data:
     from worldmodel import plots
 
     run_dir = cfg.run_dir
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    keys = sorted({k for r in records for k in r} - {"kind", "step", "lr", "elapsed_s", "frames_per_s"},
-                  key=lambda k: (k not in ("loss", "val_loss"), k))
-    curves = {k: [r[k] for r in records if k in r] for k in keys}
-    steps = {k: [r["step"] for r in records if k in r] for k in keys}
-    paths = [plots.loss_curves(steps, curves, run_dir / "loss.png")] if curves else []
+    paths = plot_losses(run_dir)
 
     y_train, names = readout_targets(cfg, train_data["state"])
     skip = cfg.eval.burn_in

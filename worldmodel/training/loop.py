@@ -29,7 +29,7 @@ from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split,
 from worldmodel.training.evaluate import report
 from worldmodel.training.run import append_jsonl, prepare_run, restore, save_checkpoint, seed_all, start_files
 
-__all__ = ["Interrupted", "build_model", "init_weights", "lr_factor", "make_optimizer", "train"]
+__all__ = ["Interrupted", "build_model", "init_weights", "lr_factor", "make_optimizer", "run_steps", "train"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -76,7 +76,7 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, frames: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor):
+    def forward(self, frames: torch.Tensor, actions: torch.Tensor | None, mask: torch.Tensor | None):
         return self.model.loss(frames, actions, mask)
 
 
@@ -88,10 +88,14 @@ def _loss_step(model: WorldModel, cfg: TrainConfig, device: torch.device) -> nn.
     return torch.compile(module) if cfg.compile else module
 
 
+def _on(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
+
+
 @torch.no_grad()
 def _validation_loss(model: WorldModel, batch: dict[str, torch.Tensor], device: torch.device) -> float:
     model.eval()
-    loss = float(model.loss(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device)).loss)
+    loss = float(model.loss(*(_on(batch.get(key), device) for key in ("obs", "action", "mask"))).loss)
     return ddp.reduce_mean({"v": loss})["v"]
 
 
@@ -115,6 +119,71 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def run_steps(model: WorldModel, optimizer: torch.optim.Optimizer, cfg, batches, steps: range,
+              val_batch: dict[str, torch.Tensor], device: torch.device, board=None) -> int:
+    """The optimisation loop of ``train`` and ``train_ssl``: for each step, the learning rate of the schedule,
+    WorldModel.loss on the next of ``batches`` (dicts with obs and optionally action and mask), a clipped
+    AdamW step and the target update; the hooks log (metrics.jsonl, tensorboard ``board``, the progress bar)
+    every ``cfg.log_every`` steps with the validation loss on ``val_batch``, checkpoint every ``cfg.ckpt_every``
+    steps, and stop with a checkpoint on SIGINT / SIGTERM (``Interrupted``). Returns the last step."""
+    rank = ddp.rank()
+    loss_step = _loss_step(model, cfg, device)
+    metrics_path = cfg.run_dir / "metrics.jsonl"
+    sums: dict[str, float] = {}
+    count, t0, t_log, step, stop_at = 0, time.time(), time.time(), steps.start - 1, steps.stop - 1
+    bar = tqdm(total=stop_at, initial=step, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    with _StopFlag() as stop:
+        for step in steps:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+            batch = next(batches)
+            model.train()
+            try:
+                out = loss_step(*(_on(batch.get(key), device) for key in ("obs", "action", "mask")))
+            except ValueError as err:  # bad input by the library's convention, e.g. a method/window mismatch
+                raise ValueError(f"training step {step} (method {cfg.model.method!r}, windows of {cfg.window}) "
+                                 f"failed: {err}") from err
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step}; the last periodic "
+                                         f"checkpoint is kept (try a lower --lr or --grad-clip)")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            model.update_target()
+
+            # ---- hooks: log the means since the last record, checkpoint, stop on a signal
+            for k, v in {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.logs.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if step == 1 or step % cfg.log_every == 0 or step == stop_at:
+                record = ddp.reduce_mean({k: v / count for k, v in sums.items()})
+                record["val_loss"] = _validation_loss(model, val_batch, device)
+                now = time.time()
+                record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(now - t0, 3),
+                              frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
+                if rank == 0:
+                    append_jsonl(metrics_path, record)
+                    if board is not None:
+                        board.record(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                sums, count, t_log = {}, 0, now
+            bar.update(1)
+            if step % cfg.ckpt_every == 0 and step < stop_at:
+                save_checkpoint(model, optimizer, cfg, step)
+            if ddp.any_rank(stop.set):
+                save_checkpoint(model, optimizer, cfg, step)
+                bar.close()
+                if board is not None:
+                    board.close()
+                ddp.shutdown()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved to "
+                                  f"{str(cfg.run_dir / 'checkpoint.pt')!r}; continue with --resume")
+    bar.close()
+    return step
 
 
 def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
@@ -158,70 +227,16 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             board = TensorBoardWriter(cfg.run_dir, resume_step=None if ckpt is None else ckpt["step"],
                                       fresh=ckpt is None)
         start_files(cfg, ckpt)
-    loss_step = _loss_step(model, cfg, device)
 
     # ---- the loop: steps start+1 .. stop_at
     stop_at = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
     batches = train_batches(cfg, windows, train_data, sampler, start, stop_at)
-    metrics_path = cfg.run_dir / "metrics.jsonl"
-    sums: dict[str, float] = {}
-    count, t0, t_log, step = 0, time.time(), time.time(), start
-    bar = tqdm(total=stop_at, initial=start, desc="train", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
-    with _StopFlag() as stop:
-        while step < stop_at:
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-            batch = next(batches)
-            model.train()
-            try:
-                out = loss_step(batch["obs"].to(device), batch["action"].to(device), batch["mask"].to(device))
-            except ValueError as err:  # bad input by the library's convention, e.g. a method/window mismatch
-                raise ValueError(f"training step {step} (method {cfg.model.method!r}, windows of {cfg.window}) "
-                                 f"failed: {err}") from err
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step}; the last periodic "
-                                         f"checkpoint is kept (try a lower --lr or --grad-clip)")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            model.update_target()
-
-            # ---- hooks: log the means since the last record, checkpoint, stop on a signal
-            for k, v in {"loss": float(out.loss.detach()), **{k: float(v) for k, v in out.logs.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            if step == 1 or step % cfg.log_every == 0 or step == stop_at:
-                record = ddp.reduce_mean({k: v / count for k, v in sums.items()})
-                record["val_loss"] = _validation_loss(model, val_batch, device)
-                now = time.time()
-                record.update(kind="train", step=step, lr=cfg.lr * lr_factor(step, cfg), elapsed_s=round(now - t0, 3),
-                              frames_per_s=round(count * cfg.batch_size * cfg.window / (now - t_log), 1))
-                if rank == 0:
-                    append_jsonl(metrics_path, record)
-                    if board is not None:
-                        board.record(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-                sums, count, t_log = {}, 0, now
-            bar.update(1)
-            if step % cfg.ckpt_every == 0 and step < stop_at:
-                save_checkpoint(model, optimizer, cfg, step)
-            if ddp.any_rank(stop.set):
-                save_checkpoint(model, optimizer, cfg, step)
-                bar.close()
-                if board is not None:
-                    board.close()
-                ddp.shutdown()
-                raise Interrupted(f"interrupted at step {step}; checkpoint saved to "
-                                  f"{str(cfg.run_dir / 'checkpoint.pt')!r}; continue with --resume")
-    bar.close()
+    step = run_steps(model, optimizer, cfg, batches, range(start + 1, stop_at + 1), val_batch, device, board)
     if step > start or ckpt is None:
         if model.reward_head is not None and step == cfg.steps:
             r2 = fit_reward_head(model.eval(), train_data, batch_size=cfg.eval.batch_size)
             if rank == 0:
-                append_jsonl(metrics_path, {"kind": "reward_head", "step": step, "r2": r2})
+                append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "reward_head", "step": step, "r2": r2})
         save_checkpoint(model, optimizer, cfg, step)
     ddp.barrier()
     ddp.shutdown()

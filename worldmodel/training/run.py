@@ -101,15 +101,16 @@ def restore(ckpt: dict, model: WorldModel, optimizer: torch.optim.Optimizer, cfg
     _set_rng_state(ckpt["rng"][ddp.rank()])
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[int, dict | None]:
+def prepare_run(cfg: TrainConfig | Any) -> tuple[int, dict | None]:
     """Resume bookkeeping on rank 0: (start step, checkpoint or None); writes nothing. ValueError when
-    ``--resume`` meets a checkpoint of other settings."""
+    ``--resume`` meets a checkpoint of other settings. ``cfg``: a TrainConfig, or any config with run_dir,
+    resume, steps, max_steps, to_dict and from_dict (training.ssl.SSLConfig)."""
     run_dir = cfg.run_dir
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
     if cfg.resume and ckpt_path.is_file():
         ckpt = read_checkpoint(ckpt_path, require=TRAINING_KEYS)
-        diff = config_difference(TrainConfig.from_dict(ckpt["train_config"]), cfg)
+        diff = config_difference(type(cfg).from_dict(ckpt["train_config"]), cfg)
         if diff:
             raise ValueError(f"checkpoint {str(ckpt_path)!r} comes from another config (differs in "
                              f"{', '.join(diff)}); resume with the same settings or choose another --name")
