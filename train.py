@@ -8,6 +8,7 @@
     python train.py filter --name NAME --filter.drop 40 60   # online filtering with dropped frames -> filter.png
     python train.py import --videos clips/ --data data/clips.zarr   # outside data -> a rollout store
     python train.py control               # collect-train-plan loop on the pendulum swing-up, closed-loop eval
+    python train.py ssl --method simclr   # image SSL on two views of the procedural shapes, probes vs untrained
     torchrun --nproc_per_node=2 train.py --steps 500         # DDP (gloo on CPU, nccl on GPU)
 
 Subcommands, each with only its own flags (``train.py SUBCOMMAND --help``), generated from the fields of
@@ -18,6 +19,8 @@ a config dataclass (worldmodel.training.TrainConfig, or worldmodel.datasets.Impo
     filter           --name, --out-dir, --device, --progress, --plots and --filter.x-y
     control          the train flags (for each training phase) and --control.x-y (worldmodel.training.control);
                      planner settings as --model.planner '{"horizon": 30, "samples": 256}'
+    ssl              every field of worldmodel.training.ssl.SSLConfig: --data DIR, --steps, --batch-size,
+                     --augment '{"scale": [0.3, 1.0]}', model fields as --method, --depth, ... and --eval.x-y
     import           --videos DIR | --hdf5 F | --npz F | --minari PATH | --lerobot PATH, --data OUT.zarr,
                      --image-size, --fps, --strict, ... (worldmodel.datasets.importers)
 eval and filter read the run's config.json and apply only the flags you pass. Training on an imported
@@ -43,6 +46,7 @@ from worldmodel.cli import add_flags, apply_overrides, parse_overrides
 from worldmodel.datasets import ImportConfig, run_import
 from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
 from worldmodel.training.control import control
+from worldmodel.training.ssl import SSLConfig, train_ssl
 from worldmodel.training.data import imported_store_settings, is_imported
 
 
@@ -63,6 +67,8 @@ COMMANDS = {
                       (*_RUN, "filter")),
     "control": Command("collect with MPC, train, repeat; evaluate closed-loop against random and oracle policies",
                        tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "filter"), ("model",)),
+    "ssl": Command("image SSL: train any preset on two augmented views of images, then probe the features",
+                   None, ("model",), config=SSLConfig),
     "import": Command("import videos, HDF5 / npz arrays, or a Minari / LeRobot dataset on disk into a rollout "
                       "store", None, config=ImportConfig),
 }
@@ -77,29 +83,31 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | ImportConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | SSLConfig | ImportConfig]:
     """(command, config) from command-line arguments; ``train`` when no subcommand is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"  # `train.py --help`: the train flags
     spec = COMMANDS[command]
     overrides = parse_overrides(build_parser(command).parse_args(argv), spec.config)
     try:
-        if spec.config is not TrainConfig:
+        if spec.config not in (TrainConfig, SSLConfig):
             return command, apply_overrides(spec.config(), overrides)
         if command == "control":  # resolved by training.control.for_control (the env's own dynamics)
             return command, apply_overrides(TrainConfig(), overrides)
         if command == "train":
             overrides = {**imported_store_settings(overrides), **overrides}
-        base = TrainConfig()
-        named = apply_overrides(base, {k: v for k, v in overrides.items() if k in ("name", "out_dir")})
+        base = spec.config()
+        named = apply_overrides(base, {k: v for k, v in overrides.items() if k in ("name", "out_dir", "env",
+                                                                                  "model.method")})
         config_file = named.run_dir / "config.json"
         if command in ("eval", "filter") or overrides.get("resume"):
             if config_file.is_file():  # the run's settings; how to run it now (RUN_CONTROL) from defaults + flags
                 try:
-                    stored = TrainConfig.from_dict(json.loads(config_file.read_text()))
+                    stored = spec.config.from_dict(json.loads(config_file.read_text()))
                 except (ValueError, TypeError) as err:
                     raise ValueError(f"cannot read the run's settings {str(config_file)!r}: {err}") from None
-                base = dataclasses.replace(stored, **{k: getattr(base, k) for k in RUN_CONTROL})
+                run_control = getattr(spec.config, "RUN_CONTROL", RUN_CONTROL)
+                base = dataclasses.replace(stored, **{k: getattr(base, k) for k in run_control})
             elif command != "train":
                 raise SystemExit(f"error: no run at {str(named.run_dir)!r} (missing config.json); train it first")
         return command, apply_overrides(base, overrides).resolved()
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> Path | dict:
             return replay_filter(cfg)
         if command == "control":
             return control(cfg)
+        if command == "ssl":
+            return train_ssl(cfg)
         if command == "eval":
             return evaluate_run(cfg)
         imported = is_imported(cfg)

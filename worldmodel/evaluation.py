@@ -1,5 +1,5 @@
 """Evaluation: latent probes (linear R^2, MCC), k-step predictive NLL and calibration of the exact
-predictive Gaussian, and linear-probe accuracy for image SSL.
+predictive Gaussian, and linear-probe and kNN accuracy for image SSL.
 
 All fits run in float64 on the CPU; inputs may be torch tensors or numpy arrays of any float dtype. The
 k-step predictive scores run on the latents' device.
@@ -22,6 +22,7 @@ __all__ = [
     "optimal_assignment",
     "predictive_metrics",
     "linear_probe_accuracy",
+    "knn_accuracy",
 ]
 
 
@@ -244,3 +245,29 @@ def linear_probe_accuracy(features_train: Any, labels_train: Any, features_test:
     opt.step(closure)
     with torch.no_grad():
         return float(((xte @ w + bias).argmax(1) == yte).double().mean())
+
+
+def knn_accuracy(features_train: Any, labels_train: Any, features_test: Any, labels_test: Any, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> float:
+    """Top-1 test accuracy of the weighted kNN classifier of Wu et al. (2018), as solo-learn and DINO score
+    SSL features: rows are L2-normalised, each test row's k most cosine-similar training rows vote for
+    their class with weight exp(similarity / temperature), the class with the largest vote wins.
+
+    features: (N, F); labels: (N,) integer classes. Test rows are scored ``chunk`` at a time (memory N x chunk).
+    """
+    xtr, xte = _as_2d(features_train, "features_train"), _as_2d(features_test, "features_test")
+    ytr, yte = _as_labels(labels_train), _as_labels(labels_test)
+    if len(xtr) != len(ytr) or len(xte) != len(yte) or xtr.shape[1] != xte.shape[1]:
+        raise ValueError("features and labels must have the same number of rows, train and test the same width")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn_accuracy needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    classes = num_classes if num_classes is not None else int(max(ytr.max(), yte.max())) + 1
+    k = min(k, len(xtr))
+    xtr = torch.nn.functional.normalize(xtr, dim=1)
+    correct = 0
+    for rows, labels in zip(torch.nn.functional.normalize(xte, dim=1).split(chunk), yte.split(chunk)):
+        similarity, index = (rows @ xtr.T).topk(k, dim=1)
+        votes = torch.zeros(len(rows), classes, dtype=torch.float64)
+        votes.scatter_add_(1, ytr[index], (similarity / temperature).exp())
+        correct += int((votes.argmax(1) == labels).sum())
+    return correct / len(yte)
