@@ -125,7 +125,7 @@ def kalman_filter(
     device = z.device if isinstance(z, Tensor) else torch.device("cpu")
     with torch.autocast(device.type, enabled=False), _calling_thread_only(device):
         args = _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target)
-        fused = not parallel and args[8] is None and args[4].dim() < 4  # all observed, one R per sequence
+        fused = not parallel and args[4].dim() < 4  # one R per sequence (missing steps or not)
         for jitter in _JITTERS:
             run = _filter_parallel if parallel else _filter_fused if fused and not jitter else _filter_sequential
             result, ok = run(*args, jitter=jitter)
