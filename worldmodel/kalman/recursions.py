@@ -170,9 +170,11 @@ def _filter_covariances(A, Q, C, R, P0, steps: int, form: str, observed: Tensor 
     to the steady state, as ``_covariance_recursion`` does (``standard``: the info is also > 0 where
     P_{t|t} is not positive definite). ``observed``, ``first``: missing steps, as ``_covariance_recursion``
     takes them (the joint form has none: the standard form runs instead)."""
-    if form != "joseph" and A.dim() == 2 and native.usable(A):
-        return native.covariance_recursion(A, Q, C, R, P0, steps, _STEADY_ULPS, _STEADY_EVERY, _STEADY_MIN_LEFT,
-                                           observed, first)
+    if form != "joseph" and native.usable(A):
+        if A.dim() == 2:
+            return native.covariance_recursion(A, Q, C, R, P0, steps, _STEADY_ULPS, _STEADY_EVERY, _STEADY_MIN_LEFT,
+                                               observed, first)
+        return _rows_natively(A, Q, C, R, P0, steps, observed)
     if form == "joint" and observed is None:
         Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
     else:
@@ -181,6 +183,22 @@ def _filter_covariances(A, Q, C, R, P0, steps: int, form: str, observed: Tensor 
             info = info + (_cholesky_ex(Pf)[1] > 0)
     Pp, Pf = (_repeat_last(P, steps, -3, sym=True) for P in (Pp, Pf))
     return Pp, Pf, X, S, L, info
+
+
+def _rows_natively(A, Q, C, R, P0, steps: int, observed: Tensor | None):
+    """``_filter_covariances`` for batched parameters ``(B, ., .)`` in C, one recursion per row, each with
+    its own steady-state stop (after its own last missing step); a row that stopped earlier than the last
+    is extended by repeating its last step, as the stop does."""
+    rows = []
+    for b in range(A.shape[0]):
+        obs = None if observed is None else observed[b]
+        missing = [] if obs is None else (obs == 0).nonzero()
+        first = int(missing[-1]) + 1 if len(missing) else 0
+        rows.append(native.covariance_recursion(A[b], Q[b], C[b], R[b], P0[b], steps, _STEADY_ULPS, _STEADY_EVERY,
+                                                _STEADY_MIN_LEFT, obs, first))
+    k = max(row[2].shape[0] for row in rows)
+    return tuple(torch.stack([x if i < 2 else _repeat_last(x, k, 0) for x in parts])
+                 for i, parts in enumerate(zip(*rows)))
 
 
 def _sandwich_recursion(N: Tensor, D: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
