@@ -44,6 +44,10 @@ IMPLS = {
     "ours_seq_compiled": ("ours", "seq_compiled", True, "point", False, "ours, sequential, torch.compile(step)"),
     "ours_par_compiled": ("ours", "par_compiled", True, "point", False, "ours, parallel scan, torch.compile(combine)"),
     "ours_seq_batched": ("ours", "seq_batched", True, "grid", True, "ours, parameters given per sequence (B, n, n)"),
+    "ours_seq_masked": ("ours", "seq_masked", True, "masked", False,
+                        "ours, 10% of frames dropped at random per sequence (mask)"),
+    "ours_seq_masked_stepwise": ("ours", "seq_masked_stepwise", True, "masked", False,
+                                 "ours, the same mask on the step-wise filter (the path before)"),
     "naive_loop": ("naive_loop", "float32", True, "grid", False, "naive per-sample Python loop (torch eager)"),
     "numpy_batched": ("numpy_batched", "float32", False, "grid", True, "numpy, vectorised over B (forward only)"),
     "filterpy": ("filterpy_peer", "float64", False, "grid", True, "filterpy, per sample (float64, forward only)"),
@@ -79,7 +83,10 @@ def grid(name: str) -> list[dict]:
 
 
 def subset(configs: list[dict], which: str) -> list[dict]:
-    """The points an implementation runs: all, the long-T scan at B=16 (parallel scans), or two points."""
+    """The points an implementation runs: all, the long-T scan at B=16 (parallel scans), two points, or the
+    world-model point and the default model (masked)."""
+    if which == "masked":
+        return [c for c in configs if c in (WORLD_POINT, dict(zip("dmBT", DEFAULT_MODEL)))]
     if which == "scan":
         return [c for c in configs if c["B"] == 16 and c["m"] == c["d"] and c["d"] in (4, 32)]
     if which == "point":
@@ -306,6 +313,7 @@ def report(result: dict) -> str:
            "Forward-only peers (numpy, filterpy) are compared on their forward time in the fwd+bwd table too "
            "(they cannot give gradients), which favours them.\n"]
     out += summary(result)
+    out += masked_ratios(result)
     for grad in (False, True):
         title = "forward + backward" if grad else "forward"
         out.append(f"\n## {title}: ratio peer / ours (ours in ms)\n")
@@ -416,6 +424,29 @@ def summary(result: dict) -> list[str]:
                 continue
             wins.append(f"{peer} {'fwd+bwd' if grad else 'fwd'} d={d},m={m},B={B},T={T} ({o['time_s'] / r['time_s']:.2f}x)")
     out.append(f"Points where a peer is faster than `{OURS}` ({len(wins)}): " + ("; ".join(wins) if wins else "none") + "\n")
+    return out
+
+
+def masked_ratios(result: dict) -> list[str]:
+    """Time with 10% of frames dropped at random per sequence over time with every frame, per point."""
+    idx = _index(result["records"])
+    points = sorted({(r["d"], r["m"], r["B"], r["T"]) for r in result["records"] if r["impl"] == "ours_seq_masked"})
+    if not points:
+        return []
+    out = ["\n## Missing frames: time with a mask (10% of frames dropped at random per sequence) / without\n",
+           "`ours_seq_masked`: the fused filter (one covariance recursion per distinct mask row); "
+           "`ours_seq_masked_stepwise`: the same mask on the step-wise filter, the path masked batches took before.\n",
+           "| d | m | B | T | pass | unmasked ms | masked ms | masked / unmasked | step-wise masked / unmasked |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for d, m, B, T in points:
+        for grad in (False, True):
+            base = idx.get((OURS, d, m, B, T, grad))
+            cells = [_fmt_ratio(idx.get((name, d, m, B, T, grad)), base)
+                     for name in ("ours_seq_masked", "ours_seq_masked_stepwise")]
+            masked = idx.get(("ours_seq_masked", d, m, B, T, grad))
+            ms = [f"{r['time_s'] * 1e3:.3g}" if r and "time_s" in r else "skip" for r in (base, masked)]
+            out.append(f"| {d} | {m} | {B} | {T} | {'fwd+bwd' if grad else 'fwd'} | {' | '.join(ms)} | "
+                       + " | ".join(cells) + " |")
     return out
 
 

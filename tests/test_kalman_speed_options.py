@@ -77,7 +77,7 @@ def test_fused_float32_close_to_float64_reference():
     torch.testing.assert_close(res.filtered.cov.double(), ref.filtered.cov.expand_as(res.filtered.cov), rtol=1e-4, atol=1e-5)
 
 
-def test_kalman_filter_takes_the_fused_path_only_without_missing_steps():
+def test_kalman_filter_takes_the_fused_path_unless_R_is_per_step():
     z, sys = make_system(batch=2, steps=4, k=0, seed=13)
 
     def nodes(res):
@@ -93,7 +93,9 @@ def test_kalman_filter_takes_the_fused_path_only_without_missing_steps():
     assert "_CovarianceRecursionBackward" in nodes(kalman_filter(z, **leaves))
     mask = torch.ones(2, 4, dtype=torch.bool)
     mask[0, 1] = False
-    assert "_CovarianceRecursionBackward" not in nodes(kalman_filter(z, **leaves, mask=mask))
+    assert "_CovarianceRecursionBackward" in nodes(kalman_filter(z, **leaves, mask=mask))
+    per_step = dict(leaves, R=leaves["R"].expand(2, 4, *leaves["R"].shape))
+    assert "_CovarianceRecursionBackward" not in nodes(kalman_filter(z, **per_step, mask=mask))
 
 
 @pytest.mark.parametrize("layout", ["shared", "batched", "mixed"])

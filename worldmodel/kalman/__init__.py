@@ -25,7 +25,7 @@ uses the Joseph form ``(I - K C) P (I - K C)^T + K R K^T`` and every covariance 
 explicit inverse is formed.  Should a Cholesky factorisation fail (float32 round-off on an
 ill-conditioned system), the computation is repeated with a small relative diagonal jitter.
 
-Speed: when every step is observed and R is one matrix per sequence (the world-model case),
+Speed: when R is one matrix per sequence (the world-model case),
 ``kalman_filter`` runs a fused sequential filter (``fused._filter_fused``). Its covariance recursion does not
 depend on z, so with shared parameters it runs once for the whole batch; for small n + m each step is a
 single Cholesky factorisation of the joint covariance of (z_t, h_t), which yields S's factor, the gain
@@ -41,7 +41,8 @@ the linear recursions with constant coefficients (the means, their adjoint and t
 run in chunks of about sqrt(T) steps (``recursions._constant_recursion``, ``_sandwich_recursion``).
 Fresh memory is kept to a minimum (a page fault costs more than the arithmetic at these sizes): outputs
 are written once, the reverse pass takes views of its per-step inputs, and outputs of 32 MiB or more get
-huge pages (``types._new_empty``). Missing steps or per-step R use the step-wise filter.
+huge pages (``types._new_empty``). Missing steps run one covariance recursion per distinct mask row
+(``masked``: a missing step is a pure predict, gain 0); per-step R uses the step-wise filter.
 
 With parameters shared by the batch, on CPU, the sequential loops of the fused filter run in C
 (``worldmodel.kalman.native``: the covariance recursion, the means, the innovation likelihood, and the
@@ -125,7 +126,7 @@ def kalman_filter(
     device = z.device if isinstance(z, Tensor) else torch.device("cpu")
     with torch.autocast(device.type, enabled=False), _calling_thread_only(device):
         args = _prepare(z, A, Q, C, R, m0, P0, B, u, mask, target)
-        fused = not parallel and args[8] is None and args[4].dim() < 4  # all observed, one R per sequence
+        fused = not parallel and args[4].dim() < 4  # one R per sequence (missing steps or not)
         for jitter in _JITTERS:
             run = _filter_parallel if parallel else _filter_fused if fused and not jitter else _filter_sequential
             result, ok = run(*args, jitter=jitter)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .masked import mask_patterns
 from .recursions import _constant_recursion, _filter_covariances, _repeat_last, _sandwich_recursion
 from .types import _LOG_2PI, FilterResult, Gaussian, _sum_steps, symmetrize
 
@@ -153,13 +154,14 @@ class _CovarianceRecursion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict):
+    def forward(ctx, A, Q, C, R, P0, steps: int, form: str, cache: dict, observed: Tensor | None = None,
+                first: int = 0):
         ctx.set_materialize_grads(False)
         Q, R, P0 = symmetrize(Q), symmetrize(R), symmetrize(P0)  # the reverse pass returns symmetric gradients to match
-        Pp, Pf, X, S, L, info = _filter_covariances(A, Q, C, R, P0, steps, form)
+        Pp, Pf, X, S, L, info = _filter_covariances(A, Q, C, R, P0, steps, form, observed, first)
         k = X.shape[-3]
         ctx.save_for_backward(A, C, P0, Pf[..., :k, :, :], Pp[..., :k, :, :], X)
-        ctx.steps, ctx.cache = steps, cache
+        ctx.steps, ctx.cache, ctx.observed = steps, cache, observed
         cache.clear()
         cache.update(L=L)  # S^{-1}, shared with the likelihood's reverse pass
         ctx.mark_non_differentiable(L, info)
@@ -172,6 +174,8 @@ class _CovarianceRecursion(torch.autograd.Function):
         A, C, P0, Pf, Pp, X = ctx.saved_tensors  # per step up to the steady state: k steps
         steps, k = ctx.steps, X.shape[-3]
         S_inv = _cholesky_inverse(ctx.cache)
+        if ctx.observed is not None and gX_head is not None:  # a missing step's X is 0, whatever P is
+            gX_head = gX_head * ctx.observed[..., :k, None, None]
         gPp_head, gPp_tail = _split_steps(gPp_out, k)
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         M_T = eye - _rmul(X.mT, C)  # (I - K C)^T
@@ -259,7 +263,7 @@ class _CovarianceRecursion(torch.autograd.Function):
             tail_grads = sums(G_tail.unsqueeze(-3), *inputs(*summed, *steady[:2]), steady[0], *steady[2:])
             grads = [None if x is None else x + y for x, y in zip(grads, tail_grads)]
         gA, gQ, gC, gR = grads
-        return gA, gQ, gC, gR, carried, None, None, None
+        return gA, gQ, gC, gR, carried, None, None, None, None, None
 
 
 class _InnovationLogLik(torch.autograd.Function):
@@ -359,25 +363,35 @@ class _MeanRecursion(torch.autograd.Function):
 
 
 def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
-    """Sequential filter for the case without missing steps and without per-step R (see above)."""
-    if observed is not None or R.dim() == 4 or jitter:
-        raise ValueError("_filter_fused needs every step observed, one R per sequence and no jitter")
+    """Sequential filter for one R per sequence (see above); missing steps (``observed`` ``(B, T)`` bool, or
+    None) run one covariance recursion per mask pattern (``masked``)."""
+    if R.dim() == 4 or jitter:
+        raise ValueError("_filter_fused needs one R per sequence and no jitter")
     batch, steps, m = z.shape
     n = A.shape[-1]
-    if any(x.dim() == 3 for x in (A, Q, C, R, P0)):  # batched: one covariance recursion per sequence
-        A, Q, C, R, P0 = (x if x.dim() == 3 else x.expand(batch, *x.shape) for x in (A, Q, C, R, P0))
+    batched = any(x.dim() == 3 for x in (A, Q, C, R, P0))
+    patterns = mask_patterns(observed, not batched, z.dtype)
+    if batched or patterns.recursions > 1:  # batched: one covariance recursion per sequence or mask row
+        A, Q, C, R, P0 = (x if x.dim() == 3 else x.expand(patterns.recursions if patterns.recursions > 1 else batch,
+                                                          *x.shape) for x in (A, Q, C, R, P0))
     shared = A.dim() == 2
     # for the Python loops (the native ones take the standard form): the joint factorisation issues fewer,
     # larger ops, faster while dispatch dominates (n + m <= 64 on CPU for one recursion; batched LAPACK
     # factorises matrix by matrix, so a batch of recursions gains less)
     form = "joint" if n + m <= (_JOINT_MAX_DIM if shared else _JOINT_MAX_DIM // 4) else "standard"
     cache: dict = {}
-    covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache)
-    if bool((covariances[-1] > 0).any()):  # a singular or indefinite P_{t|t}: the Joseph form copes with it
-        covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, "joseph", cache)
-        if bool((covariances[-1] > 0).any()):
-            return None, False
+    for form in (form, "joseph"):  # a singular or indefinite P_{t|t}: the Joseph form copes with it
+        covariances = _CovarianceRecursion.apply(A, Q, C, R, P0, steps, form, cache, patterns.observed,
+                                                 patterns.first)
+        if not bool((covariances[-1] > 0).any()):
+            break
+    else:
+        return None, False
     P_pred, P_filt, X, X_tail, S, S_tail, L, _ = covariances
+    if patterns.group is not None:  # one recursion per mask row: each sequence takes its row's
+        P_pred, P_filt, X, X_tail, S, S_tail, L, A, C = (x[patterns.group] for x in (
+            P_pred, P_filt, X, X_tail, S, S_tail, L, A, C))
+        cache = {"L": L}  # the likelihood's S^{-1} per sequence (the recursion's cache holds it per row)
     # m_t = (A - K_t C A) m_{t-1} + K_t (z_t - C B u_t) + B u_t; (B, T, n) @ (n, m) or (B, n, m) broadcasts
     m0 = m0.expand(batch, n)
     f_mean = _MeanRecursion.apply(X, X_tail, A, C @ A, z if bu is None else z - bu @ C.mT, bu, m0)
@@ -385,6 +399,8 @@ def _filter_fused(z, A, Q, C, R, m0, P0, bu, observed, target, jitter):
     if bu is not None:
         p_mean = p_mean + bu
     step_ll = _InnovationLogLik.apply((z if target is None else target) - p_mean @ C.mT, S, S_tail, L, cache)
+    if observed is not None:  # a missing step adds nothing (its residual is finite: z is 0 there)
+        step_ll = step_ll * observed.to(step_ll.dtype)
     if shared:  # one covariance per step for the whole batch: a view, no copies
         P_filt, P_pred = P_filt.expand(batch, *P_filt.shape), P_pred.expand(batch, *P_pred.shape)
     result = FilterResult(Gaussian(f_mean, P_filt), Gaussian(p_mean, P_pred), *_sum_steps(step_ll))

@@ -114,8 +114,8 @@ def _self_test_env() -> dict:
 
 
 _SIGNATURES = {  # C function (without its _f32/_f64 suffix): (return type, argument types)
-    "wm_covariance_recursion": (ctypes.c_int, [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11
-                                + [ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double]),
+    "wm_covariance_recursion": (ctypes.c_int, [ctypes.c_int] * 3 + [ctypes.c_void_p] * 12
+                                + [ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_double]),
     "wm_mean_recursion": (None, [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8),
     "wm_innovation_loglik": (None, [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4),
     "wm_adjoint_mean_recursion": (None, [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3),
@@ -186,18 +186,21 @@ def usable(*xs: Tensor) -> bool:
 
 
 def covariance_recursion(A: Tensor, Q: Tensor, C: Tensor, R: Tensor, P0: Tensor, steps: int, ulps: float,
-                         every: int, min_left: int) -> tuple[Tensor, ...]:
+                         every: int, min_left: int, observed: Tensor | None = None, first: int = 0) -> tuple[Tensor, ...]:
     """``native_kalman.c``'s covariance recursion for shared parameters ``A, Q, P0`` ``(n, n)``, ``C``
-    ``(m, n)``, ``R`` ``(m, m)`` (symmetric). Returns P_{t|t-1} and P_{t|t} ``(steps, n, n)`` (symmetrised,
-    extended past the stop), and for the k computed steps X_t = S_t^{-1} C P_{t|t-1} ``(k, m, n)``, S_t and
-    its lower Cholesky factor L_t ``(k, m, m)`` and the info ``(k,)`` int32."""
+    ``(m, n)``, ``R`` ``(m, m)`` (symmetric), with missing steps where ``observed`` ``(steps,)`` is 0 (None:
+    none; ``first``: the step after the last missing one). Returns P_{t|t-1} and P_{t|t} ``(steps, n, n)``
+    (symmetrised, extended past the stop), and for the k computed steps X_t = S_t^{-1} C P_{t|t-1}
+    ``(k, m, n)`` (0 where missing), S_t and its lower Cholesky factor L_t ``(k, m, m)`` and the info
+    ``(k,)`` int32."""
     n, m = A.shape[-1], C.shape[-2]
     A, Q, C, R, P0 = (x.contiguous() for x in (A, Q, C, R, P0))
+    flags = None if observed is None else (observed != 0).to(torch.uint8)
     Pp, Pf = _new_empty(A, (steps, n, n)), _new_empty(A, (steps, n, n))
     X, S, L = A.new_empty(steps, m, n), A.new_empty(steps, m, m), A.new_empty(steps, m, m)
     info = torch.zeros(steps, dtype=torch.int32)
-    k = _call("wm_covariance_recursion", A.dtype, n, m, steps, A, Q, C, R, P0, Pp, Pf, X, S, L, info, ulps, every,
-              min_left, torch.finfo(A.dtype).eps)
+    k = _call("wm_covariance_recursion", A.dtype, n, m, steps, A, Q, C, R, P0, Pp, Pf, X, S, L, info, flags, first,
+              ulps, every, min_left, torch.finfo(A.dtype).eps)
     if k < 0:
         raise MemoryError("native covariance recursion: out of memory")
     return Pp, Pf, X[:k], S[:k], L[:k], info[:k]

@@ -107,14 +107,18 @@ static double FN(relative_change)(const REAL *const *x, const REAL *const *y, co
        Pp_t = A P_{t-1} A^T + Q,  S_t = C Pp_t C^T + R = L_t L_t^T,  W = L_t^-1 C Pp_t,
        Pf_t = Pp_t - W^T W,       X_t = L_t^-T W = S_t^-1 C Pp_t,      P_{-1} = P0,
 
-   every covariance symmetrised. Stops at the steady state as kalman._SteadyStop does on L_t (checked
-   every `every` steps while `min_left` steps remain; `ulps` = 0: never); Pp and Pf (steps x n x n) are then filled to the end with the last step. X (m x n),
+   every covariance symmetrised. Where `observed` (steps bytes; NULL: every step) is 0 the step is a pure
+   predict: W = 0, so X_t = 0 and Pf_t = Pp_t (S_t and L_t are still computed). Stops at the steady state
+   as kalman._SteadyStop does on L_t (checked every `every` steps while `min_left` steps remain, and only
+   at steps t > `first`, the step after the last missing one; `ulps` = 0: never); Pp and Pf (steps x n x n)
+   are then filled to the end with the last step. X (m x n),
    S and L (m x m) get one entry per computed step, info one int: 0, the order of the failed minor of
    S_t (1..m), or m + that of Pf_t (Pf_t not positive definite). Returns the number of steps computed
    (the recursion also stops at the first failure), or -1 if out of memory. */
 int FN(wm_covariance_recursion)(int n, int m, int steps, const REAL *A, const REAL *Q, const REAL *C, const REAL *R,
                                 const REAL *P0, REAL *Pp, REAL *Pf, REAL *X, REAL *S, REAL *L, int *info,
-                                double ulps, int every, int min_left, double eps) {
+                                const unsigned char *observed, int first, double ulps, int every, int min_left,
+                                double eps) {
     size_t nn = (size_t)n * n, mn = (size_t)m * n, mm = (size_t)m * m;
     REAL *AP = malloc(sizeof(REAL) * (nn + 2 * (mn + nn)));
     if (!AP)
@@ -141,6 +145,8 @@ int FN(wm_covariance_recursion)(int n, int m, int steps, const REAL *A, const RE
             break;
         }
         FN(solve_lower)('N', m, n, Lt, W); /* W = L^-1 U */
+        if (observed && !observed[t])
+            memset(W, 0, sizeof(REAL) * mn);
         memcpy(Pft, Ppt, sizeof(REAL) * nn);
         FN(gemm_rm)('T', 'N', n, n, m, -1, W, n, W, n, 1, Pft, n);
         FN(symmetrise)(Pft, n);
@@ -154,7 +160,7 @@ int FN(wm_covariance_recursion)(int n, int m, int steps, const REAL *A, const RE
             break;
         }
         P = Pft;
-        if (ulps > 0 && t > 0 && (t + 1) % every == 0 && t + 1 + min_left <= steps) {
+        if (ulps > 0 && t > first && (t + 1) % every == 0 && t + 1 + min_left <= steps) {
             /* the joint factor [[L, 0], [W^T, Lf]] of the covariance of (z_t, h_t), as the joint form checks it */
             const REAL *now[3] = {Lt, W, Lf}, *last[3] = {Lt - mm, Ws[(t + 1) % 2], Lfs[(t + 1) % 2]};
             double change = FN(relative_change)(now, last, (size_t[3]){mm, mn, nn}, 3);

@@ -61,14 +61,16 @@ def _steady(L: Tensor, L_prev: Tensor, change_before: float | None) -> tuple[boo
 
 class _SteadyStop:
     """Decides, step by step, when a covariance recursion of ``steps`` steps may stop (see ``_steady``):
-    every later step would repeat the last one (``_repeat_last`` and ``_steady_tail`` restore them)."""
+    every later step would repeat the last one (``_repeat_last`` and ``_steady_tail`` restore them).
+    ``first``: the step after the last missing one; the recursion from there on is time-invariant, so
+    only steps t with t - 1 >= first are compared (a missing step is no sign of convergence)."""
 
-    def __init__(self, steps: int):
-        self.steps, self.change, self.prev = steps, None, None
+    def __init__(self, steps: int, first: int = 0):
+        self.steps, self.first, self.change, self.prev = steps, first, None, None
 
     def __call__(self, t: int, L: Tensor) -> bool:
         done = False
-        due = (t + 1) % _STEADY_EVERY == 0 and t + 1 + _STEADY_MIN_LEFT <= self.steps
+        due = t > self.first and (t + 1) % _STEADY_EVERY == 0 and t + 1 + _STEADY_MIN_LEFT <= self.steps
         if _STEADY_ULPS and due and self.prev is not None:
             done, self.change = _steady(L, self.prev, self.change)
         self.prev = L
@@ -90,23 +92,28 @@ def _repeat_last(x: Tensor, steps: int, dim: int, sym: bool = False) -> Tensor:
     return out
 
 
-def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool):
+def _covariance_recursion(A, Q, C, R, P0, steps: int, joseph: bool, observed: Tensor | None = None, first: int = 0):
     """P_{t|t-1} = A P A^T + Q, S = C P_{t|t-1} C^T + R = L L^T, W = L^{-1} C P_{t|t-1} and
     P_{t|t} = P_{t|t-1} - W^T W (``joseph``: (I - K C) P_{t|t-1} (I - K C)^T + K R K^T), symmetrised.
     Returns the stacks (dim -3) P_{t|t-1}, P_{t|t}, X = S^{-1} C P_{t|t-1} (= K^T), S, L and the info,
     up to the step where the recursion reached its steady state (``_SteadyStop``): later steps repeat it.
-    The returned P_{t|t-1} are not symmetrised (the caller does that as it extends them to all steps)."""
+    The returned P_{t|t-1} are not symmetrised (the caller does that as it extends them to all steps).
+    ``observed``: 0/1 per step, ``(T,)`` or ``(B, T)`` (batched parameters), in the dtype of ``A``; a missing
+    step is a pure predict: W = 0, hence gain X = 0 and P_{t|t} = P_{t|t-1} (S and L are still those of
+    P_{t|t-1}); ``first``: the step after the last missing one (``_SteadyStop``)."""
     At, Ct = A.mT, C.mT
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     P = P0
     Pps, Pfs, WTs, Ls, Ss, infos = [], [], [], [], [], []
-    stop = _SteadyStop(steps)
+    stop = _SteadyStop(steps, first)
     for t in range(steps):
         Pp = _mm_add(Q, A @ P, At)
         U = C @ Pp
         S = _mm_add(R, U, Ct)
         L, info = _cholesky_ex(S)
         WT = torch.linalg.solve_triangular(L.mT, U.mT, upper=True, left=False)  # (L^{-1} U)^T
+        if observed is not None:
+            WT = WT * observed[..., t, None, None]
         if joseph:
             KT = torch.linalg.solve_triangular(L.mT, WT.mT, upper=True)
             M = eye - KT.mT @ C
@@ -155,23 +162,43 @@ def _joint_recursion(A, Q, C, R, P0, steps: int):
     return J[..., m:, m:], Lf @ Lf.mT, X, J[..., :m, :m], L, torch.stack(infos, -1)
 
 
-def _filter_covariances(A, Q, C, R, P0, steps: int, form: str):
+def _filter_covariances(A, Q, C, R, P0, steps: int, form: str, observed: Tensor | None = None, first: int = 0):
     """The covariance recursion in ``form`` (``joint``: ``_joint_recursion``; ``standard`` or ``joseph``:
     ``_covariance_recursion``), in C for shared parameters where the native loops are usable (the
     standard form with a Cholesky factorisation of P_{t|t}, for all but ``joseph``). Returns P_{t|t-1} and
     P_{t|t} for all ``steps`` (symmetrised; repeated after the steady state), and X, S, L and the info up
     to the steady state, as ``_covariance_recursion`` does (``standard``: the info is also > 0 where
-    P_{t|t} is not positive definite)."""
-    if form != "joseph" and A.dim() == 2 and native.usable(A):
-        return native.covariance_recursion(A, Q, C, R, P0, steps, _STEADY_ULPS, _STEADY_EVERY, _STEADY_MIN_LEFT)
-    if form == "joint":
+    P_{t|t} is not positive definite). ``observed``, ``first``: missing steps, as ``_covariance_recursion``
+    takes them (the joint form has none: the standard form runs instead)."""
+    if form != "joseph" and native.usable(A):
+        if A.dim() == 2:
+            return native.covariance_recursion(A, Q, C, R, P0, steps, _STEADY_ULPS, _STEADY_EVERY, _STEADY_MIN_LEFT,
+                                               observed, first)
+        return _rows_natively(A, Q, C, R, P0, steps, observed)
+    if form == "joint" and observed is None:
         Pp, Pf, X, S, L, info = _joint_recursion(A, Q, C, R, P0, steps)
     else:
-        Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph")
-        if form == "standard":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
+        Pp, Pf, X, S, L, info = _covariance_recursion(A, Q, C, R, P0, steps, form == "joseph", observed, first)
+        if form != "joseph":  # P - W^T W can lose definiteness: flag it (the caller uses Joseph then)
             info = info + (_cholesky_ex(Pf)[1] > 0)
     Pp, Pf = (_repeat_last(P, steps, -3, sym=True) for P in (Pp, Pf))
     return Pp, Pf, X, S, L, info
+
+
+def _rows_natively(A, Q, C, R, P0, steps: int, observed: Tensor | None):
+    """``_filter_covariances`` for batched parameters ``(B, ., .)`` in C, one recursion per row, each with
+    its own steady-state stop (after its own last missing step); a row that stopped earlier than the last
+    is extended by repeating its last step, as the stop does."""
+    rows = []
+    for b in range(A.shape[0]):
+        obs = None if observed is None else observed[b]
+        missing = [] if obs is None else (obs == 0).nonzero()
+        first = int(missing[-1]) + 1 if len(missing) else 0
+        rows.append(native.covariance_recursion(A[b], Q[b], C[b], R[b], P0[b], steps, _STEADY_ULPS, _STEADY_EVERY,
+                                                _STEADY_MIN_LEFT, obs, first))
+    k = max(row[2].shape[0] for row in rows)
+    return tuple(torch.stack([x if i < 2 else _repeat_last(x, k, 0) for x in parts])
+                 for i, parts in enumerate(zip(*rows)))
 
 
 def _sandwich_recursion(N: Tensor, D: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:

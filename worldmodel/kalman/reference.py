@@ -1,5 +1,5 @@
 """The step-by-step reference filter: the public single steps :func:`predict` and :func:`update`, and
-``_filter_sequential``, a loop over those steps (the path for missing steps, per-step R and jittered retries).
+``_filter_sequential``, a loop over those steps (the path for per-step R and jittered retries).
 
 One Cholesky factorisation ``S = L L^T`` of the innovation covariance per update gives the gain
 (triangular solves), the Mahalanobis term and ``log|S|``; the covariance update is the Joseph form.
