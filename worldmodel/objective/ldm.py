@@ -53,8 +53,6 @@ from worldmodel.priors.pairs import TransitionPrior
 __all__ = ["LossOutput", "LDMLoss", "ENTROPIES", "ESTIMATOR_OPTIONS", "SIGREG_WEIGHT"]
 
 ENTROPIES = ("logdet", "kde", "knn", "sigreg", "plugin", "jacobian")
-
-
 SIGREG_WEIGHT = 0.09  # LeWorldModel's lambda (github.com/lucas-maes/le-wm, config/train/lewm.yaml: loss.sigreg.weight)
 
 
