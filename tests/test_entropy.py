@@ -127,3 +127,108 @@ def test_bad_input_raises():
 def test_leading_dims_are_independent_sample_sets(estimator):
     x = torch.randn(3, 20, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(estimator(x), torch.stack([estimator(s) for s in x]))
+
+
+# -- sigreg (LeWorldModel's Gaussianity regulariser) ----------------------------------------------
+def directions_of(seed, d, m, dtype):
+    """The unit directions sigreg draws first from a generator seeded `seed`: normalised N(0, 1) columns."""
+    a = torch.randn(d, m, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return a / a.norm(dim=0)
+
+
+def sigreg_reference(x, directions, knots=17):
+    """Maes et al. 2026 (arXiv 2603.19312), Epps & Pulley 1983, in float64 loops: for every direction a_m, the
+    trapezoid rule on the symmetric grid of 2K - 1 knots over [-3, 3] of N |phi_N(t) - exp(-t^2/2)|^2 exp(-t^2/2),
+    phi_N(t) = mean_i exp(i t x_i . a_m); the mean over the directions."""
+    x, a = np.asarray(x, dtype=np.float64), np.asarray(directions, dtype=np.float64)
+    n = x.shape[0]
+    grid = np.linspace(-3.0, 3.0, 2 * knots - 1)
+    dt = grid[1] - grid[0]
+    total = 0.0
+    for m in range(a.shape[1]):
+        h = x @ a[:, m]
+        for j, t in enumerate(grid):
+            ecf = np.mean(np.exp(1j * t * h))
+            weight = dt / 2 if j in (0, len(grid) - 1) else dt
+            total += weight * n * abs(ecf - math.exp(-t * t / 2)) ** 2 * math.exp(-t * t / 2)
+    return total / a.shape[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("knots", [17, 5])
+def test_sigreg_matches_the_papers_formula(dtype, knots):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(50, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.5, 2.0]) + 0.3).to(dtype)
+    value = E.sigreg(x, num_projections=7, knots=knots, generator=torch.Generator().manual_seed(5))
+    ref = sigreg_reference(x, directions_of(5, 3, 7, dtype), knots)
+    assert value.dtype == dtype and value.shape == ()
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert value.item() == pytest.approx(ref, rel=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigreg_is_small_for_gaussians_and_large_otherwise(dtype):
+    # under N(0, I) the expectation is sum_k w_k (1 - exp(-t_k^2)) exp(-t_k^2/2) = 1.052 at every N (an O(1)
+    # test statistic); any other law grows like N
+    t = np.linspace(0, 3, 17)
+    w = np.full(17, 3 / 8)
+    w[[0, -1]] = 3 / 16
+    null_mean = float((w * (1 - np.exp(-t**2)) * np.exp(-t**2 / 2)).sum())
+    g = torch.Generator().manual_seed(0)
+    n, d = 3000, 4
+
+    def value(x):
+        return E.sigreg(x.to(dtype), num_projections=64, generator=torch.Generator().manual_seed(1)).item()
+
+    gaussian = [value(torch.randn(n, d, generator=g, dtype=torch.float64)) for _ in range(5)]
+    assert np.mean(gaussian) == pytest.approx(null_mean, abs=0.3) and max(gaussian) < 2.5
+    signs = torch.randint(0, 2, (n, d), generator=g, dtype=torch.float64) * 2 - 1
+    others = {
+        "collapsed": torch.full((n, d), 0.5, dtype=torch.float64) + 1e-3 * torch.randn(n, d, generator=g),
+        "uniform (unit variance)": (torch.rand(n, d, generator=g, dtype=torch.float64) - 0.5) * 12**0.5,
+        "bimodal": signs + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64),
+        "scaled Gaussian": 3 * torch.randn(n, d, generator=g, dtype=torch.float64),
+    }
+    for name, x in others.items():
+        assert value(x) > 5 * null_mean, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start", ["uniform", "bimodal"])
+def test_sigreg_gradient_pushes_a_batch_toward_gaussian(dtype, start):
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 2
+    if start == "uniform":
+        x = (torch.rand(n, d, generator=g, dtype=dtype) - 0.5) * 12**0.5
+    else:
+        signs = (torch.randint(0, 2, (n, d), generator=g) * 2 - 1).to(dtype)
+        x = signs + 0.2 * torch.randn(n, d, generator=g, dtype=dtype)
+    x.requires_grad_()
+
+    def evaluate():  # fixed evaluation directions
+        return E.sigreg(x.detach(), num_projections=128, generator=torch.Generator().manual_seed(9)).item()
+
+    before = evaluate()
+    draws = torch.Generator().manual_seed(3)  # fresh directions every step, as in training
+    opt = torch.optim.Adam([x], lr=0.03)
+    for _ in range(40):
+        opt.zero_grad()
+        E.sigreg(x, num_projections=32, generator=draws).backward()
+        opt.step()
+    after = evaluate()
+    assert after < 0.2 * before and after < 5.0, (before, after)
+
+
+def test_sigreg_redraws_directions_per_call_and_shares_them_over_leading_dims():
+    x = torch.randn(3, 40, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    first, second = E.sigreg(x[0], 16, generator=g), E.sigreg(x[0], 16, generator=g)
+    assert first.item() != second.item()  # a new draw on every call
+    batched = E.sigreg(x, 16, generator=torch.Generator().manual_seed(4))
+    each = torch.stack([E.sigreg(s, 16, generator=torch.Generator().manual_seed(4)) for s in x])
+    torch.testing.assert_close(batched, each)
+    assert batched[0].item() == first.item()
+    with pytest.raises(ValueError, match="num_projections"):
+        E.sigreg(x[0], num_projections=0)
+    with pytest.raises(ValueError, match="sigreg"):
+        E.sigreg(torch.randn(4))

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from worldmodel.priors import KalmanLatentModel
 from worldmodel.objective import LDMLoss
+from worldmodel.objective import entropy as E
 from worldmodel.methods import PRESETS, make
 
 DTYPES = [torch.float32, torch.float64]
@@ -146,6 +148,103 @@ def test_ica_recovers_laplace_mixture():
     assert mcc(z, sources) >= 0.95
 
 
+def lewm_reference(z, actions, predictor, directions, lam):
+    """LeWorldModel's loss as published (github.com/lucas-maes/le-wm: train.py `lejepa_forward` with num_preds=1,
+    module.py `SIGReg`), with a Markov predictor of (z_t, a_t), a_t the action after frame t, and given directions."""
+    pred = predictor(torch.cat([z[:, :-1], actions[:, :-1]], -1))
+    pred_loss = (pred - z[:, 1:]).pow(2).mean()
+    proj = z.transpose(0, 1)  # (T, B, D)
+    t = torch.linspace(0, 3, 17, dtype=z.dtype)
+    weights = torch.full((17,), 2 * 3 / 16, dtype=z.dtype)
+    weights[[0, -1]] = 3 / 16
+    window = torch.exp(-t.square() / 2.0)
+    x_t = (proj @ directions).unsqueeze(-1) * t
+    err = (x_t.cos().mean(-3) - window).square() + x_t.sin().mean(-3).square()
+    sigreg = ((err @ (weights * window)) * proj.size(-2)).mean()
+    return pred_loss + lam * sigreg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [2, 4])
+def test_lewm_equals_prediction_mse_plus_lambda_sigreg(dtype, T):
+    torch.manual_seed(0)
+    n, d, a = 24, 5, 2
+    loss = make("lewm", d, action_dim=a).to(dtype)
+    z = torch.randn(n, T, d, dtype=dtype) * 0.8 + 0.1
+    actions = torch.randn(n, T, a, dtype=dtype)
+    u = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)  # u[:, t+1] = action after frame t
+    directions = torch.randn(d, 1024, generator=torch.Generator().manual_seed(0), dtype=dtype)  # the loss's seed 0
+    directions = directions / directions.norm(dim=0)
+    ref, ref_grad = grad_of(lambda z: lewm_reference(z, actions, loss.prior.networks[0], directions, 0.09), z)
+    # sigma^2 = 1/2: -alignment / d = MSE + log(pi) / 2; the entropy term is -lambda * SIGReg: factor 1
+    ours, our_grad = grad_of(lambda z: loss(z, u).loss - 0.5 * math.log(math.pi), z)
+    torch.testing.assert_close(ours, ref, **tol(dtype))
+    torch.testing.assert_close(our_grad, ref_grad, **tol(dtype))
+    out = loss(z, u)  # the second call draws new directions; its log reports the raw statistic
+    assert out.logs["sigreg"] == pytest.approx(-out.entropy.item() / 0.09)
+
+
+def test_lewm_predictor_is_conditioned_on_actions():
+    torch.manual_seed(0)
+    loss = make("lewm", 3, action_dim=2, num_projections=16)
+    z, u = torch.randn(8, 4, 3), torch.randn(8, 4, 2)
+    with_actions, without = loss(z, u).alignment, loss(z).alignment  # None: zero controls
+    zeros = loss(z, torch.zeros_like(u)).alignment
+    assert with_actions.item() != without.item() and zeros.item() == pytest.approx(without.item())
+    loss(z, u).loss.backward()
+    first = loss.prior.networks[0][0]  # Linear(d + a, hidden): the action columns learn
+    assert first.in_features == 5 and first.weight.grad[:, 3:].abs().sum() > 0
+    with pytest.raises(ValueError, match="actions of size 2"):
+        loss(z, torch.randn(8, 4, 3))
+    two_step = make("lewm", 3, action_dim=2, steps=2, num_projections=16)  # g_2 sees u_{t+1}, u_{t+2}
+    assert two_step.prior.networks[1][0].in_features == 3 + 2 * 2 and torch.isfinite(two_step(z, u).loss)
+    with pytest.raises(ValueError, match="bilinear"):
+        make("lewm", 3, action_dim=2, kind="bilinear")
+    with pytest.raises(ValueError, match="action-conditioned"):
+        make("lewm", 3, action_dim=2, entropy="kde", mi=True)
+
+
+def test_sigreg_is_a_dial_wherever_logdet_is():
+    torch.manual_seed(0)
+    lewm = make("lewm", 4)
+    assert lewm.entropy == "sigreg" and lewm.mi and lewm.entropy_kwargs == {"weight": 0.09}
+    assert lewm.prior.action_dim == 0 and lewm.prior.sigma == pytest.approx(0.5**0.5)
+    z = torch.randn(16, 6, 4)
+    for name in ("vicreg", "vicreg_ldm", "kalman", "kalman_logdet", "byol", "jepa", "cpc", "simclr", "lewm"):
+        for mi in (False, True):
+            loss = make(name, 4, entropy="sigreg", mi=mi, num_projections=32, weight=0.5, seed=3)
+            assert loss.entropy_kwargs == {"weight": 0.5, "num_projections": 32} and loss.seed == 3
+            out = loss(z if name.startswith("kalman") or name in ("cpc", "lewm") else z[:, :2])
+            assert torch.isfinite(out.loss) and out.entropy < 0 and out.logs["sigreg"] > 0, (name, mi)
+    # joint windows (F_LDM): -weight * SIGReg of the windows, the same first directions (seed 3) in R^(w d)
+    loss = make("vicreg_ldm", 4, entropy="sigreg", num_projections=32, seed=3)
+    windows = z[:, :2].flatten(1)
+    ref = E.sigreg(windows, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss(z[:, :2]).entropy, -0.09 * ref)
+    with pytest.raises(ValueError, match="positive"):
+        make("lewm", 4, weight=0.0)
+    with pytest.raises(ValueError, match=r"unknown override.*'eps'"):
+        make("lewm", 4, eps=1e-3)
+
+
+def test_sigreg_mask_equals_dropping_the_frames():
+    torch.manual_seed(0)
+    z = torch.randn(10, 3, 4, dtype=torch.float64)
+    mask = torch.ones(10, 3, dtype=torch.bool)
+    mask[2, 1] = mask[7, 0] = False
+    for mi in (True, False):
+        loss = make("vicreg", 4, entropy="sigreg", mi=mi, window=2, num_projections=16)
+        value = loss(z.masked_fill(~mask[..., None], 0.0), mask=mask).entropy
+        g = torch.Generator().manual_seed(0)
+        if mi:  # one draw per step, in step order
+            ref = torch.stack([E.sigreg(z[:, t][mask[:, t]], 16, generator=g) for t in range(3)]).mean()
+        else:  # windows (t, t+1) with both frames observed
+            keep = mask.unfold(1, 2, 1).all(-1).flatten()
+            windows = rearrange(z.unfold(1, 2, 1), "b n d w -> (b n) (w d)")[keep]
+            ref = E.sigreg(windows, 16, generator=g)
+        torch.testing.assert_close(value, -0.09 * ref)
+
+
 def test_make_forwards_overrides_and_rejects_unknown():
     kalman = make("kalman", dim=4, action_dim=1, state_dim=6)
     assert isinstance(kalman.prior, KalmanLatentModel)
@@ -273,6 +372,10 @@ def mixed_linear_system(g, batch=64, steps=8):
     return s, torch.tanh(s @ w1.T) @ w2.T
 
 
+# CPU time only: LeWM's 1024 directions of a 4-d latent cost ~0.7 s a step here (N x 1024 x 17 cos and sin)
+CPU_OPTIONS = {"lewm": {"num_projections": 64}}
+
+
 def readout_r2_after_training(name, steps=250):
     """Held-out linear-readout R^2 (per source) of the encoder outputs after training an MLP encoder with
     the bare preset loss and one Adam optimizer (ica: Laplace sources, square mixing, linear encoder)."""
@@ -292,7 +395,7 @@ def readout_r2_after_training(name, steps=250):
             return mixed_linear_system(gen, n)
 
         encoder = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
-        loss = make(name, 4)
+        loss = make(name, 4, **CPU_OPTIONS.get(name, {}))
     fit(encoder, loss, lambda: batch(g)[1], steps)
     from worldmodel.evaluation import linear_r2
 

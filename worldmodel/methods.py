@@ -15,6 +15,7 @@
 | simsiam         | MLP predictor, vMF (beta=2)         | plugin (stop-gradient)       | LDM  |
 | jepa            | MLP predictor on context, Gaussian  | plugin, EMA target 0.996     | LDM  |
 | ica             | factorized (logistic sources)       | jacobian (linear encoder)    | LDM  |
+| lewm            | MLP predictor g(z_t, a_t), sigma^2 = 1/2 | sigreg (lambda = 0.09), per frame | MI |
 
 kalman_ll is the kalman row with a locally-linear prior (A(m) = sum_k alpha_k(m) A_k, alpha a softmax of a small
 MLP of the belief mean; assumed-density filtering), for dynamics a linear latent model cannot represent; its
@@ -22,14 +23,21 @@ options: num_bases, hidden, detach_alpha, planning_cov. The Kalman presets (kalm
 predictive (multistep_horizon=10, weight 3).
 
 `make(name, dim, **overrides)` forwards overrides to the prior (e.g. sigma, beta, kind, hidden, steps,
-source, or KalmanLatentModel's action_dim, state_dim, lr_multiplier, ...), to the estimator (eps; k,
-clip_quantile) and to LDMLoss (entropy, mi, window, target_ema, encoder, gather, latent_norm,
-multistep_horizon, multistep_weight). The loss trains on its own:
+source, action_predictor's or KalmanLatentModel's action_dim, state_dim, lr_multiplier, ...), to the estimator
+(eps; k, clip_quantile; weight, num_projections, knots, seed) and to LDMLoss (entropy, mi, window, target_ema,
+encoder, gather, latent_norm, multistep_horizon, multistep_weight). The loss trains on its own:
 
     loss_fn = make("kalman", 8)
     opt = torch.optim.Adam([{"params": encoder.parameters(), "lr": lr}, *loss_fn.param_groups(lr)])
 
 A preset is one row of PRESETS: a prior of `worldmodel.priors.PRIORS`, an estimator, and their options.
+
+lewm is LeWorldModel (Maes et al. 2026, arXiv 2603.19312; github.com/lucas-maes/le-wm, train.py): loss =
+mean((g(z_t, a_t) - z_{t+1})^2) + lambda * SIGReg, SIGReg per frame over the batch and averaged over frames. With
+sigma^2 = 1/2 the alignment per dimension is -MSE - 1/2 log(pi), so its LDM loss is exactly that loss + 1/2 log(pi).
+LeWM's predictor is a causal transformer over a history of 3 latents; here it is Markov (an MLP of z_t and a_t,
+option action_dim, zero actions when none are given: image SSL on pairs). Its options: sigma, hidden, kind, steps;
+sigreg's weight, num_projections, knots, seed (see `objective.ldm`).
 
 The paper's 8-combination ablation (plane/sphere x logdet/kde x LDM/MI) is
 make("vicreg" | "simclr", dim, entropy="logdet" | "kde", mi=False | True). Pair presets model
@@ -40,6 +48,7 @@ loss(z.flip(1), target=t.flip(1)).
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +139,7 @@ PRESETS: dict[str, Preset] = {
     "simsiam": Preset("predictor", "plugin", prior_kwargs={"beta": 2.0}),
     "jepa": Preset("predictor", "plugin", estimator_kwargs={"target_ema": 0.996}),
     "ica": Preset("factorized", "jacobian", encoder="linear"),
+    "lewm": Preset("action_predictor", "sigreg", mi=True, prior_kwargs={"sigma": math.sqrt(0.5)}),
 }
 
 

@@ -4,6 +4,7 @@ Sample-based estimators take x (N, D), rows i.i.d. samples, and return a scalar 
 including all constants, so that they converge to the true differential entropy. The LDM loss
 (`worldmodel.objective.ldm.LDMLoss`) applies them to the joint window of views (F_LDM) or to each view
 separately (F_MI); `kde` takes the latent model's own log-kernel matrix (the InfoNCE denominator).
+`sigreg` is the exception: a Gaussianity test statistic (a penalty, not an entropy; see its docstring).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from worldmodel.priors.pairs import pairwise_sq_dists
 
-__all__ = ["logdet", "kde", "knn", "plugin", "jacobian"]
+__all__ = ["logdet", "kde", "knn", "sigreg", "plugin", "jacobian"]
 
 
 def _check_samples(x: Tensor, name: str, min_n: int) -> None:
@@ -95,6 +96,52 @@ def knn(x: Tensor, k: int = 3, clip_quantile: float | None = None) -> Tensor:
     log_unit_ball = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
     digamma = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64)).tolist()
     return digamma[0] - digamma[1] + log_unit_ball + d * log_eps.mean(-1)
+
+
+def sigreg(x: Tensor, num_projections: int = 1024, knots: int = 17,
+           generator: torch.Generator | None = None) -> Tensor:
+    """SIGReg, LeWorldModel's Gaussianity regulariser, of x (..., N, D) -> (...) (dimensionless, not nats).
+
+    The Epps-Pulley statistic of M = `num_projections` random 1-D projections h_m = x a_m, averaged:
+
+        SIGReg = 1/M sum_m  N sum_k w_k |phi_N(t_k; h_m) - exp(-t_k^2 / 2)|^2 exp(-t_k^2 / 2),
+        phi_N(t; h) = 1/N sum_i exp(i t h_i) = <cos t h> + i <sin t h>   (empirical characteristic function)
+
+    on K = `knots` points t_k = 3 k / (K - 1) with trapezoid weights w_k = dt (1, 2, ..., 2, 1),
+    dt = 3 / (K - 1): by the symmetry |phi_N(-t) - phi(-t)| = |phi_N(t) - phi(t)| this is the trapezoid
+    rule of N * integral_{-3}^{3} |phi_N(t) - phi(t)|^2 exp(-t^2/2) dt (Epps & Pulley 1983). The directions
+    a_m are the columns of a standard normal (D, M) matrix normalised to unit length, drawn anew on every
+    call (from `generator` if given, else the global RNG) on x's device and dtype; leading dims of x share
+    them. This is the published code (Maes et al. 2026, "LeWorldModel", arXiv 2603.19312;
+    github.com/lucas-maes/le-wm, module.py `SIGReg`: knots=17, num_proj=1024, t in [0, 3], cos and sin
+    parts, the factor N = batch size, mean over projections; after LeJEPA's SIGReg, Balestriero & LeCun
+    2025, arXiv 2511.08544).
+
+    Under x ~ N(0, I) its expectation is the same rule applied to (1 - exp(-t^2)), 1.052 for every N; for
+    any other distribution it grows like N (Cramer-Wold: every 1-D marginal is N(0, 1) iff x ~ N(0, I)).
+
+    Relation to the LDM objective: SIGReg is not an entropy estimate but a penalty toward N(0, I).
+    For x ~ p with mean m and covariance C, H[p] = H[N(m, C)] - KL[p || N(m, C)], so at fixed covariance
+    maximising the entropy is minimising the divergence from the Gaussian of the same moments, and N(0, I)
+    is the maximum-entropy law among those with E|x|^2 = D; SIGReg measures a distance (a weighted L2
+    distance of characteristic functions, not the KL) of every 1-D marginal from N(0, 1), and so plays the
+    role of the uniformity term with a weight lambda: `LDMLoss(entropy="sigreg")` uses
+    H := -lambda * D * SIGReg(x), which the loss's division per dimension turns into the entropy term
+    -lambda * SIGReg (see `objective.ldm`).
+    """
+    _check_samples(x, "sigreg", 1)
+    if num_projections < 1 or knots < 2:
+        raise ValueError(f"sigreg: needs num_projections >= 1 and knots >= 2, got {num_projections}, {knots}")
+    n, d = x.shape[-2:]
+    directions = torch.randn(d, num_projections, generator=generator, device=x.device, dtype=x.dtype)
+    directions = directions / directions.norm(dim=0)
+    t = torch.linspace(0, 3, knots, device=x.device, dtype=x.dtype)
+    target = torch.exp(-0.5 * t.square())  # the N(0, 1) characteristic function, also the window
+    weights = torch.full_like(t, 2 * 3 / (knots - 1))
+    weights[[0, -1]] = 3 / (knots - 1)
+    phase = (x @ directions)[..., None] * t  # (..., N, M, K)
+    error = (phase.cos().mean(-3) - target).square() + phase.sin().mean(-3).square()  # (..., M, K)
+    return n * (error @ (weights * target)).mean(-1)
 
 
 def plugin(z: Tensor, target: Tensor | None = None) -> Tensor:

@@ -19,13 +19,20 @@ F_MI after Aitchison & Ganev). Conventions of `LDMLoss.forward`, for z (B, T, d)
   model (plane/sphere) pools all B*T latents leave-one-out (NT-Xent's denominator); a predictor
   scores every target of the batch against each context per (t, k) (CPC's InfoNCE denominator).
   `plugin` contributes 0 to the value: it detaches the target (see `entropy.plugin`).
+  `sigreg` is not an entropy (`entropy.sigreg`): H := -weight * D * SIGReg of the same samples (D their
+  dimension), so the entropy term is -weight * SIGReg, a dimensionless penalty toward N(0, I), not nats;
+  with mi=True it is LeWorldModel's per-frame SIGReg averaged over t. The directions are redrawn on every
+  call from the loss's own generator (option `seed`, default 0; None = the global RNG); with mi=True one
+  draw serves all time steps (one per step when frames are masked). Options: weight (lambda, default
+  SIGREG_WEIGHT = LeWM's 0.09), num_projections (1024), knots (17), seed.
 - loss = -(alignment + entropy) - multistep_weight * multistep, where multistep is the exact k-step
   predictive log-likelihood (`objective.multistep`, state-space priors, k = 2..multistep_horizon; 0 = off).
   So d * loss equals NT-Xent - log(2N - 1) for simclr and InfoNCE - log B for cpc (tests/test_methods.py).
 
-Multi-process: logdet, kde and knn see the batch gathered over all ranks (`distributed.gather`,
+Multi-process: logdet, kde, knn and sigreg see the batch gathered over all ranks (`distributed.gather`,
 autograd-aware); the alignment stays per rank. The rank average of the loss, and the DDP-averaged
-gradients, then equal the single-process loss and gradients on the concatenated batch.
+gradients, then equal the single-process loss and gradients on the concatenated batch (sigreg: with a
+seed, every rank draws the same directions; seed=None draws them per rank).
 """
 
 from __future__ import annotations
@@ -43,17 +50,27 @@ from worldmodel.objective.normalization import LatentNorm
 from worldmodel.priors.base import LatentPrior, StateSpacePrior
 from worldmodel.priors.pairs import TransitionPrior
 
-__all__ = ["LossOutput", "LDMLoss", "ENTROPIES", "ESTIMATOR_OPTIONS"]
+__all__ = ["LossOutput", "LDMLoss", "ENTROPIES", "ESTIMATOR_OPTIONS", "SIGREG_WEIGHT"]
 
-ENTROPIES = ("logdet", "kde", "knn", "plugin", "jacobian")
-_SAMPLE_ESTIMATORS = {"logdet": estimators.logdet, "knn": estimators.knn}
-ESTIMATOR_OPTIONS = {"logdet": {"eps"}, "knn": {"k", "clip_quantile"}}
+ENTROPIES = ("logdet", "kde", "knn", "sigreg", "plugin", "jacobian")
+SIGREG_WEIGHT = 0.09  # LeWorldModel's lambda (github.com/lucas-maes/le-wm, config/train/lewm.yaml: loss.sigreg.weight)
+
+
+def _sigreg_uniformity(x: Tensor, weight: float, **options) -> Tensor:
+    """The uniformity term of entropy="sigreg" for x (..., N, D): -weight * D * SIGReg(x) (not nats). Extensive in
+    D like an entropy, so that the loss's division per dimension leaves -weight * SIGReg."""
+    return -weight * x.shape[-1] * estimators.sigreg(x, **options)
+
+
+_SAMPLE_ESTIMATORS = {"logdet": estimators.logdet, "knn": estimators.knn, "sigreg": _sigreg_uniformity}
+ESTIMATOR_OPTIONS = {"logdet": {"eps"}, "knn": {"k", "clip_quantile"},
+                     "sigreg": {"weight", "num_projections", "knots", "seed"}}
 
 
 class LossOutput(NamedTuple):
     loss: Tensor  # scalar, -(alignment + entropy) [- multistep_weight * multistep]
     alignment: Tensor  # scalar, <log P> per step and latent dimension
-    entropy: Tensor  # scalar, H per step and latent dimension
+    entropy: Tensor  # scalar, H per step and latent dimension (sigreg: -weight * SIGReg, not nats)
     logs: dict[str, float]
 
 
@@ -64,7 +81,8 @@ class LDMLoss(nn.Module):
         prior: a `worldmodel.priors.LatentPrior` (its `alignment` is the first term).
         entropy: one of ENTROPIES, or None to drop the entropy term (collapses; for ablations).
         mi: marginal entropies (F_MI) instead of the joint one (F_LDM); batch estimators only.
-        entropy_kwargs: options of the estimator (logdet: eps; knn: k, clip_quantile).
+        entropy_kwargs: options of the estimator (logdet: eps; knn: k, clip_quantile; sigreg: weight,
+            num_projections, knots, seed: see the module docstring; its logs add the raw statistic "sigreg").
         window: joint-entropy window length (default: the whole sequence T).
         target_ema: None, or the EMA decay of a target encoder that the owner keeps and whose
             latents it passes as `target` (BYOL/JEPA); plugin estimator only.
@@ -99,10 +117,12 @@ class LDMLoss(nn.Module):
             raise ValueError(f"prior must be a worldmodel.priors.LatentPrior, got {type(prior).__name__}")
         if entropy is not None and entropy not in ENTROPIES:
             raise ValueError(f"entropy must be one of {ENTROPIES} or None, got {entropy!r}")
-        if mi and entropy not in ("logdet", "kde", "knn"):
-            raise ValueError(f"mi=True needs a batch estimator (logdet, kde, knn), got entropy={entropy!r}")
+        if mi and entropy not in ("logdet", "kde", "knn", "sigreg"):
+            raise ValueError(f"mi=True needs a batch estimator (logdet, kde, knn, sigreg), got entropy={entropy!r}")
         if entropy == "kde" and not isinstance(prior, TransitionPrior):
             raise ValueError("entropy='kde' needs a kernel prior (plane, sphere, predictor)")
+        if entropy == "kde" and prior.action_dim:
+            raise ValueError("entropy='kde' does not support an action-conditioned predictor (action_dim > 0)")
         if entropy == "plugin" and not prior.conditional:
             raise ValueError("entropy='plugin' needs a conditional prior (it detaches the predicted latents)")
         if entropy == "kde" and not mi and not prior.symmetric:
@@ -114,6 +134,9 @@ class LDMLoss(nn.Module):
                 f"entropy_kwargs {sorted(unknown)} not valid for entropy={entropy!r}; "
                 f"valid: {sorted(ESTIMATOR_OPTIONS.get(entropy, set()))}"
             )
+        seed = options.pop("seed", 0)
+        if entropy == "sigreg" and options.setdefault("weight", SIGREG_WEIGHT) <= 0:
+            raise ValueError(f"the sigreg weight must be positive, got {options['weight']}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if target_ema is not None and (entropy != "plugin" or not 0.0 <= target_ema < 1.0):
@@ -127,6 +150,7 @@ class LDMLoss(nn.Module):
         self.prior = prior
         self.latent_norm = LatentNorm(dim or 1, latent_norm)
         self.entropy, self.mi, self.entropy_kwargs = entropy, bool(mi), options
+        self.seed, self._generators = seed, {}  # sigreg's directions: one generator per device, made on first use
         self.window, self.target_ema, self.gather, self.dim = window, target_ema, gather, dim
         self.multistep_horizon, self.multistep_weight = int(multistep_horizon), float(multistep_weight)
         object.__setattr__(self, "encoder", encoder)
@@ -164,6 +188,8 @@ class LDMLoss(nn.Module):
             observed = z.flatten(0, 1) if mask is None else z[mask]
             std = observed.std(dim=0).mean() if observed.shape[0] > 1 else z.new_tensor(float("nan"))
         logs = {"alignment": float(alignment.detach()), "entropy": float(entropy.detach()), "latent_std": float(std)}
+        if self.entropy == "sigreg":
+            logs["sigreg"] = -logs["entropy"] / self.entropy_kwargs["weight"]
         if self.multistep_horizon:
             stopped = z.detach() if target is None else target.detach()
             multistep = multistep_log_likelihood(self.prior, z, stopped, self.multistep_horizon, u, mask, R)
@@ -203,17 +229,27 @@ class LDMLoss(nn.Module):
         return self._sample_entropy(z, mask)
 
     def _sample_entropy(self, z: Tensor, mask: Tensor | None) -> Tensor:
-        estimate = _SAMPLE_ESTIMATORS[self.entropy]
+        estimate, options = _SAMPLE_ESTIMATORS[self.entropy], self.entropy_kwargs
+        if self.entropy == "sigreg":
+            options = {**options, "generator": self._generator(z.device)}
         if self.mi and mask is None:  # all steps at once: (T, B, d) -> (T,)
-            return estimate(rearrange(z, "b t d -> t b d"), **self.entropy_kwargs).mean()
+            return estimate(rearrange(z, "b t d -> t b d"), **options).mean()
         if self.mi:
             steps = [z[:, t][mask[:, t]] for t in range(z.shape[1])]
-            return torch.stack([estimate(x, **self.entropy_kwargs) for x in steps]).mean()
+            return torch.stack([estimate(x, **options) for x in steps]).mean()
         w = self._window(z)
         windows = rearrange(z.unfold(1, w, 1), "b n d w -> (b n) (w d)")
         if mask is not None:
             windows = windows[mask.unfold(1, w, 1).all(-1).flatten()]
-        return estimate(windows, **self.entropy_kwargs) / w
+        return estimate(windows, **options) / w
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The seeded generator of sigreg's directions on `device` (None: the global RNG)."""
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def _kde(self, z: Tensor, mask: Tensor | None) -> Tensor:
         model = self.prior

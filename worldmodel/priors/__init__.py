@@ -6,6 +6,7 @@
     plane       pairs.plane                         z' ~ N(z, sigma^2 I)
     sphere      pairs.sphere                        von Mises-Fisher on the unit sphere
     predictor   pairs.predictor                     z' ~ N(g(z), sigma^2 I) (or vMF / bilinear critic)
+    action_predictor  pairs.action_predictor        z_{t+1} ~ N(g(z_t, u_{t+1}), sigma^2 I): the predictor with actions
     factorized  factorized.factorized               independent non-Gaussian sources (ICA)
 
 `PRIORS` maps a name to its builder; a builder whose first parameter is `dim` (or `obs_dim`) receives the
@@ -22,12 +23,12 @@ from worldmodel.priors.base import LatentPrior, StateSpacePrior
 from worldmodel.priors.factorized import FactorizedPrior, factorized
 from worldmodel.priors.linear_gaussian import CholeskyCovariance, KalmanLatentModel, spectral_radius_upper_bound
 from worldmodel.priors.locally_linear import LocallyLinearPrior
-from worldmodel.priors.pairs import TransitionPrior, plane, predictor, sphere
+from worldmodel.priors.pairs import TransitionPrior, action_predictor, plane, predictor, sphere
 
 __all__ = [
     "PRIORS", "build_prior", "prior_options", "LatentPrior", "StateSpacePrior", "KalmanLatentModel",
     "LocallyLinearPrior", "CholeskyCovariance", "spectral_radius_upper_bound", "TransitionPrior", "FactorizedPrior",
-    "plane", "sphere", "predictor", "factorized",
+    "plane", "sphere", "predictor", "action_predictor", "factorized",
 ]
 
 PRIORS: dict[str, Callable[..., LatentPrior]] = {
@@ -36,6 +37,7 @@ PRIORS: dict[str, Callable[..., LatentPrior]] = {
     "plane": plane,
     "sphere": sphere,
     "predictor": predictor,
+    "action_predictor": action_predictor,
     "factorized": factorized,
 }
 _DIM_NAMES = ("dim", "obs_dim")

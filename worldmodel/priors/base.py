@@ -5,6 +5,7 @@ A prior P_theta is the *alignment* dial of LDM (DESIGN section 1). Every prior i
     alignment(z, u, mask, target, R) -> scalar   <log P_theta(z)>_R per modelled term (the objective's term)
     project(z)                                    latents on the prior's support (where entropy is measured)
     min_steps, conditional, lr_multiplier         what the objective checks and how fast it learns
+    action_dim                                    size of the controls u it uses (0: it ignores u)
 
 A *state-space* prior (`StateSpacePrior`: a belief over a hidden state h_t that explains z_t) adds exact
 inference, which `WorldModel.filter/step/imagine`, the k-step loss term, evaluation and planning use:
@@ -41,10 +42,12 @@ class LatentPrior(nn.Module):
             entropy estimator applies (False for the factorized ICA prior).
         lr_multiplier: learning-rate multiplier of its parameters relative to the encoder
             (`LDMLoss.param_groups`); instances may override it.
+        action_dim: size a of the controls u (B, T, a) that `alignment` uses; 0 = it ignores u.
     """
 
     conditional: bool = True
     lr_multiplier: float = 1.0
+    action_dim: int = 0
 
     @property
     def min_steps(self) -> int:

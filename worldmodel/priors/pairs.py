@@ -7,8 +7,8 @@ scores the target with one of three kernels:
 
 `log_prob(context, target, step)` is elementwise over leading dims; `log_kernel` gives the pairwise matrix
 that the `kde` entropy estimator needs (the InfoNCE denominator). The marginal of the first step is flat
-(improper), as in the paper. Built by `plane` (VICReg), `sphere` (SimCLR) and `predictor` (BYOL, SimSiam,
-JEPA, CPC).
+(improper), as in the paper. Built by `plane` (VICReg), `sphere` (SimCLR), `predictor` (BYOL, SimSiam,
+JEPA, CPC) and `action_predictor` (LeWorldModel: g_k also sees the actions u_{t+1..t+k}).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from worldmodel.distributed import rank_mean
 from worldmodel.priors.base import LatentPrior
 
-__all__ = ["TransitionPrior", "plane", "sphere", "predictor", "masked_mean", "pairwise_sq_dists"]
+__all__ = ["TransitionPrior", "plane", "sphere", "predictor", "action_predictor", "masked_mean", "pairwise_sq_dists"]
 
 KERNELS = ("gaussian", "vmf", "dot")
 
@@ -33,7 +34,9 @@ class TransitionPrior(LatentPrior):
         kernel: "gaussian" (sigma), "vmf" (beta = 1 / temperature) or "dot" (bilinear critic).
         networks: one module per step mapping context (..., d) -> (..., d); None = identity
             (then the kernel is symmetric and the kde estimator pools all views as samples of one
-            marginal, which is NT-Xent's denominator).
+            marginal, which is NT-Xent's denominator). With `action_dim` a > 0 the network of step k
+            maps (..., d + k a), the context and the actions u_{t+1..t+k} concatenated, to (..., d).
+        action_dim: size a of the controls u that condition the networks (0 = none).
     """
 
     def __init__(
@@ -42,14 +45,18 @@ class TransitionPrior(LatentPrior):
         sigma: float = 1.0,
         beta: float = 1.0,
         networks: list[nn.Module] | None = None,
+        action_dim: int = 0,
     ):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if sigma <= 0 or beta <= 0:
             raise ValueError(f"sigma and beta must be positive, got sigma={sigma}, beta={beta}")
+        if action_dim < 0 or (action_dim and networks is None):
+            raise ValueError(f"action_dim must be >= 0 and needs networks, got {action_dim}")
         self.kernel, self.sigma, self.beta = kernel, float(sigma), float(beta)
         self.networks = None if networks is None else nn.ModuleList(networks)
+        self.action_dim = int(action_dim)
 
     @property
     def steps(self) -> int:
@@ -70,25 +77,38 @@ class TransitionPrior(LatentPrior):
         vmf kernel (so sphere + logdet/knn estimate an entropy on the sphere), else unchanged."""
         return nn.functional.normalize(z, dim=-1, eps=1e-8) if self.kernel == "vmf" else z
 
-    def predict(self, context: Tensor, step: int = 1) -> Tensor:
-        """The kernel centre for z_{t+step} given z_t = context (..., d)."""
+    def predict(self, context: Tensor, step: int = 1, actions: Tensor | None = None) -> Tensor:
+        """The kernel centre for z_{t+step} given z_t = context (..., d) and, when the prior takes
+        actions, actions (..., step * a) = u_{t+1..t+step} concatenated (None: zero controls)."""
         if not 1 <= step <= self.steps:
             raise ValueError(f"step must be in 1..{self.steps}, got {step}")
-        return context if self.networks is None else self.networks[step - 1](context)
+        if self.networks is None:
+            return context
+        if self.action_dim:
+            if actions is None:
+                actions = context.new_zeros(*context.shape[:-1], step * self.action_dim)
+            context = torch.cat([context, actions], dim=-1)
+        return self.networks[step - 1](context)
 
     def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
-        """Mean over k = 1..steps of the mean log P(target_{t+k} | z_t) over observed pairs; target
-        defaults to z (u is ignored: these priors have no controls)."""
+        """Mean over k = 1..steps of the mean log P(target_{t+k} | z_t, u_{t+1..t+k}) over observed pairs;
+        target defaults to z. u (B, T, a), u[:, t] driving the transition into step t, is used when the
+        prior takes actions (None: zero controls) and ignored otherwise."""
         target = z if target is None else target
+        if self.action_dim and u is not None and u.shape[-1] != self.action_dim:
+            raise ValueError(f"u: this predictor takes actions of size {self.action_dim}, got {u.shape[-1]}")
         terms = []
         for k in range(1, self.steps + 1):
             pair_mask = None if mask is None else mask[:, :-k] & mask[:, k:]
-            terms.append(masked_mean(self.log_prob(z[:, :-k], target[:, k:], k), pair_mask))
+            actions = None
+            if self.action_dim and u is not None:  # u_{t+1..t+k} for every context t = 0..T-k-1
+                actions = rearrange(u[:, 1:].unfold(1, k, 1), "b n a k -> b n (k a)")
+            terms.append(masked_mean(self.log_prob(z[:, :-k], target[:, k:], k, actions), pair_mask))
         return torch.stack(terms).mean()
 
-    def log_prob(self, context: Tensor, target: Tensor, step: int = 1) -> Tensor:
-        """log P(target | context) for aligned (..., d) tensors -> (...)."""
-        mean = self.predict(context, step)
+    def log_prob(self, context: Tensor, target: Tensor, step: int = 1, actions: Tensor | None = None) -> Tensor:
+        """log P(target | context, actions) for aligned (..., d) tensors -> (...) (actions: see `predict`)."""
+        mean = self.predict(context, step, actions)
         d = target.shape[-1]
         if self.kernel == "gaussian":
             return self._gaussian((target - mean).pow(2).sum(-1), d)
@@ -137,28 +157,49 @@ def predictor(
 
     kind: "mlp" (Linear-ReLU-Linear, `hidden` units, default 4 dim; BYOL/SimSiam/JEPA),
     "linear" (Linear), or "bilinear" (CPC's critic log f_k = z_{t+k}^T W_k z_t, W_k init I).
+    Without actions (`action_predictor` adds them: it is a prior of its own because WorldModel hands its
+    action_dim to every prior that takes one).
     """
-    if dim < 1 or steps < 1:
-        raise ValueError(f"dim and steps must be >= 1, got dim={dim}, steps={steps}")
+    return action_predictor(dim, 0, kind, hidden, steps, sigma, beta)
+
+
+def action_predictor(
+    dim: int,
+    action_dim: int = 0,
+    kind: str = "mlp",
+    hidden: int | None = None,
+    steps: int = 1,
+    sigma: float = 1.0,
+    beta: float | None = None,
+) -> TransitionPrior:
+    """`predictor` conditioned on the actions: z_{t+k} ~ N(g_k(z_t, u_{t+1..t+k}), sigma^2 I) (LeWorldModel's
+    predictor of the next latent from (z_t, a_t) for k = 1); g_k sees the k actions concatenated, zeros when
+    no actions are given. kind "mlp" or "linear" when action_dim > 0 (CPC's bilinear critic has none).
+    """
+    if dim < 1 or steps < 1 or action_dim < 0:
+        raise ValueError(f"dim and steps must be >= 1 and action_dim >= 0, got {dim}, {steps}, {action_dim}")
     kinds = ("mlp", "linear", "bilinear")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    if kind == "bilinear" and action_dim:
+        raise ValueError("kind='bilinear' (CPC's critic) takes no actions: use mlp or linear with action_dim > 0")
     hidden = hidden or 4 * dim
 
-    def network() -> nn.Module:
+    def network(step: int) -> nn.Module:
+        inputs = dim + step * action_dim
         if kind == "mlp":
-            return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-        layer = nn.Linear(dim, dim, bias=kind == "linear")
+            return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        layer = nn.Linear(inputs, dim, bias=kind == "linear")
         if kind == "bilinear":
             nn.init.eye_(layer.weight)
         return layer
 
-    networks = [network() for _ in range(steps)]
+    networks = [network(k) for k in range(1, steps + 1)]
     if kind == "bilinear":
         return TransitionPrior("dot", networks=networks)
     if beta is not None:
-        return TransitionPrior("vmf", beta=beta, networks=networks)
-    return TransitionPrior("gaussian", sigma=sigma, networks=networks)
+        return TransitionPrior("vmf", beta=beta, networks=networks, action_dim=action_dim)
+    return TransitionPrior("gaussian", sigma=sigma, networks=networks, action_dim=action_dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
