@@ -61,8 +61,6 @@ def test_lewm_world_model_trains_without_collapse(data, action_dim):
     assert z.flatten(0, 1).std(0).min() > 0.3  # no dimension collapsed (SIGReg pulls every marginal to N(0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="WorldModel.loss passes actions only to state-space priors "
-                                       "(model.py: u = shift_actions(actions) if self.can_filter else None)")
 def test_world_model_passes_actions_to_an_action_conditioned_predictor():
     torch.manual_seed(0)
     model = WorldModel.from_config(ModelConfig(method="lewm", encoder="mlp", input_dim=8, latent_dim=4, hidden=32,

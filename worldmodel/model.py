@@ -268,7 +268,7 @@ class WorldModel(nn.Module):
         if self.target_encoder is not None:
             with torch.no_grad():
                 target = self._raw_latents(frames, target=True)[0]
-        u = shift_actions(actions) if self.can_filter else None
+        u = shift_actions(actions) if self.can_filter or self.prior.action_dim else None
         return self.objective(z, u=u, mask=mask, target=target, R=variances)
 
     @torch.no_grad()
