@@ -9,6 +9,7 @@ import torch
 
 from worldmodel.evaluation import (
     fit_readout,
+    knn_accuracy,
     linear_probe_accuracy,
     linear_r2,
     mcc,
@@ -188,3 +189,25 @@ def test_fit_readout_recovers_an_exact_affine_map(dtype):
     w, c = fit_readout(x, y)
     torch.testing.assert_close(w, w_true.double(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c, c_true.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_accuracy_matches_a_brute_force_vote(dtype):
+    """Against a per-row loop: cosine similarities, the k best, votes exp(sim / T) summed per class."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    ytr, yte = torch.randint(0, 4, (120,), generator=gen), torch.randint(0, 4, (50,), generator=gen)
+    xtr = (centers[ytr] + 1.5 * torch.randn(120, 6, generator=gen, dtype=torch.float64)).to(dtype)
+    xte = (centers[yte] + 1.5 * torch.randn(50, 6, generator=gen, dtype=torch.float64)).to(dtype)
+    k, temperature = 7, 0.1
+    correct = 0
+    for x, y in zip(xte.double(), yte):
+        sims = [float(x @ t / (x.norm() * t.norm())) for t in xtr.double()]
+        best = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        votes = [sum(math.exp(sims[j] / temperature) for j in best if ytr[j] == c) for c in range(4)]
+        correct += int(max(range(4), key=lambda c: votes[c]) == int(y))
+    assert knn_accuracy(xtr, ytr, xte, yte, k=k, temperature=temperature, chunk=16) == correct / 50
+    assert 0.4 < correct / 50 < 1.0  # the classes overlap: not a trivial case
+    assert knn_accuracy(xtr, ytr, xtr, ytr, k=1) == 1.0  # every training row is its own nearest neighbour
+    with pytest.raises(ValueError, match="k >= 1"):
+        knn_accuracy(xtr, ytr, xte, yte, k=0)

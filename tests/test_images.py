@@ -147,3 +147,41 @@ def test_image_folder(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
     with pytest.raises(ImportError, match="pip install pillow"):
         ImageFolder(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_augmentations_draw_per_image(dtype):
+    """A batch gets one draw per image: each crop is a window of its own image, a flip mirrors it, a per-image
+    hue shift and blur equal the single-image operations (blur: against a dense float64 reference)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.rand(5, 3, 16, 24, generator=gen, dtype=dtype)
+    crops = random_resized_crop(batch, (8, 12), scale=(0.25, 0.25), ratio=(1.5, 1.5), generator=gen)
+    windows = batch.unfold(2, 8, 1).unfold(3, 12, 1)  # (5, 3, 9, 13, 8, 12)
+    offsets = []
+    for n in range(5):
+        errors = torch.stack([(crops[n] - windows[n, :, i, j]).abs().max() for i in range(9) for j in range(13)])
+        assert errors.min() < 1e-5
+        offsets.append(int(errors.argmin()))
+    assert len(set(offsets)) > 1  # not one box for the whole batch
+    flip = torch.tensor([True, False, True, False, False])
+    mirrored = random_resized_crop(batch, (16, 24), scale=(1.0, 1.0), ratio=(1.5, 1.5), generator=gen, flip=flip)
+    torch.testing.assert_close(mirrored, torch.where(flip[:, None, None, None], batch.flip(-1), batch))
+    shifts = torch.tensor([0.0, 0.1, -0.2, 0.3, 0.5], dtype=dtype)
+    shifted = adjust_hue(batch, shifts)
+    for n in range(5):
+        torch.testing.assert_close(shifted[n], adjust_hue(batch[n], float(shifts[n])))
+    sigmas = torch.tensor([0.3, 0.8, 1.2, 0.5, 1.0], dtype=dtype)
+    blurred = gaussian_blur(batch, sigmas).double()
+    radius = 4  # ceil(3 * max sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    for n in range(5):
+        kernel = torch.exp(-(x**2) / (2 * float(sigmas[n]) ** 2))
+        kernel = (kernel / kernel.sum()).tolist()
+        padded = np.pad(batch[n].double().numpy(), ((0, 0), (radius, radius), (radius, radius)), mode="reflect")
+        dense = sum(kernel[i] * kernel[j] * padded[:, i:i + 16, j:j + 24] for i in range(9) for j in range(9))
+        np.testing.assert_allclose(blurred[n].numpy(), dense, atol=1e-6)
+    jittered = color_jitter(batch, generator=gen)
+    assert jittered.shape == batch.shape and jittered.dtype == dtype and 0 <= jittered.min() <= jittered.max() <= 1
+    views = SSLAugment(12)(batch, gen)
+    assert views.shape == (5, 3, 12, 12) and views.dtype == dtype
+    assert not torch.equal(views[0], SSLAugment(12)(batch, torch.Generator().manual_seed(1))[0])
