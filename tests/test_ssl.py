@@ -71,9 +71,9 @@ def test_resnet_features_of_an_image_do_not_depend_on_its_batch(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["vicreg", "simclr", "byol", "kalman"])
+@pytest.mark.parametrize("method", ["vicreg", "simclr", "byol", "kalman", "lewm"])
 def test_ssl_run_per_estimator_family(tmp_path, method, capsys):
-    """logdet (vicreg), kde (simclr), plugin with an EMA target (byol) and the Kalman prior on view pairs: a
+    """logdet (vicreg), kde (simclr), plugin with an EMA target (byol), the Kalman prior and sigreg (lewm) on view pairs: a
     short run trains, checkpoints, and scores the trained and the untrained encoder."""
     run_dir = train.main(_argv(tmp_path, method, "--method", method))
     records = read_metrics(run_dir / "metrics.jsonl")
