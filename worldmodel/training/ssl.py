@@ -51,7 +51,7 @@ class SSLEvalConfig:
 
 
 def _ssl_model() -> ModelConfig:
-    return ModelConfig(encoder="resnet", image_size=32, channels=3, depth=32, pool=1, hidden=512, latent_dim=64,
+    return ModelConfig(encoder="resnet", image_size=32, channels=3, depth=16, pool=1, hidden=512, latent_dim=64,
                        action_dim=0, method="vicreg")
 
 
@@ -70,8 +70,8 @@ class SSLConfig:
                 "root/<class>/<image> on disk; nothing is downloaded (none = the built-in procedural shapes)"})
     images: int = field(default=10_000, metadata={
         "help": "procedural training images (also the cap on images read from a folder)"})
-    steps: int = field(default=500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
-    batch_size: int = field(default=256, metadata={"help": "global batch of images (two views each) per step"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
+    batch_size: int = field(default=128, metadata={"help": "global batch of images (two views each) per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.01, metadata={"help": "cosine decay ends at lr * min_lr_ratio"})
