@@ -57,11 +57,14 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
     flip: Tensor | None = None,
+    angle: Tensor | None = None,
 ) -> Tensor:
     """Crop a random box of area fraction ~ U(scale) and log-uniform aspect ratio from each image, resized
     to ``size`` (torchvision's box algorithm: 10 tries per image, then the largest centred box with a
     valid ratio; integer boxes). The crop is read by bilinear sampling at the output pixel centres, so a
-    box of the output's size is copied exactly. ``flip`` (N,) bool mirrors the chosen images horizontally."""
+    box of the output's size is copied exactly. ``flip`` (N,) bool mirrors the chosen images horizontally;
+    ``angle`` (N,) radians rotates each box about its centre (the view turns clockwise on screen; points outside
+    the image take the nearest edge pixel)."""
     batch, single = _batched(image)
     n, _, height, width = batch.shape
     tries = 10
@@ -82,9 +85,14 @@ def random_resized_crop(
     if flip is not None:
         cols = torch.where(flip.to(batch.device)[:, None], 1 - cols, cols)  # (N, W')
     rows = (torch.arange(out_h, dtype=torch.float64, device=batch.device) + 0.5) / out_h
-    x = (left[:, None] + cols * w[:, None]) * (2 / width) - 1  # (N, W') normalised, align_corners=False
-    y = (top[:, None] + rows * h[:, None]) * (2 / height) - 1  # (N, H')
-    grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1).to(batch.dtype)  # (N, H', W', 2)
+    x = (left[:, None] + cols * w[:, None])[:, None, :]  # (N, 1, W') in pixels
+    y = (top[:, None] + rows * h[:, None])[:, :, None]  # (N, H', 1)
+    if angle is not None:  # about the box centre, in pixels
+        cx, cy = (left + w / 2)[:, None, None], (top + h / 2)[:, None, None]
+        cos, sin = (f(angle.to(batch.device, torch.float64))[:, None, None] for f in (torch.cos, torch.sin))
+        x, y = cx + (x - cx) * cos + (y - cy) * sin, cy - (x - cx) * sin + (y - cy) * cos
+    x, y = torch.broadcast_tensors(x * (2 / width) - 1, y * (2 / height) - 1)  # normalised, align_corners=False
+    grid = torch.stack([x, y], -1).to(batch.dtype)  # (N, H', W', 2)
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False).clamp(0, 1)
     return out[0] if single else out
 
@@ -158,8 +166,9 @@ def gaussian_blur(image: Tensor, sigma: float | Tensor) -> Tensor:
 
 
 class SSLAugment:
-    """SimCLR-style view: random resized crop -> flip (p=``flip_p``) -> colour jitter (p=``jitter_p``) ->
-    grayscale (p=``gray_p``) -> Gaussian blur (p=``blur_p``, sigma ~ U(0.1, 2) * size / 32).
+    """SimCLR-style view: random resized crop (rotated by ~ U(-rotation, rotation) degrees; default 0) ->
+    flip (p=``flip_p``) -> colour jitter (p=``jitter_p``) -> grayscale (p=``gray_p``) -> Gaussian blur
+    (p=``blur_p``, sigma ~ U(0.1, 2) * size / 32).
 
     Call it on a float image (3, H, W) or a batch (N, 3, H, W) in [0, 1]: every image gets its own draws."""
 
@@ -172,8 +181,10 @@ class SSLAugment:
         gray_p: float = 0.2,
         blur_p: float = 0.5,
         flip_p: float = 0.5,
+        rotation: float = 0.0,
     ):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.rotation = float(rotation)
         self.scale, self.jitter = scale, jitter
         self.jitter_p, self.gray_p, self.blur_p, self.flip_p = jitter_p, gray_p, blur_p, flip_p
 
@@ -181,7 +192,9 @@ class SSLAugment:
         batch, single = _batched(image)
         n = len(batch)
         coin = lambda p: (_rand(n, batch, generator) < p).view(n, 1, 1, 1)
-        batch = random_resized_crop(batch, self.size, self.scale, generator=generator, flip=coin(self.flip_p).view(n))
+        angle = _rand(n, batch, generator, -1.0, 1.0) * math.radians(self.rotation) if self.rotation else None
+        batch = random_resized_crop(batch, self.size, self.scale, generator=generator, flip=coin(self.flip_p).view(n),
+                                    angle=angle)
         if self.jitter_p > 0:
             batch = torch.where(coin(self.jitter_p), color_jitter(batch, *self.jitter, generator=generator), batch)
         if self.gray_p > 0:

@@ -1,6 +1,7 @@
 """Image SSL data: procedural shapes with known factors, torch augmentations, CIFAR / folder loaders."""
 
 import colorsys
+import math
 import pickle
 import sys
 
@@ -185,3 +186,13 @@ def test_batched_augmentations_draw_per_image(dtype):
     views = SSLAugment(12)(batch, gen)
     assert views.shape == (5, 3, 12, 12) and views.dtype == dtype
     assert not torch.equal(views[0], SSLAugment(12)(batch, torch.Generator().manual_seed(1))[0])
+
+
+def test_rotated_crops_turn_the_image_about_the_box_centre():
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    quarter = random_resized_crop(image, (8, 8), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                  angle=torch.tensor([math.pi / 2, math.pi], dtype=torch.float64))
+    torch.testing.assert_close(quarter[0], torch.rot90(image[0], -1, (1, 2)))
+    torch.testing.assert_close(quarter[1], image[1].flip(-1).flip(-2))
+    views = SSLAugment(8, scale=(1.0, 1.0), jitter_p=0, gray_p=0, blur_p=0, flip_p=0, rotation=90)(image[0])
+    assert views.shape == (3, 8, 8) and not torch.allclose(views, image[0])
