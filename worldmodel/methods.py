@@ -15,6 +15,7 @@
 | simsiam         | MLP predictor, vMF (beta=2)         | plugin (stop-gradient)       | LDM  |
 | jepa            | MLP predictor on context, Gaussian  | plugin, EMA target 0.996     | LDM  |
 | ica             | factorized (logistic sources)       | jacobian (linear encoder)    | LDM  |
+| predictive_knn  | RecurrentPrior (LSTM over z_{<t}, learned sigma) | knn (k=3, clip at 90 % quantile) | MI |
 
 kalman_ll is the kalman row with a locally-linear prior (A(m) = sum_k alpha_k(m) A_k, alpha a softmax of a small
 MLP of the belief mean; assumed-density filtering), for dynamics a linear latent model cannot represent; its
@@ -130,6 +131,7 @@ PRESETS: dict[str, Preset] = {
     "simsiam": Preset("predictor", "plugin", prior_kwargs={"beta": 2.0}),
     "jepa": Preset("predictor", "plugin", estimator_kwargs={"target_ema": 0.996}),
     "ica": Preset("factorized", "jacobian", encoder="linear"),
+    "predictive_knn": Preset("recurrent", "knn", mi=True, estimator_kwargs={"k": 3, "clip_quantile": 0.9}),
 }
 
 
