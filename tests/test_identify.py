@@ -72,3 +72,12 @@ def test_make_task_shapes_and_seeding():
     assert torch.equal(task["x_train"], again["x_train"])
     assert not torch.equal(task["x_train"], make_task(3, seed=2, train_seqs=5, test_seqs=2, length=7)["x_train"])
     assert math.isfinite(float(task["x_train"].abs().max()))
+
+
+def test_the_suite_trains_and_scores_with_twice_as_many_latents_as_sources(tmp_path, single_thread):
+    from identify import main
+
+    (record,) = main(["--latents", "2", "--steps", "2", "--out", str(tmp_path / "r.jsonl")])
+    assert record["latent_dim"] == 4 and len(record["r2"]) == len(record["r2_z"]) == 2
+    assert all(math.isfinite(v) for v in [*record["r2"], *record["r2_z"], record["mcc"]])
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
