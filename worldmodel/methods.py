@@ -16,6 +16,7 @@
 | jepa            | MLP predictor on context, Gaussian  | plugin, EMA target 0.996     | LDM  |
 | ica             | factorized (logistic sources)       | jacobian (linear encoder)    | LDM  |
 | lewm            | MLP predictor g(z_t, a_t), sigma^2 = 1/2 | sigreg (lambda = 0.09), per frame | MI |
+| predictive_knn  | RecurrentPrior (LSTM over z_{<t}, learned sigma) | knn (k=3, clip at 90 % quantile) | MI |
 
 kalman_ll is the kalman row with a locally-linear prior (A(m) = sum_k alpha_k(m) A_k, alpha a softmax of a small
 MLP of the belief mean; assumed-density filtering), for dynamics a linear latent model cannot represent; its
@@ -140,6 +141,7 @@ PRESETS: dict[str, Preset] = {
     "jepa": Preset("predictor", "plugin", estimator_kwargs={"target_ema": 0.996}),
     "ica": Preset("factorized", "jacobian", encoder="linear"),
     "lewm": Preset("action_predictor", "sigreg", mi=True, prior_kwargs={"sigma": math.sqrt(0.5)}),
+    "predictive_knn": Preset("recurrent", "knn", mi=True, estimator_kwargs={"k": 3, "clip_quantile": 0.9}),
 }
 
 

@@ -8,6 +8,7 @@
     predictor   pairs.predictor                     z' ~ N(g(z), sigma^2 I) (or vMF / bilinear critic)
     action_predictor  pairs.action_predictor        z_{t+1} ~ N(g(z_t, u_{t+1}), sigma^2 I): the predictor with actions
     factorized  factorized.factorized               independent non-Gaussian sources (ICA)
+    recurrent   recurrent.RecurrentPrior            z_t ~ N(g(z_{<t}), sigma^2 I), g an LSTM over the past latents
 
 `PRIORS` maps a name to its builder; a builder whose first parameter is `dim` (or `obs_dim`) receives the
 latent dimension. Adding a prior: one module here and one row in `PRIORS` (then a preset row in
@@ -24,10 +25,12 @@ from worldmodel.priors.factorized import FactorizedPrior, factorized
 from worldmodel.priors.linear_gaussian import CholeskyCovariance, KalmanLatentModel, spectral_radius_upper_bound
 from worldmodel.priors.locally_linear import LocallyLinearPrior
 from worldmodel.priors.pairs import TransitionPrior, action_predictor, plane, predictor, sphere
+from worldmodel.priors.recurrent import RecurrentPrior
 
 __all__ = [
     "PRIORS", "build_prior", "prior_options", "LatentPrior", "StateSpacePrior", "KalmanLatentModel",
     "LocallyLinearPrior", "CholeskyCovariance", "spectral_radius_upper_bound", "TransitionPrior", "FactorizedPrior",
+    "RecurrentPrior",
     "plane", "sphere", "predictor", "action_predictor", "factorized",
 ]
 
@@ -39,6 +42,7 @@ PRIORS: dict[str, Callable[..., LatentPrior]] = {
     "predictor": predictor,
     "action_predictor": action_predictor,
     "factorized": factorized,
+    "recurrent": RecurrentPrior,
 }
 _DIM_NAMES = ("dim", "obs_dim")
 
