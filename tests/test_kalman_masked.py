@@ -96,7 +96,7 @@ def test_masked_fused_equals_dense_joint(pattern):
                 torch.testing.assert_close(got.cov[b, t], cov[sl, sl], rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("pattern", ["repeated_rows", "random50", "leading_and_trailing_runs"])
+@pytest.mark.parametrize("pattern", ["random50", "leading_and_trailing_runs"])  # repeated_rows: values and grads in the float64 test
 @pytest.mark.parametrize("batched", [False, True])
 def test_masked_fused_gradcheck(pattern, batched):
     z, sys = make_system(batch=3, steps=6, n=3, m=2, k=1, batched=batched, seed=24)
