@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, TrainConfig | SSLCon
         if spec.config not in (TrainConfig, SSLConfig):
             return command, apply_overrides(spec.config(), overrides)
         if command == "control":  # resolved by training.control.for_control (the env's own dynamics)
+            from worldmodel.envs import control_defaults
+
+            method = control_defaults(overrides.get("env", TrainConfig.env)).get("method")
+            if method and "model.method" not in overrides:
+                overrides["model.method"] = method
             return command, apply_overrides(TrainConfig(), overrides)
         if command == "train":
             overrides = {**imported_store_settings(overrides), **overrides}

@@ -37,7 +37,9 @@ class PendulumEnv(gymnasium.Env):
     # is linearly recoverable
     # and the swing-up task of ``train.py control``: the env's own dynamics (friction 0.1), 200-step episodes
     defaults = {"image_size": 64, "episode_length": 100, "env_kwargs": {"friction": 0.5},
-                "control": {"task": "reward", "env_kwargs": {}, "episode_length": 200}}
+                # kalman_ll planning 15 steps ahead: swing-up score 0.58 against kalman's 0.05 (README)
+                "control": {"task": "reward", "env_kwargs": {}, "episode_length": 200, "method": "kalman_ll",
+                            "planner": {"horizon": 15}}}
 
     def __init__(
         self,

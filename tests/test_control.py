@@ -46,6 +46,7 @@ def test_control_loop_collects_trains_evaluates_and_resumes(tmp_path, monkeypatc
     # the final model carries the fitted reward head and the env's action bounds as planner defaults
     model = WorldModel.load(run_dir / "checkpoint.pt")
     assert bool(model.reward_head.fitted) and model.config.planner["action_high"] == [2.0]
+    assert model.config.method == "kalman_ll"  # the pendulum's control default (envs.control_defaults), no --method
     r2 = [r for r in map(json.loads, (run_dir / "train-1" / "metrics.jsonl").read_text().splitlines())
           if r["kind"] == "reward_head"]
     assert len(r2) == 1 and np.isfinite(r2[0]["r2"])
