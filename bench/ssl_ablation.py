@@ -59,7 +59,8 @@ def main() -> None:
     for (label, method, kwargs), seed in itertools.product(combinations(), args.seeds):
         cfg = apply_overrides(SSLConfig(), {**overrides, "seed": seed, "model.method": method,
                                             "model.method_kwargs": kwargs,
-                                            "name": f"{label}-seed{seed}" + ("-quick" if args.quick else "")})
+                                            "name": f"{label}-seed{seed}"})
+        cfg = apply_overrides(cfg, {"name": f"{cfg.name}-{cfg.steps}x{cfg.batch_size}-depth{cfg.model.depth}"})
         settings = {k: v for k, v in cfg.to_dict().items() if k not in SSLConfig.RUN_CONTROL}
         previous = [r for r in done if r["settings"] == settings]
         if previous:
