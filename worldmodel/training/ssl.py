@@ -70,7 +70,7 @@ class SSLConfig:
                 "root/<class>/<image> on disk; nothing is downloaded (none = the built-in procedural shapes)"})
     images: int = field(default=10_000, metadata={
         "help": "procedural training images (also the cap on images read from a folder)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
+    steps: int = field(default=900, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
     batch_size: int = field(default=128, metadata={"help": "global batch of images (two views each) per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
