@@ -3,7 +3,6 @@ two ranks: gathered batch, the same directions on every rank, the same loss and 
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from worldmodel.methods import make
 from worldmodel.model import ModelConfig, WorldModel
+from test_distributed import free_port
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -121,12 +121,6 @@ def worker(rank, world, port, out_dir):
         torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
