@@ -94,8 +94,13 @@ class ConvEncoder(nn.Module):
             raise ValueError(f"frames must have shape (N, {self.image_size}, {self.image_size}, {self.channels}) "
                              f"(image_size={self.image_size}, channels={self.channels} in the config), "
                              f"got {tuple(frames.shape)}")
-        x = rearrange(normalize_frames(frames), "n h w c -> n c h w").to(self.head.weight.dtype)
-        return self.head(self.convs(x).flatten(1))
+        x, convs, dtype = rearrange(frames, "n h w c -> n c h w"), self.convs, self.head.weight.dtype
+        if frames.dtype != torch.uint8:
+            return self.head(convs(normalize_frames(x).to(dtype)).flatten(1))
+        x = x.to(dtype)
+        if self.pool > 1:  # pool, then scale: the same values (both are linear), pool^2 fewer pixels scaled
+            x, convs = convs[0](x), convs[1:]
+        return self.head(convs(x / 255.0 - 0.5).flatten(1))
 
 
 class _BasicBlock(nn.Module):
