@@ -36,9 +36,11 @@ def _data(batch=2, steps=10, size=16, seed=0, action_dim=1):
 def test_uint8_frames_are_scaled_to_unit_interval_around_zero():
     frames = torch.tensor([0, 255, 51], dtype=torch.uint8)
     assert torch.allclose(normalize_frames(frames), torch.tensor([-0.5, 0.5, 0.2 - 0.5]))
-    enc = ConvEncoder(16, 3, 5, depth=4)
-    x = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
-    assert torch.allclose(enc(x), enc(x.float() / 255 - 0.5), atol=1e-6)
+    for size, pool in ((16, 1), (64, 2), (64, 4)):  # pooled encoders pool the uint8 frames before scaling them
+        enc = ConvEncoder(size, 3, 5, depth=4, pool=pool)
+        x = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
+        assert torch.allclose(enc(x), enc(x.float() / 255 - 0.5), atol=1e-6)
+        assert torch.allclose(enc.double()(x), enc(x.double() / 255 - 0.5), atol=1e-12)
 
 
 @pytest.mark.parametrize("size,pool", [(16, 1), (32, 1), (64, 2), (48, 1)])
@@ -363,6 +365,40 @@ def test_multistep_term_matches_k_step_predictive_nll():
         WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": 3}))
     vicreg = WorldModel.from_config(ModelConfig(**{**SMALL, "method": "vicreg", "multistep_horizon": None}))
     assert "multistep" not in vicreg.loss(frames, actions.float()).logs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kstep_predictive_rolls_shared_covariances_out_once(dtype):
+    """A fully observed batch shares one filtered covariance per step: the k-step predictive rolls it out
+    once, (1, N, H, L, L), and its means, covariances and gradients equal predict-only `step`s of each
+    sequence and the per-sequence rollout of the same beliefs."""
+    from worldmodel.objective import kstep_predictive
+    from worldmodel.priors.linear_gaussian import KalmanLatentModel
+
+    torch.manual_seed(0)
+    prior = KalmanLatentModel(obs_dim=3, state_dim=5, action_dim=2, learn_C=True).to(dtype)
+    z, u = torch.randn(4, 10, 3, dtype=dtype, requires_grad=True), torch.randn(4, 10, 2, dtype=dtype)
+    filtered = prior.filter(z, u).filtered
+    starts, horizon = torch.tensor([0, 3, 7]), 4
+    shared, times, valid = kstep_predictive(prior, filtered, u, starts, horizon)
+    per_sequence = kstep_predictive(prior, Gaussian(filtered.mean, filtered.cov.contiguous()), u, starts, horizon)[0]
+    assert shared.cov.shape == (1, 3, horizon, 3, 3) and per_sequence.cov.shape == (4, 3, horizon, 3, 3)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for j, t in enumerate(starts.tolist()):
+        belief = Gaussian(filtered.mean[:, t], filtered.cov[:, t])
+        for k in range(horizon):
+            belief = prior.step(belief, None, u[:, times[j, k]])
+            reference = prior.predict_observation(belief)
+            torch.testing.assert_close(shared.mean[:, j, k], reference.mean, **tol)
+            torch.testing.assert_close(shared.cov[0, j, k].expand(4, 3, 3), reference.cov, **tol)
+    target = torch.randn(4, 3, horizon, 3, dtype=dtype)
+    params = [z, *prior.parameters()]
+    grads = [torch.autograd.grad(pred.log_prob(target).sum(), params, allow_unused=True, retain_graph=True)
+             for pred in (shared, per_sequence)]
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
 
 
 # ---- WorldModel.surprise -------------------------------------------------------------------------

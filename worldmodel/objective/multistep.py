@@ -8,7 +8,6 @@ N(C m_{t+k|t}, C P_{t+k|t} C^T + R), k = 1..H.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from worldmodel.distributed import rank_mean
@@ -31,7 +30,9 @@ def kstep_predictive(prior: StateSpacePrior, filtered: Gaussian, u: Tensor | Non
         R: per-frame observation noise (B, T, L) or (B, T, L, L) of the predicted steps, or None (the
             prior's own).
     Returns:
-        prediction: Gaussian with mean (B, N, H, L), cov (B, N, H, L, L);
+        prediction: Gaussian with mean (B, N, H, L), cov (B, N, H, L, L), or (1, N, H, L, L) (broadcasting
+            against the means) where the batch shares its covariances and the prior's predicted ones depend
+            on neither the means nor the actions (`StateSpacePrior.rollout_beliefs`);
         times: (N, H) the predicted steps t + k, clamped to T - 1;
         valid: (N, H) bool, t + k < T (clamped steps are predicted but must not be scored).
     """
@@ -40,16 +41,15 @@ def kstep_predictive(prior: StateSpacePrior, filtered: Gaussian, u: Tensor | Non
     times = starts[:, None] + torch.arange(1, horizon + 1, device=starts.device)
     valid = times < steps
     times = times.clamp(max=steps - 1)
-    belief = Gaussian(rearrange(filtered.mean[:, starts], "b s n -> (b s) n"),
-                      rearrange(filtered.cov[:, starts], "b s n m -> (b s) n m"))
+    shared = batch > 1 and filtered.cov.stride(0) == 0  # one covariance per step for the batch (fully observed)
+    cov = filtered.cov[:1 if shared else batch, starts]
     if u is None:
-        controls = filtered.mean.new_zeros(batch * len(starts), horizon, prior.action_dim)
+        controls = filtered.mean.new_zeros(batch, len(starts), horizon, prior.action_dim)
     else:
-        controls = rearrange(u[:, times], "b s h a -> (b s) h a")
-    noise = None if R is None else rearrange(R[:, times], "b s h ... -> (b s) h ...")
-    pred = prior.predict_observation(prior.rollout(belief, controls), noise)
-    prediction = Gaussian(rearrange(pred.mean, "(b s) h d -> b s h d", b=batch),
-                          rearrange(pred.cov, "(b s) h d e -> b s h d e", b=batch))
+        controls = u[:, times]
+    noise = None if R is None else R[:, times]
+    prediction = prior.predict_observation(prior.rollout_beliefs(Gaussian(filtered.mean[:, starts], cov), controls),
+                                           noise)
     return prediction, times, valid
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from worldmodel.distributed import rank_mean
@@ -102,6 +103,18 @@ class StateSpacePrior(LatentPrior):
     def predict_observation(self, belief: Gaussian, R: Tensor | None = None) -> Gaussian:
         """The latent's predictive distribution N(C m, C P C^T + R) over any leading dims of `belief`."""
         raise NotImplementedError
+
+    def rollout_beliefs(self, belief: Gaussian, actions: Tensor) -> Gaussian:
+        """`rollout` from N beliefs of each of B sequences: means (B, N, S), covs (B, N, S, S), or (1, N, S, S)
+        when the batch shares them; actions (B, N, H, a) -> means (B, N, H, S), covs (B, N, H, S, S), or
+        (1, N, H, S, S) from shared ones where the covariances depend on neither the means nor the actions
+        (they broadcast against the means). By default: `rollout` on all B N beliefs."""
+        batch, n = belief.mean.shape[:2]
+        flat = Gaussian(rearrange(belief.mean, "b n s -> (b n) s"),
+                        rearrange(belief.cov.expand(batch, -1, -1, -1), "b n s r -> (b n) s r"))
+        states = self.rollout(flat, rearrange(actions, "b n h a -> (b n) h a"))
+        return Gaussian(rearrange(states.mean, "(b n) h s -> b n h s", b=batch),
+                        rearrange(states.cov, "(b n) h s r -> b n h s r", b=batch))
 
     def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
         """For planning: a function that rolls N candidate action sequences (B, N, H, a) out from the beliefs

@@ -359,6 +359,21 @@ class KalmanLatentModel(GaussianStateSpace):
         return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
 
     @_full_precision
+    def rollout_beliefs(self, belief: Gaussian, actions: Tensor) -> Gaussian:
+        """`StateSpacePrior.rollout_beliefs`: covariances shared by the batch (1, N, S, S) are rolled out once,
+        (1, N, H, S, S) (they depend on neither the means nor the actions), the means (B, N, H, S) alone."""
+        if belief.cov.shape[0] != 1 or belief.mean.shape[0] == 1:
+            return super().rollout_beliefs(belief, actions)
+        covs = self.rollout(Gaussian(belief.mean[0], belief.cov[0]), actions.shape[2]).cov[None]
+        A, G, c = self.transition()
+        drive = rearrange(actions.to(A.dtype) @ G.mT + c, "b n h s -> h b n s")
+        mean, means = belief.mean, []
+        for step in drive:
+            mean = mean @ A.mT + step
+            means.append(mean)
+        return Gaussian(torch.stack(means, 2), covs)
+
+    @_full_precision
     def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
         """`rollout` of N candidate action sequences (B, N, H, k) from beliefs (B, S), exact and cheap: the
         covariances do not depend on the actions, so they are rolled out here, once per belief (B, 1, H, S, S), and
