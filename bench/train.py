@@ -1,15 +1,22 @@
-"""Training-step benchmark: frames/s and peak memory of one full WorldModel training step.
+"""Training-step benchmark: frames/s, peak memory and a breakdown of one full WorldModel training step,
+ours against a peer that runs the paper's own training loop.
 
-    python bench/train.py                 # B=16, T=64, 64x64 frames, eager and compiled, on CPU
+    python bench/train.py                 # train.py's default model (B=16, window 32, 64x64 frames) on CPU
     python bench/train.py --device cuda   # the same on a GPU
+    python bench/train.py --T 64 --modes eager paper   # another point, only some modes
 
-One step = encoder on B*T frames + Kalman LDM loss (``method="kalman"``: exact filter, stop-gradient
-plug-in) + backward + optimizer step, on random uint8 frames and actions. ``compiled`` applies
-``torch.compile`` to the encoder only: the Kalman filter's time loop is never compiled (unrolling it
-would recompile per sequence length), it runs as the library ships it. Each mode runs in its own
-subprocess so that its peak memory (CPU: peak RSS of the process; GPU: ``max_memory_allocated``) is its
-own. The Kalman share of the step (filter + loss, forward and backward, on the step's latents) is
-timed separately. Writes ``train.json`` and ``train.md`` under ``--out`` (default bench/results/).
+One step = encoder on B*T frames + the default ``kalman`` LDM loss (exact filter, stop-gradient plug-in,
+logdet entropy, the k-step term) + backward + Adam, on random uint8 frames and actions. Modes:
+``eager`` (the library as shipped), ``compiled`` (``torch.compile`` of the encoder only: the filter's time
+loop is never compiled, it would recompile per sequence length) and ``paper``: the same model, encoder,
+batch and loss with the filter of the paper's published training loop (a Python loop over t, batched over
+the sequences, an explicit ``torch.inverse`` of the innovation covariance and ``torch.logdet`` each step,
+autograd for the backward pass; `paper_filter`). Each mode runs in its own subprocess so that its peak
+memory (CPU: peak RSS of the process; GPU: ``max_memory_allocated``) is its own, and reports its first
+loss (equal across the modes up to round-off: the peer computes the same objective). The breakdown times
+the parts of the same step separately: encoder forward, loss forward (filter, entropy, k-step term), loss
+backward, encoder backward, optimizer; and the k-step term's share of the loss (forward + backward with
+and without it). Writes ``train.json`` and ``train.md`` under ``--out`` (default bench/results/).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +38,90 @@ def _sync(device: str) -> None:
     import torch
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def paper_filter(prior, z, u=None, mask=None, R=None, target=None, parallel=False):
+    """The filter of the paper's published training loop, as a drop-in for ``KalmanLatentModel.filter``.
+
+    A Python loop over the steps, batched over the sequences: predict, ``S = C P C^T + R``, an explicit
+    ``torch.inverse(S)`` for the gain and the Mahalanobis term, ``torch.logdet(S)``, and the standard
+    covariance update ``(I - K C) P``; autograd differentiates it. z (B, T, L), u (B, T, a) shifted
+    actions; fully observed batches with the learned R only. Returns a ``FilterResult``.
+    """
+    import math
+
+    import torch
+    from worldmodel.kalman import FilterResult, Gaussian
+
+    if mask is not None or R is not None:
+        raise ValueError("the paper-loop peer filters fully observed batches with the learned R only")
+    A, Q, C, obs_noise = prior.A, prior.Q, prior.C, prior.R
+    B_aug, u_aug = prior._control(A, u, tuple(z.shape[:2]))
+    drive = u_aug @ B_aug.mT  # (B, T, S)
+    target = z if target is None else target
+    batch, steps, dim = z.shape
+    mean, cov = prior.m0.expand(batch, -1), prior.P0.expand(batch, -1, -1)
+    eye = torch.eye(A.shape[-1], dtype=z.dtype, device=z.device)
+    predicted, filtered, step_ll = ([], []), ([], []), []
+    for t in range(steps):
+        mean, cov = mean @ A.mT + drive[:, t], A @ cov @ A.mT + Q
+        predicted[0].append(mean)
+        predicted[1].append(cov)
+        S = C @ cov @ C.mT + obs_noise
+        S_inv = torch.inverse(S)
+        gain = cov @ C.mT @ S_inv
+        z_pred = mean @ C.mT
+        e, e_target = z[:, t] - z_pred, target[:, t] - z_pred
+        mahalanobis = (e_target[:, None] @ S_inv @ e_target[:, :, None])[:, 0, 0]
+        step_ll.append(-0.5 * (dim * math.log(2 * math.pi) + torch.logdet(S) + mahalanobis))
+        mean, cov = mean + (gain @ e[:, :, None])[:, :, 0], (eye - gain @ C) @ cov
+        filtered[0].append(mean)
+        filtered[1].append(cov)
+    step_ll = torch.stack(step_ll, 1)
+    stack = lambda pair: Gaussian(torch.stack(pair[0], 1), torch.stack(pair[1], 1))  # noqa: E731
+    return FilterResult(stack(filtered), stack(predicted), step_ll.sum(1), step_ll)
+
+
+def _timed(fn, device: str, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` calls (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown(model, opt, frames, actions, device: str, reps: int) -> dict:
+    """Seconds of the parts of one training step, each timed on its own (medians): encoder forward,
+    loss forward, loss backward (to the latents), encoder backward, optimizer step; and the k-step term's
+    share of the loss forward + backward."""
+    from worldmodel.model import shift_actions
+
+    u = shift_actions(actions)
+    parts = {}
+    parts["encoder_forward"] = _timed(lambda: model.encode(frames), device, reps)
+    z = model.encode(frames)
+    latents = z.detach().requires_grad_()
+    parts["loss_forward"] = _timed(lambda: model.objective(latents, u=u), device, reps)
+    parts["loss_backward"] = _timed(lambda: model.objective(latents, u=u).loss.backward(), device, reps) \
+        - parts["loss_forward"]
+    latents.grad = None
+    model.objective(latents, u=u).loss.backward()
+    grad = latents.grad
+    parts["encoder_backward"] = _timed(lambda: model.encode(frames).backward(grad), device, reps) \
+        - parts["encoder_forward"]
+    parts["optimizer"] = _timed(opt.step, device, reps)
+    horizon = model.objective.multistep_horizon
+    model.objective.multistep_horizon = 0
+    without = _timed(lambda: model.objective(latents, u=u).loss.backward(), device, reps)
+    model.objective.multistep_horizon = horizon
+    parts["kstep_term"] = parts["loss_forward"] + parts["loss_backward"] - without
+    opt.zero_grad(set_to_none=True)
+    return parts
 
 
 def run_mode(args) -> dict:
@@ -53,6 +145,8 @@ def run_mode(args) -> dict:
     actions = torch.randn(args.batch, args.T, 1, generator=gen).to(device)
     if args.mode == "compiled":
         model.encoder = torch.compile(model.encoder)
+    if args.mode == "paper":
+        model.prior.filter = types.MethodType(paper_filter, model.prior)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -80,22 +174,12 @@ def run_mode(args) -> dict:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
 
-    # the Kalman share: the LDM objective alone (filter + loss, forward + backward) on this step's latents
-    z = model.encode(frames).detach().requires_grad_()
-    u = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], 1)
-    kal = []
-    for i in range(args.reps + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        model.objective(z, u=u).loss.backward()
-        _sync(device)
-        if i >= 2:
-            kal.append(time.perf_counter() - t0)
+    parts = breakdown(model, opt, frames, actions, device, args.reps)
     out = dict(mode=args.mode, device=device, threads=torch.get_num_threads(), malloc_tuned=malloc_tuned,
                batch=args.batch, T=args.T,
                image_size=args.image_size, latent_dim=args.latent_dim, state_dim=cfg.state_dim or 2 * args.latent_dim,
                step_s=med, step_all_s=times, first_step_s=first_s, frames_per_s=args.batch * args.T / med,
-               kalman_loss_fwd_bwd_s=statistics.median(kal), loss=float(first.loss.detach()),
+               breakdown_s=parts, loss=float(first.loss.detach()),
                torch=torch.__version__)
     if device.startswith("cuda"):
         out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -106,9 +190,13 @@ def run_mode(args) -> dict:
     return out
 
 
+PARTS = ("encoder_forward", "loss_forward", "loss_backward", "encoder_backward", "optimizer", "kstep_term")
+
+
 def report(results: list[dict]) -> str:
     ok = [r for r in results if "error" not in r]
     head = ok[0] if ok else {}
+    eager = next((r for r in ok if r["mode"] == "eager"), None)
     lines = ["# Training-step benchmark\n",
              f"`python bench/train.py` — WorldModel(conv encoder, method=kalman), B={head.get('batch')}, "
              f"T={head.get('T')}, {head.get('image_size')}x{head.get('image_size')} frames, latent L="
@@ -116,31 +204,39 @@ def report(results: list[dict]) -> str:
              f"{head.get('threads')} threads, glibc malloc "
              f"{'tuned (worldmodel.allocator, as train.py)' if head.get('malloc_tuned') else 'defaults'}, "
              "median of the timed steps.\n",
-             "| mode | step (s) | frames/s | first step (s, incl. compile) | peak memory (MiB) | Kalman loss fwd+bwd (ms) |",
-             "|---|---|---|---|---|---|"]
+             "| mode | step (s) | frames/s | step / eager step | first step (s, incl. compile) | peak memory (MiB) "
+             "| first loss |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['mode']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['mode']} | failed: {r['error']} | | | | | |")
             continue
         mem = r.get("peak_mem_mib", r.get("peak_rss_mib"))
-        lines.append(f"| {r['mode']} | {r['step_s']:.3f} | {r['frames_per_s']:.0f} | {r['first_step_s']:.1f} | "
-                     f"{mem:.0f} | {r['kalman_loss_fwd_bwd_s'] * 1e3:.1f} |")
+        ratio = f"{r['step_s'] / eager['step_s']:.2f}" if eager else "n/a"
+        lines.append(f"| {r['mode']} | {r['step_s']:.3f} | {r['frames_per_s']:.0f} | {ratio} | "
+                     f"{r['first_step_s']:.1f} | {mem:.0f} | {r['loss']:.6f} |")
+    lines += ["\nBreakdown (ms, each part timed on its own; the k-step term is part of the loss rows):\n",
+              "| mode | " + " | ".join(p.replace("_", " ") for p in PARTS) + " |",
+              "|---|" + "---|" * len(PARTS)]
+    lines += [f"| {r['mode']} | " + " | ".join(f"{r['breakdown_s'][p] * 1e3:.1f}" for p in PARTS) + " |" for r in ok]
     lines.append("\nPeak memory on CPU is the peak RSS of the mode's own process (model, data, activations, "
-                 "allocator caches); on GPU it is torch.cuda.max_memory_allocated.")
+                 "allocator caches); on GPU it is torch.cuda.max_memory_allocated. paper: the filter of the "
+                 "paper's published loop (Python loop over t, torch.inverse of the innovation covariance).")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--T", type=int, default=64)
+    ap.add_argument("--T", type=int, default=32, help="window (train.py's default: 32)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--latent-dim", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled", "paper"],
+                    choices=["eager", "compiled", "paper"])
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default allocator settings (train.py tunes them: worldmodel.allocator)")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
