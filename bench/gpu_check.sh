@@ -104,11 +104,16 @@ def seconds(where: str, parallel: bool, n: int, m: int, batch: int, steps: int) 
     return (time.perf_counter() - start) / calls
 
 
-for n, m, batch, steps in ((8, 4, 32, 64), (16, 8, 64, 256)):
+# the default model, the world-model point of bench/kalman.py, a long sequence (cuthbert's T = 1000, d = 20)
+for n, m, batch, steps in ((16, 8, 16, 32), (32, 32, 16, 64), (20, 20, 1, 1000)):
+    times = {}
     for parallel in (False, True):
         here, cpu = seconds(device, parallel, n, m, batch, steps), seconds("cpu", parallel, n, m, batch, steps)
+        times[parallel] = here
         print(f"filter {'parallel' if parallel else 'fused'} n={n} m={m} B={batch} T={steps}: {device} "
               f"{1e3 * here:.1f} ms, cpu {1e3 * cpu:.1f} ms (cpu/{device} {cpu / here:.2f}) forward+backward")
+    print(f"filter scan n={n} m={m} B={batch} T={steps}: parallel scan {times[False] / times[True]:.2f}x the "
+          f"sequential filter on {device}")
 PY
 }
 
@@ -118,14 +123,14 @@ if [ "$FAILED" = 0 ]; then  # a torch without the device fails every later step 
     step train 150
     step filter 45
     step bench_train 120
-    step bench_filter 60
+    step bench_filter 90
 fi
 
 {
     echo
     echo "gpu_check ($DEVICE$([ "$QUICK" = 1 ] && echo ', quick')): log $LOG"
     printf '%s\n' "${SUMMARY[@]}"
-    grep -h -E '^(eager|compiled): |^filter (fused|parallel) ' "$LOG"
+    grep -h -E '^(eager|compiled|paper): |^filter (fused|parallel|scan) ' "$LOG"
     if [ "$FAILED" = 0 ]; then echo "all steps passed"; else echo "FAILED: see the log"; fi
 } | tee -a "$LOG"
 exit "$FAILED"
