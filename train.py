@@ -4,6 +4,7 @@
     python train.py --env dot_figure8     # any env of worldmodel.envs, with that env's defaults
     python train.py --method vicreg --name vicreg --steps 500
     python train.py --resume              # continue an interrupted run (exactly)
+    python train.py --seeds 0 1 2         # one run per seed; mean and spread of R^2 and coverage -> seeds.json
     python train.py eval --name NAME      # readout R^2 + k-step NLL/coverage table, appended to metrics.jsonl
     python train.py filter --name NAME --filter.drop 40 60   # online filtering with dropped frames -> filter.png
     python train.py import --videos clips/ --data data/clips.zarr   # outside data -> a rollout store
@@ -44,7 +45,7 @@ from typing import NamedTuple
 from worldmodel.allocator import tune_malloc
 from worldmodel.cli import add_flags, apply_overrides, parse_overrides
 from worldmodel.datasets import ImportConfig, run_import
-from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train
+from worldmodel.training import RUN_CONTROL, TrainConfig, evaluate_run, replay_filter, train, train_seeds
 from worldmodel.training.control import control
 from worldmodel.training.ssl import SSLConfig, train_ssl
 from worldmodel.training.data import imported_store_settings, is_imported
@@ -66,7 +67,8 @@ COMMANDS = {
     "filter": Command("replay an episode through WorldModel.step and plot beliefs vs the true state",
                       (*_RUN, "filter")),
     "control": Command("collect with MPC, train, repeat; evaluate closed-loop against random and oracle policies",
-                       tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "filter"), ("model",)),
+                       tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("filter", "seeds")),
+                       ("model",)),
     "ssl": Command("image SSL: train any preset on two augmented views of images, then probe the features",
                    None, ("model",), config=SSLConfig),
     "import": Command("import videos, HDF5 / npz arrays, or a Minari / LeRobot dataset on disk into a rollout "
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None) -> Path | dict:
         if command == "eval":
             return evaluate_run(cfg)
         imported = is_imported(cfg)
+        if cfg.seeds:
+            if imported:
+                raise ValueError("--seeds compares readout evaluations, and an imported data set has none")
+            return train_seeds(cfg)
         run_dir = train(cfg, final_eval=not imported)
         if imported:
             print(f"trained on the imported dataset {cfg.data!r}: the readout evaluation is skipped (it needs the "

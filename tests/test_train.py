@@ -81,6 +81,41 @@ def _assert_same_params(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
+def test_seeds_train_one_run_each_and_report_their_spread(tiny, capsys):
+    """--seeds 3 5: a run and a data set per seed; seeds.json holds the mean, std, min and max of the runs' own
+    final eval records; a repeat reuses the finished runs, and one more seed trains only that seed."""
+    import statistics
+
+    out = train.main(tiny("multi", "--seeds", "3", "5"))
+    runs = tiny.root / "runs"
+    records = {}
+    for seed in (3, 5):
+        run_dir = runs / f"multi-seed{seed}"
+        assert json.loads((run_dir / "config.json").read_text())["seed"] == seed
+        assert (tiny.root / f"tiny-seed{seed}.zarr").is_dir()
+        records[seed] = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    assert records[3]["r2"]["kalman"] != records[5]["r2"]["kalman"]  # other data, init and windows
+    summary = json.loads((runs / "multi" / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 5] and out["r2"] == summary["r2"]
+    for i, name in enumerate(records[3]["targets"]):
+        values = [records[s]["r2"]["kalman"][i] for s in (3, 5)]
+        got = summary["r2"]["kalman"][i]
+        assert got["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert got["std"] == pytest.approx(abs(values[0] - values[1]) / 2, abs=1e-12)
+        assert (got["min"], got["max"]) == (min(values), max(values))
+    cover = [records[s]["predictive"]["k=2"]["coverage_2sigma"] for s in (3, 5)]
+    assert summary["predictive"]["k=2"]["coverage_2sigma"]["mean"] == pytest.approx(statistics.fmean(cover))
+    assert "over seeds [3, 5]" in capsys.readouterr().out
+
+    stamp = (runs / "multi-seed3" / "checkpoint.pt").stat().st_mtime_ns
+    again = train.main(tiny("multi", "--seeds", "3", "5", "7"))
+    assert (runs / "multi-seed3" / "checkpoint.pt").stat().st_mtime_ns == stamp  # reused, not trained again
+    assert again["seeds"] == [3, 5, 7] and (runs / "multi-seed7" / "checkpoint.pt").is_file()
+    with pytest.raises(SystemExit, match="distinct"):
+        train.main(tiny("multi", "--seeds", "3", "3"))
+
+
+@pytest.mark.slow
 def test_default_outputs_and_exact_resume(tiny, capsys):
     full = train.main(tiny("full", "--plots"))
     for name in ("metrics.jsonl", "checkpoint.pt", "config.json", "loss.png", "readout.png", "kstep.png"):

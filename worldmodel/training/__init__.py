@@ -20,8 +20,9 @@ from worldmodel.training.evaluate import evaluate, evaluate_run, readout_feature
 from worldmodel.training.loop import Interrupted, build_model, lr_factor, make_optimizer, train
 from worldmodel.training.replay import replay_filter
 from worldmodel.training.run import load_run, read_metrics
+from worldmodel.training.seeds import train_seeds
 
 __all__ = ["RUN_CONTROL", "ControlConfig", "EvalConfig", "FilterConfig", "Interrupted", "TrainConfig", "WindowSampler",
            "build_model", "config_difference", "ensure_dataset", "evaluate", "evaluate_run", "load_run",
-           "load_split", "lr_factor", "make_optimizer", "read_metrics", "readout_features", "readout_targets",
+           "load_split", "lr_factor", "make_optimizer", "read_metrics", "readout_features", "readout_targets", "train_seeds",
            "replay_filter", "train", "train_batches", "window_batch", "write_plots"]

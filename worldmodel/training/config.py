@@ -113,7 +113,7 @@ class ControlConfig:
 
 # fields that do not change what is trained: a resumed run may change them freely
 RUN_CONTROL = ("name", "out_dir", "device", "num_workers", "compile", "max_steps", "resume", "log_every",
-                "ckpt_every", "eval", "filter", "progress", "plots", "tensorboard", "control")
+                "ckpt_every", "eval", "filter", "progress", "plots", "tensorboard", "control", "seeds")
 
 
 @dataclass
@@ -149,6 +149,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=10.0, metadata={"help": "max global gradient norm (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, window sampling and data collection"})
+    seeds: tuple[int, ...] = field(default=(), metadata={
+        "help": "train and evaluate once per seed (runs <name>-seed<S> on data <data>-seed<S>.zarr; finished ones "
+                "are reused) and report the mean and spread of R^2 and coverage in <name>/seeds.json"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     num_workers: int = field(default=0, metadata={
         "help": "0: train from the episodes loaded into memory; N > 0: stream windows from the store with N "
