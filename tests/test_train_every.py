@@ -18,7 +18,7 @@ import train  # noqa: E402
 from worldmodel.envs import ENV_IDS, GYM_PIXEL_ENVS, env_defaults  # noqa: E402
 from worldmodel.methods import PRESETS  # noqa: E402
 
-SMALL_RUN = ["--train-episodes", "3", "--val-episodes", "2", "--window", "8", "--batch-size", "8", "--steps", "3",
+SMALL_RUN = ["--train-episodes", "3", "--val-episodes", "2", "--batch-size", "8", "--steps", "3",
              "--warmup", "1", "--log-every", "1", "--no-progress", "--eval.baselines", "--eval.ks", "1", "2",
              "--eval.burn-in", "2"]
 SMALL_MODEL = ["--model.depth", "4", "--model.latent-dim", "4"]
@@ -37,6 +37,7 @@ def small_pendulum(tmp_path_factory):
     """A shared 5-episode pendulum store of 16x16 frames and 20 steps."""
     root = tmp_path_factory.mktemp("every")
     return root, ["--data", str(root / "pendulum.zarr"), "--out-dir", str(root / "runs"), "--episode-length", "20",
+                  "--window", "8",
                   "--model.image-size", "16", "--no-plots", *SMALL_RUN, *SMALL_MODEL]
 
 
@@ -65,6 +66,7 @@ def test_every_env_trains_with_its_defaults(env, tmp_path, monkeypatch):
     stored = json.loads((run_dir / "config.json").read_text())
     assert (stored["model"]["image_size"], stored["model"]["action_dim"]) == (defaults.image_size, defaults.action_dim)
     assert stored["env_kwargs"] == defaults.env_kwargs and stored["episode_length"] == defaults.episode_length
+    assert stored["window"] == defaults.window  # cartpole: 8, its episodes end when the pole falls
     evaluation = _finished(run_dir)
     assert evaluation["targets"] and all(math.isfinite(v) for v in evaluation["r2"]["kalman"])
     assert {p.name for p in run_dir.glob("*.png")} >= {"loss.png", "readout.png", "latents.png", "kstep.png"}
