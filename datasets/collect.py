@@ -88,6 +88,34 @@ class OUPolicy:
         return np.clip(centre + half * x, self.space.low, self.space.high).astype(self.space.dtype)
 
 
+class StateFeedbackPolicy:
+    """Noisy linear feedback on the true state, for data that stays where random actions would end the episode
+    (cart-pole balancing). s = gains . info["state"] + noise_std N(0, 1); Discrete(2): action 1 when s > 0;
+    Box: clip(s) to its range; with probability ``epsilon`` a uniform random action instead."""
+
+    def __init__(self, action_space: spaces.Space, gains, epsilon: float = 0.3, noise_std: float = 0.05):
+        if isinstance(action_space, spaces.Discrete) and action_space.n != 2:
+            raise ValueError(f"StateFeedbackPolicy takes Discrete(2) or Box actions, got {action_space!r}")
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        self.gains, self.epsilon, self.noise_std = np.asarray(gains, np.float64), float(epsilon), float(noise_std)
+        self.random = RandomPolicy(action_space)
+        self.space = action_space
+        self.reset(np.random.default_rng())
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.random.reset(rng)
+
+    def __call__(self, obs=None, info=None):
+        if self.rng.random() < self.epsilon:
+            return self.random()
+        s = float(self.gains @ np.asarray(info["state"], np.float64)) + self.noise_std * self.rng.standard_normal()
+        if isinstance(self.space, spaces.Discrete):
+            return int(self.space.start + (s > 0))
+        return np.clip(np.full(self.space.shape, s), self.space.low, self.space.high).astype(self.space.dtype)
+
+
 def random_policy(env: gymnasium.Env) -> RandomPolicy:
     """Uniform random actions for ``env``."""
     return RandomPolicy(env.action_space)

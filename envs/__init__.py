@@ -64,6 +64,7 @@ __all__ = [
     "PixelObservation",
     "env_defaults",
     "control_defaults",
+    "data_policy",
     "make_env",
     "readout_targets",
     "resize_frame",
@@ -85,8 +86,9 @@ ENV_IDS = {name: env_id for name, (env_id, _, _) in _OWN.items()}
 GYM_PIXEL_ENVS = {"cartpole": "CartPole-v1", "gym_pendulum": "Pendulum-v1", "acrobot": "Acrobot-v1"}
 # training data of gymnasium envs wrapped by PixelObservation (their frames are resized to image_size)
 _GYM_DEFAULTS = {"image_size": 64, "episode_length": 100, "env_kwargs": {}}
-# cartpole's episodes end when the pole falls: under the collection's random torques after 8-34 steps (median 11.5)
-_GYM_WINDOWS = {"cartpole": 8}
+# the training data of envs whose episodes end early under random actions: cartpole's pole falls after 8-45 steps
+# (median 11) under Ornstein-Uhlenbeck pushes; a noisy balancer (30 % random actions) keeps most episodes to 100
+_DATA_POLICIES = {"cartpole": {"gains": (0.05, 0.2, 1.0, 0.4), "epsilon": 0.3, "noise_std": 0.05}}
 
 for _env_id, _cls, _kwargs in _OWN.values():
     if _env_id not in gymnasium.registry:
@@ -131,9 +133,19 @@ def env_defaults(name: str) -> EnvDefaults:
     try:
         return EnvDefaults(image_size=declared["image_size"], channels=env.observation_space.shape[-1],
                            action_dim=action_dim(env.action_space), episode_length=episode_length,
-                           env_kwargs=env_kwargs, window=declared.get("window", _GYM_WINDOWS.get(name, 32)))
+                           env_kwargs=env_kwargs, window=declared.get("window", 32))
     finally:
         env.close()
+
+
+def data_policy(name: str, env: gymnasium.Env):
+    """The policy that collects env ``name``'s training data (``collect``'s ``policy(obs, info)``): smooth
+    Ornstein-Uhlenbeck actions, or the env's own (cartpole: a noisy balancer on the true state)."""
+    from worldmodel.datasets.collect import StateFeedbackPolicy, ou_policy
+
+    if name in _DATA_POLICIES:
+        return StateFeedbackPolicy(env.action_space, **_DATA_POLICIES[name])
+    return ou_policy(env)
 
 
 _CONTROL = {"task": "reward", "env_kwargs": {}, "episode_length": 200}

@@ -644,3 +644,38 @@ def test_dmc_without_dm_control_names_the_install(monkeypatch):
         make_env("dmc:cartpole-swingup")
     with pytest.raises(ImportError, match="pip install dm_control"):
         dmc.suite()
+
+
+def test_cartpole_data_policy_keeps_the_pole_up_where_random_pushes_drop_it():
+    """cartpole's data policy is a noisy balancer on the true state: its episodes hold a training window of 32
+    steps, where Ornstein-Uhlenbeck pushes end them after about 11; other envs keep OU actions."""
+    from gymnasium import spaces
+
+    from worldmodel.datasets import OUPolicy, StateFeedbackPolicy, ou_policy
+    from worldmodel.envs import data_policy
+
+    env = gymnasium.make("CartPole-v1")  # the physics of the cartpole env, without rendering
+
+    def median_length(policy, episodes=30):
+        lengths = []
+        for i in range(episodes):
+            policy.reset(np.random.default_rng(i))
+            obs, _ = env.reset(seed=i)
+            for t in range(100):
+                obs, _, terminated, truncated, _ = env.step(policy(None, {"state": obs}))
+                if terminated or truncated:
+                    break
+            lengths.append(t + 1)
+        return float(np.median(lengths))
+
+    policy = data_policy("cartpole", env)
+    assert isinstance(policy, StateFeedbackPolicy)
+    assert median_length(policy) >= 90 and median_length(ou_policy(env)) <= 20
+    assert isinstance(data_policy("pendulum", make_env("pendulum", image_size=16)), OUPolicy)
+    # the feedback rule itself: push towards the side the pole leans to (epsilon 0, no noise)
+    rule = StateFeedbackPolicy(env.action_space, gains=(0, 0, 1, 0), epsilon=0.0, noise_std=0.0)
+    assert rule(None, {"state": [0, 0, 0.1, 0]}) == 1 and rule(None, {"state": [0, 0, -0.1, 0]}) == 0
+    box = StateFeedbackPolicy(spaces.Box(-2.0, 2.0, (1,)), gains=(3.0,), epsilon=0.0, noise_std=0.0)
+    assert box(None, {"state": [0.5]}) == pytest.approx([1.5]) and box(None, {"state": [1.0]}) == pytest.approx([2.0])
+    with pytest.raises(ValueError, match="Discrete\\(2\\) or Box"):
+        StateFeedbackPolicy(spaces.Discrete(3), gains=(1,))

@@ -40,11 +40,12 @@ def open_store(cfg: TrainConfig):
 
 
 def ensure_dataset(cfg: TrainConfig):
-    """Open ``cfg.data``, building it (or topping it up) with ``collect`` and an OU policy if it holds
+    """Open ``cfg.data``, building it (or topping it up) with ``collect`` and the env's data policy if it holds
     fewer than train_episodes + val_episodes episodes. Raises ValueError on an incompatible store.
     ``cfg.data``: a local path or an fsspec URL (``s3://bucket/pendulum.zarr``; credentials and options from
     the filesystem's usual sources, e.g. ``FSSPEC_S3_ENDPOINT_URL`` or ``AWS_*`` variables)."""
-    from worldmodel.datasets import RolloutStore, collect, ou_policy, urls
+    from worldmodel.datasets import RolloutStore, collect, urls
+    from worldmodel.envs import data_policy
 
     needed = cfg.train_episodes + cfg.val_episodes
     path = urls.location(cfg.data)  # a Path, or the URL of a store on object storage
@@ -64,10 +65,11 @@ def ensure_dataset(cfg: TrainConfig):
         raise ValueError(f"the dataset {str(path)!r} {what} but {needed} are needed (train_episodes="
                          f"{cfg.train_episodes} + val_episodes={cfg.val_episodes}), and it was not built by train.py "
                          f"for env={cfg.env!r}, seed={cfg.seed}, so it is not extended; pass another --data path")
+    policy = data_policy(cfg.env, env)
     ddp.log(f"building dataset {str(path)!r}: {needed - (len(store) if store else 0)} episodes of "
-            f"{cfg.episode_length} steps ({cfg.env}, Ornstein-Uhlenbeck actions)")
+            f"{cfg.episode_length} steps ({cfg.env}, {type(policy).__name__} actions)")
     try:
-        store = collect(env, ou_policy(env), needed, cfg.episode_length, store or path, seed=cfg.seed,
+        store = collect(env, policy, needed, cfg.episode_length, store or path, seed=cfg.seed,
                         progress=cfg.progress)
     except ValueError as err:
         raise ValueError(f"cannot extend the dataset at {str(path)!r}: {err}; pass a new --data path") from None

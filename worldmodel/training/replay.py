@@ -175,12 +175,13 @@ def normal_surprise(model, data: dict[str, torch.Tensor], cfg: TrainConfig) -> t
 
 
 def live_episode(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """A fresh episode of the run's env under the OU policy, seeded by filter.seed, of filter.length
-    (or episode_length) steps: obs uint8 (T, H, W, C), action (T, a), state (T, s), mask bool (T,)."""
-    from worldmodel.datasets import ou_policy
+    """A fresh episode of the run's env under its data policy (`worldmodel.envs.data_policy`), seeded by
+    filter.seed, of filter.length (or episode_length) steps: obs uint8 (T, H, W, C), action (T, a), state (T, s),
+    mask bool (T,)."""
+    from worldmodel.envs import data_policy
 
     env = make_run_env(cfg)
-    policy = ou_policy(env)
+    policy = data_policy(cfg.env, env)
     policy.reset(np.random.default_rng(cfg.filter.seed))
     obs, info = env.reset(seed=cfg.filter.seed)
     frames, actions, states = [], [], []
