@@ -362,7 +362,7 @@ class KalmanLatentModel(GaussianStateSpace):
     def rollout_beliefs(self, belief: Gaussian, actions: Tensor) -> Gaussian:
         """`StateSpacePrior.rollout_beliefs`: covariances shared by the batch (1, N, S, S) are rolled out once,
         (1, N, H, S, S) (they depend on neither the means nor the actions), the means (B, N, H, S) alone."""
-        if belief.cov.shape[0] != 1 or belief.mean.shape[0] == 1:
+        if belief.cov.shape[0] != 1 or belief.mean.shape[0] == 1 or actions.shape[2] == 0:
             return super().rollout_beliefs(belief, actions)
         covs = self.rollout(Gaussian(belief.mean[0], belief.cov[0]), actions.shape[2]).cov[None]
         A, G, c = self.transition()
