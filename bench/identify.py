@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for preset in args.presets:
                 model_cfg = ModelConfig(**{"encoder": "mlp", "input_dim": args.obs_dim, "action_dim": 0,
                                            "latent_dim": args.latent_ratio * n, "method": preset, **args.model})
-                cfg = TrainConfig(**{"steps": steps, "seed": seed, "device": "cpu", "window": 32, **args.train})
+                cfg = TrainConfig(**{"steps": steps, "seed": seed, "device": "cpu", **args.train})
                 t0 = time.time()
                 record = {"label": args.label, "preset": preset, "latents": n, "latent_dim": model_cfg.latent_dim,
                           "seed": seed, "steps": steps,

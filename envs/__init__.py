@@ -107,8 +107,7 @@ class EnvDefaults:
     image_size: H = W of the training frames; channels: C of the frames; action_dim: width of the
     stored action vector (one-hot for Discrete, 0 = uncontrolled); episode_length: steps per collected
     episode (an upper bound where the env terminates early); env_kwargs: ``make_env`` kwargs of the data,
-    ``make_env(name, image_size=d.image_size, **d.env_kwargs)``; window: steps per training window (shorter
-    than 32 where the collected episodes end early).
+    ``make_env(name, image_size=d.image_size, **d.env_kwargs)``.
     """
 
     image_size: int
@@ -116,7 +115,6 @@ class EnvDefaults:
     action_dim: int
     episode_length: int
     env_kwargs: dict = field(default_factory=dict)
-    window: int = 32
 
 
 def env_defaults(name: str) -> EnvDefaults:
@@ -133,7 +131,7 @@ def env_defaults(name: str) -> EnvDefaults:
     try:
         return EnvDefaults(image_size=declared["image_size"], channels=env.observation_space.shape[-1],
                            action_dim=action_dim(env.action_space), episode_length=episode_length,
-                           env_kwargs=env_kwargs, window=declared.get("window", 32))
+                           env_kwargs=env_kwargs)
     finally:
         env.close()
 

@@ -140,8 +140,7 @@ class TrainConfig:
         "help": "pass over the episodes of the dataset with a damaged chunk (failed crc32c checksum or "
                 "decompression) with a warning naming them, and use the next intact ones (without it a corrupt "
                 "episode stops the run with an error naming it)"})
-    window: int | None = field(default=None, metadata={
-        "help": "training sequence length L (none = the env's default: 32, shorter where episodes end early)"})
+    window: int = field(default=32, metadata={"help": "training sequence length L"})
     batch_size: int = field(default=16, metadata={"help": "global batch of windows per step (split over ranks)"})
     steps: int = field(default=1500, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate of the encoder (AdamW)"})
@@ -185,7 +184,7 @@ class TrainConfig:
         for name in ("warmup", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.episode_length is not None and self.window is not None and self.window > self.episode_length:
+        if self.episode_length is not None and self.window > self.episode_length:
             raise ValueError(f"window ({self.window}) must not exceed episode_length ({self.episode_length})")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -217,11 +216,10 @@ class TrainConfig:
             suffix = "" if env_kwargs is None else "-" + hashlib.sha1(
                 json.dumps(env_kwargs, sort_keys=True).encode()).hexdigest()[:8]
             data = f"data/{self.env.replace(':', '_').replace('/', '_')}{suffix}.zarr"
-        episode_length = self.episode_length or defaults.episode_length
         return dataclasses.replace(
             self, name=self.name or f"{self.env}-{model.method}", data=data, model=model,
             env_kwargs=defaults.env_kwargs if env_kwargs is None else env_kwargs,
-            episode_length=episode_length, window=self.window or min(defaults.window, episode_length))
+            episode_length=self.episode_length or defaults.episode_length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
