@@ -16,10 +16,15 @@ __all__ = ["ChannelLayerNorm", "ConvEncoder", "LinearEncoder", "MLPEncoder", "Re
            "normalize_frames"]
 
 
+def _scale_pixels(x: Tensor) -> Tensor:
+    """Pixel values 0..255 (as floats) -> [-0.5, 0.5]."""
+    return x / 255.0 - 0.5
+
+
 def normalize_frames(frames: Tensor) -> Tensor:
     """uint8 frames -> float in [-0.5, 0.5]; float frames are returned as float (unchanged values)."""
     if frames.dtype == torch.uint8:
-        return frames.float() / 255.0 - 0.5
+        return _scale_pixels(frames.float())
     if not frames.is_floating_point():
         raise ValueError(f"frames must be uint8 or floating point, got dtype {frames.dtype}")
     return frames
@@ -100,7 +105,7 @@ class ConvEncoder(nn.Module):
         x = x.to(dtype)
         if self.pool > 1:  # pool, then scale: the same values (both are linear), pool^2 fewer pixels scaled
             x, convs = convs[0](x), convs[1:]
-        return self.head(convs(x / 255.0 - 0.5).flatten(1))
+        return self.head(convs(_scale_pixels(x)).flatten(1))
 
 
 class _BasicBlock(nn.Module):
