@@ -20,6 +20,7 @@ __all__ = [
     "linear_r2",
     "mcc",
     "optimal_assignment",
+    "kstep_residuals",
     "predictive_metrics",
     "linear_probe_accuracy",
     "knn_accuracy",
@@ -159,27 +160,24 @@ def mcc(latents: Any, sources: Any, return_assignment: bool = False) -> float | 
 
 
 @torch.no_grad()
-def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
-                       burn_in: int = 5, mask: Tensor | None = None, R: Tensor | None = None) -> dict[str, list[float]]:
-    """k-step predictive NLL and calibration of the exact predictive Gaussian, k = 1..horizon.
+def kstep_residuals(prior: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20, burn_in: int = 5,
+                    mask: Tensor | None = None, R: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores of the prior's exact k-step predictions of held-out latents, k = 1..horizon.
 
-    For each filtered belief N(m_{t|t}, P_{t|t}) with burn_in <= t < T - k, the prior's exact k-step
-    prediction of the latent (`worldmodel.objective.kstep_predictive`) N(mu, Sigma) is scored against the
-    encoder latent z_{t+k}:
-      nll[k-1]       = mean over beliefs of -log N(z_{t+k}; mu, Sigma) / d   (nats per latent dimension),
-      coverage_1sigma[k-1], coverage_2sigma[k-1] = fraction of latent coordinates with
-                       |z - mu| <= c sqrt(diag Sigma) (nominal 68.27 % and 95.45 %).
+    Every filtered belief N(m_{t|t}, P_{t|t}) with burn_in <= t < T - 1 predicts z_{t+k} by the exact k-step
+    predictive Gaussian N(mu, Sigma) (`worldmodel.objective.kstep_predictive`).
 
     Args:
         prior: a state-space prior (`worldmodel.priors.StateSpacePrior`).
         z: (B, T, d) latents. actions: (B, T, a) stored actions (action[t] taken after frame t) or None.
         mask: (B, T) bool, True = observed (used when filtering). R: optional per-step observation noise
             (B, T, d, d) passed to the filter (heteroscedastic models); predictions use the prior's R.
-        Runs on the device of z (actions, mask and R may be on another: they are moved there), with one
-        host synchronisation for the scores of all horizons.
+        Runs on the device of z (actions, mask and R may be on another: they are moved there).
     Returns:
-        dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma", plus the
-        nominal coverages "nominal_1sigma", "nominal_2sigma".
+        nll (B, N, H): -log N(z_{t+k}; mu, Sigma) (0 where not valid);
+        standardized (B, N, H, d): (z_{t+k} - mu) / sqrt(diag Sigma) per coordinate (0 where not valid);
+        valid (B, N, H) bool: t + k < T and z_{t+k} observed and finite.
+        N = T - 1 - burn_in starts; H = min(horizon, N).
     """
     from worldmodel.model import shift_actions
     from worldmodel.objective import kstep_predictive
@@ -195,24 +193,52 @@ def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, hor
     filtered = prior.filter(z, u=u, mask=mask, R=R).filtered
     starts = torch.arange(burn_in, t_len - 1, device=z.device)
     pred, times, valid = kstep_predictive(prior, filtered, u, starts, horizon)
-    target = z[:, times].to(pred.mean.dtype)  # (B, S, H, d)
+    target = z[:, times].to(pred.mean.dtype)  # (B, N, H, d)
     valid = valid.expand(b, -1, -1) & torch.isfinite(target).all(-1)
     if mask is not None:
         valid = valid & mask[:, times]
     target = torch.nan_to_num(target)
     nll = torch.where(valid, -pred.log_prob(target), 0.0)
-    marginal = (target - pred.mean) / torch.diagonal(pred.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    # per k: the beliefs scored, their summed NLL and their coordinates within 1 and 2 sigma (one host sync)
+    standardized = (target - pred.mean) / torch.diagonal(pred.cov, dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
+    return nll, torch.where(valid[..., None], standardized, 0.0), valid
+
+
+@torch.no_grad()
+def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
+                       burn_in: int = 5, mask: Tensor | None = None, R: Tensor | None = None,
+                       calibration: Any = None) -> dict[str, list[float]]:
+    """k-step predictive NLL and calibration of the exact predictive Gaussian, k = 1..horizon.
+
+    Scores `kstep_residuals` (same arguments) per k:
+      nll[k-1]       = mean over beliefs of -log N(z_{t+k}; mu, Sigma) / d   (nats per latent dimension),
+      coverage_1sigma[k-1], coverage_2sigma[k-1] = fraction of latent coordinates with
+                       |z - mu| <= c sqrt(diag Sigma) (nominal 68.27 % and 95.45 %).
+    With a fitted `calibration` (`worldmodel.calibration.PredictiveCalibration`) also
+      calibrated_1sigma[k-1], calibrated_2sigma[k-1] = the same fractions for its recalibrated bands
+                       (|z - mu| <= c s_{k,i}(c) sqrt(Sigma_ii)), which should be fitted on other episodes.
+    One host synchronisation for the scores of all horizons.
+
+    Returns:
+        dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma" (and the
+        calibrated pair), plus the nominal coverages "nominal_1sigma", "nominal_2sigma".
+    """
+    nll, standardized, valid = kstep_residuals(prior, z, actions, horizon, burn_in, mask, R)
+    d = standardized.shape[-1]
+    widths = {"coverage_1sigma": 1.0, "coverage_2sigma": 2.0}
+    if calibration is not None and calibration.fitted:
+        widths |= {f"calibrated_{c:.0f}sigma": calibration.half_widths(c, standardized.shape[2]).to(standardized)
+                   for c in (1.0, 2.0)}
+    # per k: the beliefs scored, their summed NLL and their coordinates within each band (one host sync)
     scores = [valid.sum((0, 1)), nll.double().sum((0, 1))]
-    scores += [(valid[..., None] & (marginal.abs() <= c)).sum((0, 1, 3)) for c in (1, 2)]
-    count, nll_sum, within1, within2 = torch.stack([x.double() for x in scores]).tolist()
-    out: dict[str, list[float]] = {"k": [], "nll": [], "coverage_1sigma": [], "coverage_2sigma": []}
-    for k in range(horizon):
+    scores += [(valid[..., None] & (standardized.abs() <= w)).sum((0, 1, 3)) for w in widths.values()]
+    count, nll_sum, *within = torch.stack([x.double() for x in scores]).tolist()
+    out: dict[str, list[float]] = {"k": [], "nll": []} | {name: [] for name in widths}
+    for k in range(len(count)):
         if count[k]:
             out["k"].append(k + 1)
             out["nll"].append(nll_sum[k] / count[k] / d)
-            out["coverage_1sigma"].append(within1[k] / (count[k] * d))
-            out["coverage_2sigma"].append(within2[k] / (count[k] * d))
+            for name, inside in zip(widths, within):
+                out[name].append(inside[k] / (count[k] * d))
     out["nominal_1sigma"] = [math.erf(1 / math.sqrt(2))] * len(out["k"])
     out["nominal_2sigma"] = [math.erf(2 / math.sqrt(2))] * len(out["k"])
     return out

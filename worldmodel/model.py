@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from worldmodel.calibration import PredictiveCalibration
 from worldmodel.checkpoint import MODEL_KEYS, model_payload, read_checkpoint, write_checkpoint
 from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, ResNetEncoder, SequenceEncoder
 from worldmodel.kalman import FilterResult, Gaussian
@@ -191,6 +192,8 @@ class WorldModel(nn.Module):
             raise ValueError(f"heteroscedastic=True needs a state-space prior, method {config.method!r} has none")
         if config.prior_lr_multiplier is not None:
             self.prior.lr_multiplier = float(config.prior_lr_multiplier)
+        # recalibrated k-step prediction bands (`calibrate`), saved with the weights
+        self.calibration = PredictiveCalibration() if self.can_filter else None
         self.reward_head: RewardHead | None = None
         if config.reward_head:
             if not self.can_filter or not config.action_dim:
@@ -249,6 +252,18 @@ class WorldModel(nn.Module):
         statistics also in training mode)."""
         z, variances = self._raw_latents(frames)
         return self.objective.latent_norm(z, mask, running), variances
+
+    @torch.no_grad()
+    def latents(self, frames: Tensor, mask: Tensor | None = None, batch_size: int = 32) -> tuple[Tensor, Tensor | None]:
+        """Latents z (B, T, L) of whole episodes frames (B, T, ...) and their observation-noise variances
+        (B, T, L) (heteroscedastic models; else None), encoded batch_size episodes at a time on the model's
+        device, without gradients."""
+        self._check_frames(frames, 2)
+        device = next(self.parameters()).device
+        parts = [self._latents(frames[i:i + batch_size].to(device), None if mask is None else
+                               mask[i:i + batch_size].to(device)) for i in range(0, len(frames), batch_size)]
+        z = torch.cat([p[0] for p in parts])
+        return z, None if parts[0][1] is None else torch.cat([p[1] for p in parts])
 
     def encode(self, frames: Tensor) -> Tensor:
         """Latents z (B, T, L) of frames (B, T, H, W, C) (or (B, T, input_dim) for vector encoders)."""
@@ -410,6 +425,29 @@ class WorldModel(nn.Module):
         prior = self._state_space("imagine")
         states = prior.rollout(belief, actions)
         return prior.predict_observation(states) if observe else states
+
+    @torch.no_grad()
+    def calibrate(self, frames: Tensor, actions: Tensor | None = None, mask: Tensor | None = None, horizon: int = 20,
+                  burn_in: int = 5, batch_size: int = 32) -> PredictiveCalibration:
+        """Fit the recalibrated k-step prediction bands (`worldmodel.calibration`) on whole episodes frames
+        (B, T, ...), actions (B, T, a), mask (B, T): every filtered belief from step burn_in on predicts
+        1..horizon steps ahead. Encodes batch_size episodes at a time. Returns (and keeps) `self.calibration`."""
+        from worldmodel.evaluation import kstep_residuals
+
+        prior = self._state_space("calibrate")
+        self._check_inputs(frames, actions, mask)
+        z, variances = self.latents(frames, mask, batch_size)
+        _, standardized, valid = kstep_residuals(prior, z, actions, horizon, burn_in, mask, variances)
+        return self.calibration.fit(standardized, valid)
+
+    def prediction_band(self, belief: Gaussian, actions: Tensor | int, sigmas: float = 2.0) -> tuple[Tensor, Tensor]:
+        """Lower and upper ends (B, H, L) of the k-step latent prediction bands from `belief` (actions as in
+        `imagine`): mean +- the half-width whose coverage is nominally the Gaussian sigmas-sigma band's,
+        erf(sigmas / sqrt 2), recalibrated by `calibrate` (before that: sigmas predictive standard deviations)."""
+        prediction = self.imagine(belief, actions, observe=True)
+        std = torch.diagonal(prediction.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        half = self.calibration.half_widths(sigmas, std.shape[1]).to(std) * std
+        return prediction.mean - half, prediction.mean + half
 
     # ---- checkpoints (the one format of worldmodel.checkpoint) -----------------------------------
     def save(self, path: str | Path) -> None:

@@ -26,7 +26,7 @@ from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
 from worldmodel.training.data import (WindowSampler, ensure_dataset, load_split, open_store, split_episodes,
                                       split_windows, train_batches, validation_batch)
-from worldmodel.training.evaluate import report
+from worldmodel.training.evaluate import calibrate, report
 from worldmodel.training.run import append_jsonl, prepare_run, restore, save_checkpoint, seed_all, start_files
 
 __all__ = ["Interrupted", "build_model", "init_weights", "lr_factor", "make_optimizer", "run_steps", "train"]
@@ -237,6 +237,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             r2 = fit_reward_head(model.eval(), train_data, batch_size=cfg.eval.batch_size)
             if rank == 0:
                 append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "reward_head", "step": step, "r2": r2})
+        if model.calibration is not None and cfg.eval.calibration_episodes and step == cfg.steps:
+            calibrate(model.eval(), cfg, train_data)
         save_checkpoint(model, optimizer, cfg, step)
     ddp.barrier()
     ddp.shutdown()

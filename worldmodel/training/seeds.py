@@ -55,7 +55,8 @@ def summarize_seeds(records: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for model in first["r2"]:
         summary["r2"][model] = [_spread([r["r2"][model][i] for r in runs]) for i in range(len(first["targets"]))]
     for k, metrics in first["predictive"].items():
-        summary["predictive"][k] = {name: _spread([r["predictive"][k][name] for r in runs]) for name in metrics}
+        summary["predictive"][k] = {name: _spread([r["predictive"][k][name] for r in runs]) for name in metrics
+                                    if all(name in r["predictive"].get(k, {}) for r in runs)}  # older runs: fewer
     return summary
 
 
