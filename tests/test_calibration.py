@@ -119,6 +119,18 @@ def test_predictive_metrics_calibrated_coverage_is_nominal_on_new_episodes(dtype
     for c1, c2 in zip(out["calibrated_1sigma"], out["calibrated_2sigma"]):
         assert abs(c1 - 0.6827) < 0.02 and abs(c2 - 0.9545) < 0.02
     assert "calibrated_1sigma" not in predictive_metrics(model, new_z, None, horizon=2, calibration=PredictiveCalibration())
+    # cross-fitted over 2 folds of the episodes: each half scored with the bands of the other half
+    crossed = predictive_metrics(model, new_z, None, horizon=10, burn_in=5, folds=2)
+    halves = (slice(0, 150), slice(150, 300))
+    parts = []
+    for score, fit in (halves, halves[::-1]):
+        _, standardized, valid = kstep_residuals(model, new_z[fit], None, horizon=10, burn_in=5)
+        parts.append(predictive_metrics(model, new_z[score], None, horizon=10, burn_in=5,
+                                        calibration=PredictiveCalibration().fit(standardized, valid)))
+    for name in ("calibrated_1sigma", "calibrated_2sigma"):  # equal halves, equal counts: the mean of the two
+        expected = [(a + b) / 2 for a, b in zip(parts[0][name], parts[1][name])]
+        assert crossed[name] == pytest.approx(expected, abs=1e-9)
+        assert max(abs(c - (0.6827 if "1" in name else 0.9545)) for c in crossed[name]) < 0.02
 
 
 def test_world_model_calibrates_saves_and_bands(tmp_path):

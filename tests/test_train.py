@@ -125,7 +125,7 @@ def test_default_outputs_and_exact_resume(tiny, capsys):
     final = records[-1]
     assert final["kind"] == "eval" and len(final["r2"]["kalman"]) == 3 and set(final["predictive"]) == {"k=1", "k=2"}
     assert {"coverage_1sigma", "calibrated_1sigma", "calibrated_2sigma"} <= set(final["predictive"]["k=2"])
-    # the bands were recalibrated after training, on the training episodes, up to the largest eval k
+    # the bands were recalibrated after training, on the held-out episodes, up to the largest eval k
     from worldmodel.training import load_run
     from worldmodel.training.data import load_split, open_store
     from worldmodel.training.evaluate import calibrate
@@ -133,7 +133,7 @@ def test_default_outputs_and_exact_resume(tiny, capsys):
     model, cfg, _ = load_run(full)
     fitted = model.calibration.factors.clone()
     assert model.calibration.horizon == 2
-    calibrate(model, cfg, load_split(open_store(cfg), cfg)[0])
+    calibrate(model, cfg, load_split(open_store(cfg), cfg)[1])
     assert torch.allclose(model.calibration.factors, fitted)
 
     part = train.main(tiny("part", "--max-steps", "3"))

@@ -206,28 +206,38 @@ def kstep_residuals(prior: Any, z: Tensor, actions: Tensor | None = None, horizo
 @torch.no_grad()
 def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, horizon: int = 20,
                        burn_in: int = 5, mask: Tensor | None = None, R: Tensor | None = None,
-                       calibration: Any = None) -> dict[str, list[float]]:
+                       calibration: Any = None, folds: int = 0) -> dict[str, list[float]]:
     """k-step predictive NLL and calibration of the exact predictive Gaussian, k = 1..horizon.
 
     Scores `kstep_residuals` (same arguments) per k:
       nll[k-1]       = mean over beliefs of -log N(z_{t+k}; mu, Sigma) / d   (nats per latent dimension),
       coverage_1sigma[k-1], coverage_2sigma[k-1] = fraction of latent coordinates with
                        |z - mu| <= c sqrt(diag Sigma) (nominal 68.27 % and 95.45 %).
-    With a fitted `calibration` (`worldmodel.calibration.PredictiveCalibration`) also
-      calibrated_1sigma[k-1], calibrated_2sigma[k-1] = the same fractions for its recalibrated bands
-                       (|z - mu| <= c s_{k,i}(c) sqrt(Sigma_ii)), which should be fitted on other episodes.
-    One host synchronisation for the scores of all horizons.
+    Recalibrated bands (`worldmodel.calibration.PredictiveCalibration`) add
+      calibrated_1sigma[k-1], calibrated_2sigma[k-1] = the same fractions for |z - mu| <= c s_{k,i}(c) sqrt(Sigma_ii),
+    with the bands of a fitted `calibration` (fit on other episodes), or, with ``folds`` >= 2, cross-fitted:
+    the episodes are split into that many contiguous folds and each fold is scored with bands fitted on the
+    others (at most one fold per episode). One host synchronisation for the scores of all horizons.
 
     Returns:
         dict with lists of length horizon: "k", "nll", "coverage_1sigma", "coverage_2sigma" (and the
         calibrated pair), plus the nominal coverages "nominal_1sigma", "nominal_2sigma".
     """
+    from worldmodel.calibration import PredictiveCalibration
+
     nll, standardized, valid = kstep_residuals(prior, z, actions, horizon, burn_in, mask, R)
-    d = standardized.shape[-1]
+    b, _, h, d = standardized.shape
     widths = {"coverage_1sigma": 1.0, "coverage_2sigma": 2.0}
     if calibration is not None and calibration.fitted:
-        widths |= {f"calibrated_{c:.0f}sigma": calibration.half_widths(c, standardized.shape[2]).to(standardized)
-                   for c in (1.0, 2.0)}
+        widths |= {f"calibrated_{c:.0f}sigma": calibration.half_widths(c, h).to(standardized) for c in (1.0, 2.0)}
+    elif folds >= 2 and b >= 2:
+        fold_of = torch.arange(b, device=z.device) * min(folds, b) // b  # (B,) contiguous folds
+        half = {c: standardized.new_empty(b, 1, h, d) for c in (1.0, 2.0)}
+        for f in fold_of.unique():
+            fitted = PredictiveCalibration().to(z.device).fit(standardized[fold_of != f], valid[fold_of != f])
+            for c in half:
+                half[c][fold_of == f] = fitted.half_widths(c, h).to(standardized)
+        widths |= {f"calibrated_{c:.0f}sigma": w for c, w in half.items()}
     # per k: the beliefs scored, their summed NLL and their coordinates within each band (one host sync)
     scores = [valid.sum((0, 1)), nll.double().sum((0, 1))]
     scores += [(valid[..., None] & (standardized.abs() <= w)).sum((0, 1, 3)) for w in widths.values()]

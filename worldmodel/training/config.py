@@ -21,9 +21,9 @@ class EvalConfig:
     """Final evaluation: held-out linear readout R^2 and k-step predictive NLL / coverage."""
 
     ks: tuple[int, ...] = field(default=(1, 5, 10, 20), metadata={"help": "prediction horizons k to report"})
-    calibration_episodes: int = field(default=100, metadata={
-        "help": "training episodes (the last ones) on which the k-step prediction bands are recalibrated after "
-                "training (worldmodel.calibration; 0: not recalibrated)"})
+    calibration_folds: int = field(default=5, metadata={
+        "help": "the k-step prediction bands are recalibrated on the held-out episodes (worldmodel.calibration) and "
+                "their coverage is scored by cross-fitting over this many folds of them (0: not recalibrated)"})
     burn_in: int = field(default=5, metadata={
         "help": "first steps of every episode left out of readout fits and scores, and before the first k-step "
                 "prediction (filter warm-up)"})
@@ -37,8 +37,8 @@ class EvalConfig:
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"eval.ks must be a non-empty list of horizons >= 1, got {self.ks}")
-        if self.calibration_episodes < 0:
-            raise ValueError(f"eval.calibration_episodes must be >= 0, got {self.calibration_episodes}")
+        if self.calibration_folds < 0 or self.calibration_folds == 1:
+            raise ValueError(f"eval.calibration_folds must be 0 (off) or >= 2, got {self.calibration_folds}")
         if self.burn_in < 0 or self.batch_size < 1:
             raise ValueError(f"eval.burn_in must be >= 0 and eval.batch_size >= 1, got {self.burn_in}, "
                              f"{self.batch_size}")

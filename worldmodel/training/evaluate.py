@@ -65,13 +65,12 @@ def split_features(model: WorldModel, cfg: TrainConfig, train_data: dict, val_da
 
 
 # ---------------------------------------------------------------------------------------- scores
-def calibrate(model: WorldModel, cfg: TrainConfig, train_data: dict[str, torch.Tensor]) -> None:
-    """Recalibrate the model's k-step prediction bands on the last ``cfg.eval.calibration_episodes`` training
-    episodes, for horizons up to max(cfg.eval.ks) (measured on the pendulum: bands fitted on training episodes
-    cover held-out ones within 1.5 points of nominal; README, "Calibration")."""
-    part = {k: v[-cfg.eval.calibration_episodes:] for k, v in train_data.items()}
-    model.calibrate(part["obs"], part["action"], part["mask"], horizon=max(cfg.eval.ks), burn_in=cfg.eval.burn_in,
-                    batch_size=cfg.eval.batch_size)
+def calibrate(model: WorldModel, cfg: TrainConfig, val_data: dict[str, torch.Tensor]) -> None:
+    """Recalibrate the model's k-step prediction bands on the held-out episodes ``val_data``, for horizons up to
+    max(cfg.eval.ks) (bands fitted on training episodes under-cover held-out ones: 64.8 % at 1 sigma, k = 1, on
+    the pendulum; README, "Calibration")."""
+    model.calibrate(val_data["obs"], val_data["action"], val_data["mask"], horizon=max(cfg.eval.ks),
+                    burn_in=cfg.eval.burn_in, batch_size=cfg.eval.batch_size)
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def evaluate(model: WorldModel, cfg: TrainConfig, train_data: dict, val_data: di
         z, variances = model.latents(val_data["obs"], val_data["mask"], cfg.eval.batch_size)
         pred = predictive_metrics(model.prior, z, val_data["action"], horizon=max(cfg.eval.ks),
                                   burn_in=cfg.eval.burn_in, mask=val_data["mask"], R=variances,
-                                  calibration=model.calibration)
+                                  folds=cfg.eval.calibration_folds)
         scores = [name for name in pred if name.startswith(("nll", "coverage", "calibrated"))]
         results["predictive"] = {f"k={k}": {name: pred[name][i] for name in scores}
                                  for i, k in enumerate(pred["k"]) if k in cfg.eval.ks}
@@ -149,7 +148,7 @@ def print_eval_table(results: dict[str, Any]) -> None:
     if results["predictive"]:
         calibrated = "calibrated_1sigma" in next(iter(results["predictive"].values()))
         print("\nk-step prediction of held-out encoder latents (nominal coverage 68.3 % / 95.4 %"
-              + ("; calibrated: the bands recalibrated on training episodes)" if calibrated else ")"))
+              + ("; calibrated: bands recalibrated on the other folds of these episodes)" if calibrated else ")"))
         print(f"{'k':>4} {'NLL/dim':>9} {'cov 1σ':>8} {'cov 2σ':>8}"
               + (f" {'cal 1σ':>8} {'cal 2σ':>8}" if calibrated else ""))
         for k, m in results["predictive"].items():
@@ -244,6 +243,6 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     store = ensure_dataset(stored)
     train_data, val_data = load_split(store, stored)
     run_cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RUN_CONTROL})
-    if model.calibration is not None and not model.calibration.fitted and run_cfg.eval.calibration_episodes:
-        calibrate(model, run_cfg, train_data)  # a run trained before the bands were recalibrated: here, unsaved
+    if model.calibration is not None and run_cfg.eval.calibration_folds:
+        calibrate(model, run_cfg, val_data)  # as after training (a run from before recalibration: here, unsaved)
     return report(model, run_cfg, train_data, val_data, ckpt["step"])

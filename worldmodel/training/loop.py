@@ -237,8 +237,8 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
             r2 = fit_reward_head(model.eval(), train_data, batch_size=cfg.eval.batch_size)
             if rank == 0:
                 append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "reward_head", "step": step, "r2": r2})
-        if model.calibration is not None and cfg.eval.calibration_episodes and step == cfg.steps:
-            calibrate(model.eval(), cfg, train_data)
+        if model.calibration is not None and cfg.eval.calibration_folds and step == cfg.steps:
+            calibrate(model.eval(), cfg, val_data)
         save_checkpoint(model, optimizer, cfg, step)
     ddp.barrier()
     ddp.shutdown()
