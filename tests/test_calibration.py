@@ -153,6 +153,8 @@ def test_world_model_calibrates_saves_and_bands(tmp_path):
     older = WorldModel(config)
     older.load_weights(state)
     assert not older.calibration.fitted
+    with pytest.raises(ValueError, match="calibration.factors has shape"):
+        older.load_weights({**state, "calibration.factors": torch.ones(2, 2)})
     belief = model.init_belief(2)
     lower, upper = model.prediction_band(belief, torch.zeros(2, 8, 1), sigmas=2.0)
     prediction = model.imagine(belief, torch.zeros(2, 8, 1), observe=True)

@@ -325,12 +325,13 @@ def test_kalman_prior_and_kstep_predictive_on_device(device):
 
 def test_predictive_metrics_on_device_one_sync_for_all_horizons(device):
     """predictive_metrics of latents on ``device`` with actions and a mask on the CPU (moved to the
-    latents'): the CPU's scores; host synchronisations independent of the horizon."""
+    latents'): the CPU's scores, cross-fitted recalibrated coverage included; host synchronisations independent
+    of the horizon."""
     data = _latents(steps=30)
     prior, z = device.put(_prior()), device.put(data["z"])
-    want = predictive_metrics(_prior(), data["z"], data["u"], horizon=8, burn_in=3, mask=data["mask"])
-    got = predictive_metrics(prior, z, data["u"], horizon=8, burn_in=3, mask=data["mask"])
-    assert got["k"] == want["k"] and len(got["k"]) == 8
+    want = predictive_metrics(_prior(), data["z"], data["u"], horizon=8, burn_in=3, mask=data["mask"], folds=2)
+    got = predictive_metrics(prior, z, data["u"], horizon=8, burn_in=3, mask=data["mask"], folds=2)
+    assert got["k"] == want["k"] and len(got["k"]) == 8 and "calibrated_2sigma" in got  # recalibrated on device
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     syncs = [device.count_syncs(predictive_metrics, prior, z, horizon=h, burn_in=3)[1] for h in (2, 8)]
     assert syncs[0] == syncs[1]

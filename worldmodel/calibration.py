@@ -19,6 +19,7 @@ wider than the grid's last c use its factor, horizons past the fitted ones the l
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -32,15 +33,14 @@ _QUANTILE_ROWS = 1 << 20  # rows per torch.nanquantile call (it refuses inputs o
 
 
 class PredictiveCalibration(nn.Module):
-    """Widening factors s (H, L, C) of the k-step bands over the grid of half-widths ``grid`` (C,) (in sigmas);
-    empty until `fit`.
+    """Widening factors s (H, L, C) of the k-step bands at the half-widths ``SIGMA_GRID`` (C,) (in sigmas); empty
+    until `fit`.
 
     Buffers, saved with the model; a checkpoint without them (or from before they existed) loads unfitted.
     """
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("grid", torch.tensor(SIGMA_GRID), persistent=False)
         self.register_buffer("factors", torch.ones(0, 0, len(SIGMA_GRID)))
 
     @property
@@ -60,16 +60,16 @@ class PredictiveCalibration(nn.Module):
         if standardized.dim() < 2 or valid.shape != standardized.shape[:-1]:
             raise ValueError(f"standardized (..., H, L) and valid (..., H) do not match: {tuple(standardized.shape)}, "
                              f"{tuple(valid.shape)}")
-        errors = standardized.abs().double().flatten(0, -3)  # (N, H, L)
-        keep = valid.flatten(0, -2)
+        errors = standardized.detach().abs().double().cpu().flatten(0, -3)  # (N, H, L); two copies to the host
+        keep = valid.cpu().flatten(0, -2)
         if not torch.isfinite(errors[keep]).all():
             raise ValueError("the standardized errors of the valid predictions must be finite")
         counts = keep.sum(0)
         if not counts.any():
             raise ValueError("no valid prediction to calibrate on")
         horizon = int(counts.nonzero().max()) + 1
-        errors = errors[:, :horizon].masked_fill(~keep[:, :horizon, None], float("nan")).cpu()
-        grid = self.grid.double().cpu()
+        errors = errors[:, :horizon].masked_fill(~keep[:, :horizon, None], float("nan"))
+        grid = torch.tensor(SIGMA_GRID, dtype=torch.float64)
         levels = torch.erf(grid / math.sqrt(2))
         if len(errors) > _QUANTILE_ROWS:  # a strided subset: the quantiles of a few million rows are exact enough
             errors = errors[:: math.ceil(len(errors) / _QUANTILE_ROWS)]
@@ -88,15 +88,14 @@ class PredictiveCalibration(nn.Module):
             raise ValueError(f"sigmas must be > 0, got {sigmas}")
         horizon = self.horizon if horizon is None else horizon
         if not self.fitted:
-            return torch.full((horizon, 1), float(sigmas), device=self.grid.device)
-        grid = self.grid
-        c = min(max(float(sigmas), float(grid[0])), float(grid[-1]))
-        j = min(int(torch.searchsorted(grid, torch.tensor(c, dtype=grid.dtype, device=grid.device))), len(grid) - 1)
+            return torch.full((horizon, 1), float(sigmas), device=self.factors.device)
+        c = min(max(float(sigmas), SIGMA_GRID[0]), SIGMA_GRID[-1])  # on the host: no device synchronisation
+        j = min(bisect.bisect_left(SIGMA_GRID, c), len(SIGMA_GRID) - 1)
         i = max(j - 1, 0)
-        weight = 0.0 if j == i else (c - float(grid[i])) / float(grid[j] - grid[i])
+        weight = 0.0 if j == i else (c - SIGMA_GRID[i]) / (SIGMA_GRID[j] - SIGMA_GRID[i])
         factor = torch.lerp(self.factors[..., i], self.factors[..., j], weight)  # (H_fit, L)
-        rows = torch.arange(horizon, device=factor.device).clamp(max=self.horizon - 1)
-        return sigmas * factor[rows]
+        past = factor[-1:].expand(max(horizon - self.horizon, 0), -1)  # horizons past the fitted: the last one's
+        return sigmas * torch.cat([factor[:horizon], past])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:

@@ -231,12 +231,13 @@ def predictive_metrics(prior: Any, z: Tensor, actions: Tensor | None = None, hor
     if calibration is not None and calibration.fitted:
         widths |= {f"calibrated_{c:.0f}sigma": calibration.half_widths(c, h).to(standardized) for c in (1.0, 2.0)}
     elif folds >= 2 and b >= 2:
-        fold_of = torch.arange(b, device=z.device) * min(folds, b) // b  # (B,) contiguous folds
+        bounds = [f * b // min(folds, b) for f in range(min(folds, b) + 1)]  # contiguous folds of episodes
         half = {c: standardized.new_empty(b, 1, h, d) for c in (1.0, 2.0)}
-        for f in fold_of.unique():
-            fitted = PredictiveCalibration().to(z.device).fit(standardized[fold_of != f], valid[fold_of != f])
+        for lo, hi in zip(bounds, bounds[1:]):
+            others = [torch.cat([x[:lo], x[hi:]]) for x in (standardized, valid)]
+            fitted = PredictiveCalibration().to(z.device).fit(*others)
             for c in half:
-                half[c][fold_of == f] = fitted.half_widths(c, h).to(standardized)
+                half[c][lo:hi] = fitted.half_widths(c, h).to(standardized)
         widths |= {f"calibrated_{c:.0f}sigma": w for c, w in half.items()}
     # per k: the beliefs scored, their summed NLL and their coordinates within each band (one host sync)
     scores = [valid.sum((0, 1)), nll.double().sum((0, 1))]
