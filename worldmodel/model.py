@@ -257,11 +257,12 @@ class WorldModel(nn.Module):
     def latents(self, frames: Tensor, mask: Tensor | None = None, batch_size: int = 32) -> tuple[Tensor, Tensor | None]:
         """Latents z (B, T, L) of whole episodes frames (B, T, ...) and their observation-noise variances
         (B, T, L) (heteroscedastic models; else None), encoded batch_size episodes at a time on the model's
-        device, without gradients."""
+        device, without gradients, normalised with the running statistics (also in training mode)."""
         self._check_frames(frames, 2)
         device = next(self.parameters()).device
-        parts = [self._latents(frames[i:i + batch_size].to(device), None if mask is None else
-                               mask[i:i + batch_size].to(device)) for i in range(0, len(frames), batch_size)]
+        parts = [self._latents(frames[i:i + batch_size].to(device),
+                               None if mask is None else mask[i:i + batch_size].to(device), running=True)
+                 for i in range(0, len(frames), batch_size)]
         z = torch.cat([p[0] for p in parts])
         return z, None if parts[0][1] is None else torch.cat([p[1] for p in parts])
 
