@@ -171,7 +171,8 @@ def kstep_residuals(prior: Any, z: Tensor, actions: Tensor | None = None, horizo
         prior: a state-space prior (`worldmodel.priors.StateSpacePrior`).
         z: (B, T, d) latents. actions: (B, T, a) stored actions (action[t] taken after frame t) or None.
         mask: (B, T) bool, True = observed (used when filtering). R: optional per-step observation noise
-            (B, T, d, d) passed to the filter (heteroscedastic models); predictions use the prior's R.
+            (B, T, d, d), or its variances (B, T, d), passed to the filter (heteroscedastic models, e.g. the
+            variances of `WorldModel.latents`); predictions use the prior's R.
         Runs on the device of z (actions, mask and R may be on another: they are moved there).
     Returns:
         nll (B, N, H): -log N(z_{t+k}; mu, Sigma) (0 where not valid);
