@@ -8,7 +8,7 @@ import torch
 
 from worldmodel.objective import entropy as E
 from worldmodel.priors import factorized, plane, sphere
-from worldmodel.objective import LDMLoss
+from worldmodel.objective import LDMLoss, multistep_log_likelihood
 from worldmodel.methods import make
 
 DTYPES = [torch.float32, torch.float64]
@@ -186,3 +186,31 @@ def test_sphere_entropies_are_measured_on_the_sphere():
     ref = (E.logdet(x[:, 0]) + E.logdet(x[:, 1])) / 2 / 3
     torch.testing.assert_close(out.entropy, ref)
     torch.testing.assert_close(make("simclr", 3, entropy="logdet", mi=True)(10 * z).loss, out.loss)  # scale-free
+
+
+@pytest.mark.parametrize("name", ["kalman", "kalman_ll"])
+def test_multistep_term_reuses_the_alignment_filter(name, monkeypatch):
+    """With the k-step term the loss filters z once; value and gradients equal the alignment plus the k-step term
+    of a separate filter (float64), with a mask."""
+    torch.manual_seed(0)
+    loss = make(name, 3, action_dim=1, latent_norm="none", multistep_horizon=4).double()
+    z = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 9, 1, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4] = False
+    prior = loss.prior
+    calls = []
+    filter_ = prior.filter
+    monkeypatch.setattr(prior, "filter", lambda *a, **k: calls.append(1) or filter_(*a, **k))
+    out = loss(z, u, mask)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(out.loss, [z, *prior.parameters()], allow_unused=True)
+    zero = torch.where(mask[..., None], z, 0.0)
+    alignment = prior.alignment(zero, u, mask, zero.detach()) / 3
+    ref = -alignment - loss.multistep_weight * multistep_log_likelihood(prior, zero, zero.detach(), 4, u, mask)
+    assert len(calls) == 3
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(ref, [z, *prior.parameters()], allow_unused=True)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -105,7 +105,7 @@ class VICRegLoss(LDMLoss):
         super().__init__(prior, None, gather=gather, dim=dim)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
-    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor]:
+    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor, None]:
         x, y = z[:, :-1].flatten(0, 1), z[:, 1:].flatten(0, 1)
         both = None if mask is None else (mask[:, :-1] & mask[:, 1:]).flatten()
         if both is None:
@@ -121,7 +121,7 @@ class VICRegLoss(LDMLoss):
             raise ValueError("vicreg_original needs at least 2 observed pairs in a batch")
         variance = _hinge_std(x) / 2 + _hinge_std(y) / 2
         covariance = _off_diagonal_cov(x) + _off_diagonal_cov(y)
-        return -self.sim_coeff * invariance, -(self.std_coeff * variance + self.cov_coeff * covariance)
+        return -self.sim_coeff * invariance, -(self.std_coeff * variance + self.cov_coeff * covariance), None
 
 
 PRESETS: dict[str, Preset] = {

@@ -44,6 +44,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from worldmodel.distributed import gather
+from worldmodel.kalman import Gaussian
 from worldmodel.objective import entropy as estimators
 from worldmodel.objective.multistep import multistep_log_likelihood
 from worldmodel.objective.normalization import LatentNorm
@@ -182,7 +183,7 @@ class LDMLoss(nn.Module):
         if target is not None:
             target = self._observed(self.latent_norm(target, mask, update=False, across_ranks=self.gather), mask)
         self._check_finite(z, target, mask)
-        alignment, entropy = self._terms(z, u, mask, target, R)
+        alignment, entropy, filtered = self._terms(z, u, mask, target, R)
         loss = -(alignment + entropy)
         with torch.no_grad():
             observed = z.flatten(0, 1) if mask is None else z[mask]
@@ -192,7 +193,7 @@ class LDMLoss(nn.Module):
             logs["sigreg"] = -logs["entropy"] / self.entropy_kwargs["weight"]
         if self.multistep_horizon:
             stopped = z.detach() if target is None else target.detach()
-            multistep = multistep_log_likelihood(self.prior, z, stopped, self.multistep_horizon, u, mask, R)
+            multistep = multistep_log_likelihood(self.prior, z, stopped, self.multistep_horizon, u, mask, R, filtered)
             loss = loss - self.multistep_weight * multistep
             logs["multistep"] = float(multistep.detach())
         return LossOutput(loss, alignment, entropy, {"loss": float(loss.detach()), **logs})
@@ -204,13 +205,19 @@ class LDMLoss(nn.Module):
             return z
         return torch.where(mask[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
 
-    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor]:
-        """(alignment, entropy), each per step and latent dimension."""
+    def _terms(self, z, u, mask, target, R) -> tuple[Tensor, Tensor, Gaussian | None]:
+        """(alignment, entropy), each per step and latent dimension, and the filtered beliefs of z where the
+        k-step term needs them (filtered once, by the alignment)."""
         d = z.shape[-1]
         if self.entropy == "plugin":
             target = estimators.plugin(z, target)
-        alignment = self.prior.alignment(z, u=u, mask=mask, target=target, R=R)
-        return alignment / d, self._entropy(z, mask) / d
+        filtered = None
+        if self.multistep_horizon:
+            alignment, result = self.prior.filtered_alignment(z, u=u, mask=mask, target=target, R=R)
+            filtered = result.filtered
+        else:
+            alignment = self.prior.alignment(z, u=u, mask=mask, target=target, R=R)
+        return alignment / d, self._entropy(z, mask) / d, filtered
 
     # -- entropy H -------------------------------------------------------------------------------
     def _entropy(self, z: Tensor, mask: Tensor | None) -> Tensor:

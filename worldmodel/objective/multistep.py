@@ -55,20 +55,22 @@ def kstep_predictive(prior: StateSpacePrior, filtered: Gaussian, u: Tensor | Non
 
 def multistep_log_likelihood(prior: StateSpacePrior, z: Tensor, target: Tensor, horizon: int,
                              u: Tensor | None = None, mask: Tensor | None = None,
-                             R: Tensor | None = None) -> Tensor:
+                             R: Tensor | None = None, filtered: Gaussian | None = None) -> Tensor:
     """Mean over t and k = 2..H of log N(target_{t+k}; C m_{t+k|t}, C P_{t+k|t} C^T + R), per latent dimension.
 
     The exact k-step predictive from every filtered belief (latent overshooting, Hafner et al. 2019, with
     the stop-gradient target of the plug-in). It fits the long-horizon predictive spread of a misspecified
     linear model, which the one-step likelihood alone leaves too narrow. z, target (B, T, L); u (B, T, a);
-    mask (B, T) bool, True = observed (missing steps are neither filtered nor scored). Under DDP the mean
-    is over the ranks' mean count of scored terms (`distributed.rank_mean`).
+    mask (B, T) bool, True = observed (missing steps are neither filtered nor scored); filtered: the filtered
+    beliefs of z (B, T, S) where the caller has them (the objective's alignment filter), else z is filtered
+    here. Under DDP the mean is over the ranks' mean count of scored terms (`distributed.rank_mean`).
     """
     batch, steps, dim = z.shape
     horizon = min(horizon, steps - 1)
     if horizon < 2:
         return z.new_zeros(())
-    filtered = prior.filter(z, u, mask, R).filtered
+    if filtered is None:
+        filtered = prior.filter(z, u, mask, R).filtered
     starts = torch.arange(steps - 2, device=z.device)  # beliefs with at least 2 steps ahead
     pred, times, valid = kstep_predictive(prior, filtered, u, starts, horizon, R)
     valid = valid.expand(batch, -1, -1) if mask is None else valid & mask[:, times]

@@ -134,6 +134,11 @@ class StateSpacePrior(LatentPrior):
     def alignment(self, z, u=None, mask=None, target=None, R=None) -> Tensor:
         """Sum of the one-step predictive log-likelihoods log N(z_t; C m_{t|t-1}, S_t) per observed step
         (under DDP per the ranks' mean count of observed steps: see `distributed.rank_mean`)."""
-        log_likelihood = self.filter(z, u, mask, R, target).log_likelihood
+        return self.filtered_alignment(z, u, mask, target, R)[0]
+
+    def filtered_alignment(self, z, u=None, mask=None, target=None, R=None) -> tuple[Tensor, FilterResult]:
+        """`alignment` and the `filter` result it came from (whose beliefs do not depend on `target`), so that
+        the k-step term reuses the beliefs instead of filtering again."""
+        result = self.filter(z, u, mask, R, target)
         steps = z.shape[0] * z.shape[1] if mask is None else rank_mean(mask.sum())
-        return log_likelihood.sum() / steps
+        return result.log_likelihood.sum() / steps, result
