@@ -159,6 +159,20 @@ def test_filter_equals_a_step_by_step_reference(dtype):
     assert out.step_log_likelihood[0, 2] == 0 and out.step_log_likelihood[1, -2] == 0  # missing steps
 
 
+def test_exact_observations_take_the_jitter_retry():
+    """R = 0 per frame: the joint covariance of (z_t, h_t) is singular, so the filter retries with a small jitter on
+    S_t (and warns); its beliefs stay close to the textbook filter's."""
+    torch.manual_seed(0)
+    prior = perturbed(LocallyLinearPrior(2, 3, 2, num_bases=3), skip=()).double()
+    z, u, _, _ = inputs(dtype=F64)
+    z = torch.nan_to_num(z)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="jitter"):
+        out = prior.filter(z, u, R=torch.zeros_like(z))
+    assert torch.isfinite(out.log_likelihood).all()
+    # the exact observations pin C h_t = z_t
+    torch.testing.assert_close(out.filtered.mean[..., :2], z, rtol=1e-4, atol=1e-4)
+
+
 def test_step_T_times_reproduces_filter():
     torch.manual_seed(0)
     prior = perturbed(LocallyLinearPrior(2, 3, 2, num_bases=3), skip=()).double()

@@ -43,8 +43,7 @@ from torch import Tensor, nn
 
 from worldmodel.kalman import FilterResult, Gaussian, predict, symmetrize, update
 from worldmodel.kalman.checks import _dtype
-from worldmodel.kalman.reference import _predict, _update
-from worldmodel.kalman.types import _JITTERS
+from worldmodel.kalman.types import _JITTERS, log_prob_from_cholesky
 from worldmodel.priors.linear_gaussian import (GaussianStateSpace, KalmanLatentModel, _full_precision,
                                                batched_belief, bounded_transition, initial_transition,
                                                observation_noise)
@@ -224,25 +223,63 @@ class LocallyLinearPrior(GaussianStateSpace):
         raise FloatingPointError("LocallyLinearPrior.filter: innovation covariance not positive definite")
 
     def _filter(self, z, u_aug, observed, R, target, jitter) -> tuple[FilterResult, bool]:
-        batch, steps, _ = z.shape
+        """The filter with one Cholesky factorisation per step of the joint covariance of (z_t, h_t) given the past:
+
+            J_t = E_t (A_t P_{t-1|t-1} A_t^T + Q) E_t^T + [[R_t, 0], [0, 0]],   E_t = [o_t C; I],
+            chol(J_t) = [[L_t, 0], [W_t^T, F_t]],
+
+        where o_t is 1 at an observed step and 0 at a missing one: L_t L_t^T = S_t = C P_{t|t-1} C^T + R_t, W_t =
+        L_t^{-1} C P_{t|t-1} and F_t F_t^T = P_{t|t-1} - W_t^T W_t = P_{t|t} (at a missing step W_t = 0 and F_t =
+        chol P_{t|t-1}: a pure predict). The step carries F_t, so J_t = (E_t A_t F_{t-1})(E_t A_t F_{t-1})^T + J0_t
+        (J0_t = E_t Q E_t^T + R_t's block): P_{t|t} stays positive definite by construction, and a step is a few
+        batched ops (the gate, A_t, two products, one Cholesky, one triangular solve) where the predict-then-update
+        form takes about twice as many, each an autograd node. ``jitter`` > 0 adds ``_add_jitter``'s scale-aware
+        diagonal to the S_t block."""
+        batch, steps, m = z.shape
         dtype, S = z.dtype, self.state_dim
         A, Bk = self._bases(dtype)
         Q, C = self.Q.to(dtype), self.C.to(dtype)
-        eye = torch.eye(S, dtype=dtype, device=z.device)
-        mean, cov = self.m0.to(dtype).expand(batch, S), self.P0.to(dtype).expand(batch, S, S)
-        pm, pc, fm, fc, lls, infos = [], [], [], [], [], []
+        E = torch.cat([C, torch.eye(S, dtype=dtype, device=z.device)])  # (m + S, S): h -> (C h, h)
+        # one product with alpha gives E A_t and E [G_t, c_t]: the local system's (C h, h)
+        bases = torch.cat([(E @ A.view(-1, S, S)).flatten(1), (E @ Bk.view(-1, S, self.action_dim + 1)).flatten(1)], 1)
+        J0 = E @ Q @ E.mT
+        if observed is not None:  # E_t = [o_t C; I]: the rows of C vanish at missing steps
+            rows = F.pad(observed[..., None].expand(batch, steps, m), (0, S), value=1.0)[..., None]  # (B, T, m + S, 1)
+            J0 = J0 * rows * rows.mT
+        J0 = J0 + F.pad(R, (0, S, 0, S))  # R (m, m) or (B, T, m, m) into the top-left block
+        rhs = z[..., None] if target is None else torch.stack([z, target], -1)  # (B, T, m, 1 or 2)
+        mean = self.m0.to(dtype).expand(batch, S)
+        factor = torch.linalg.cholesky(self.P0.to(dtype)).expand(batch, S, S)
+        EA_size = (m + S) * S
+        pm, fm, Js, Ls, Fs, vs, infos = [], [], [], [], [], [], []
         for t in range(steps):
-            A_t, B_t = self._local(mean, A, Bk)
-            mean, cov = _predict(mean, cov, A_t, Q, (B_t @ u_aug[:, t, :, None]).squeeze(-1))
-            pm.append(mean), pc.append(cov)
-            mean, cov, ll, info = _update(mean, cov, z[:, t], C, R[:, t] if R.dim() == 4 else R,
-                                          None if observed is None else observed[:, t],
-                                          None if target is None else target[:, t], jitter, eye)
-            fm.append(mean), fc.append(cov), lls.append(ll), infos.append(info.reshape(-1))
-        ok = not bool((torch.cat(infos) > 0).any())
-        step_ll = torch.stack(lls, 1)
-        return FilterResult(Gaussian(torch.stack(fm, 1), torch.stack(fc, 1)),
-                            Gaussian(torch.stack(pm, 1), torch.stack(pc, 1)), step_ll.sum(1), step_ll), ok
+            local = self.alpha(mean) @ bases
+            EA = local[:, :EA_size].view(batch, m + S, S)
+            drive = local[:, EA_size:].view(batch, m + S, -1) @ u_aug[:, t, :, None]
+            Em = torch.baddbmm(drive, EA, mean[..., None])  # (C m_{t|t-1}, m_{t|t-1})
+            GF = EA @ factor
+            if observed is not None:
+                GF = GF * rows[:, t]
+            J = torch.baddbmm(J0 if J0.dim() == 2 else J0[:, t], GF, GF.mT)
+            if jitter:
+                d = J.diagonal(dim1=-2, dim2=-1)[:, :m]
+                J = J + torch.diag_embed(F.pad(jitter * (d + d.mean(-1, keepdim=True)), (0, S)))
+            chol, info = torch.linalg.cholesky_ex(J)
+            L, WT, factor = chol[:, :m, :m], chol[:, m:, :m], chol[:, m:, m:]
+            v = torch.linalg.solve_triangular(L, rhs[:, t] - Em[:, :m], upper=False)
+            predicted = Em[:, m:]
+            pm.append(predicted[..., 0]), Js.append(J), Ls.append(L), Fs.append(factor), vs.append(v[..., -1])
+            infos.append(info)
+            mean = torch.baddbmm(predicted, WT, v[..., :1]).squeeze(-1)  # m_{t|t}
+            fm.append(mean)
+        ok = not bool((torch.stack(infos) > 0).any())
+        step_ll = log_prob_from_cholesky(torch.stack(vs, 1), torch.stack(Ls, 1))
+        if observed is not None:
+            step_ll = step_ll * observed
+        factors = torch.stack(Fs, 1)
+        P_pred = symmetrize(torch.stack(Js, 1)[..., m:, m:])
+        return FilterResult(Gaussian(torch.stack(fm, 1), factors @ factors.mT), Gaussian(torch.stack(pm, 1), P_pred),
+                            step_ll.sum(1), step_ll), ok
 
     # ---- online use -----------------------------------------------------------------------------
     @_full_precision
@@ -279,18 +316,21 @@ class LocallyLinearPrior(GaussianStateSpace):
             raise ValueError(f"actions must have shape (B={batch}, H, {self.action_dim}), got {tuple(actions.shape)}")
         dtype = _dtype(belief.mean, belief.cov, self.A_raw, actions)
         u_aug = self._control(actions, tuple(actions.shape[:2]), dtype, belief.mean.device)
-        A, Bk = self._bases(dtype)
+        S = self.state_dim
+        bases = torch.cat(self._bases(dtype), 1)  # one product with alpha gives A_t and [G_t, c_t]
         Q = self.Q.to(dtype)
         mean, cov = belief.mean.to(dtype), belief.cov.to(dtype)
         means, covs = [], []
         for h in range(actions.shape[1]):
-            A_t, B_t = self._local(mean, A, Bk)
-            mean, cov = _predict(mean, cov, A_t, Q, (B_t @ u_aug[:, h, :, None]).squeeze(-1))
+            local = self.alpha(mean) @ bases
+            A_t = local[:, :S * S].view(batch, S, S)
+            drive = local[:, S * S:].view(batch, S, -1) @ u_aug[:, h, :, None]
+            mean = torch.baddbmm(drive, A_t, mean[..., None]).squeeze(-1)
+            cov = torch.baddbmm(Q, A_t @ cov, A_t.mT)
             means.append(mean), covs.append(cov)
-        S = self.state_dim
         if not means:
             return Gaussian(mean.new_zeros(batch, 0, S), mean.new_zeros(batch, 0, S, S))
-        return Gaussian(torch.stack(means, 1), torch.stack(covs, 1))
+        return Gaussian(torch.stack(means, 1), symmetrize(torch.stack(covs, 1)))
 
     @_full_precision
     def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
