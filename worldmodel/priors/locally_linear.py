@@ -233,8 +233,11 @@ class LocallyLinearPrior(GaussianStateSpace):
         chol P_{t|t-1}: a pure predict). The step carries F_t, so J_t = (E_t A_t F_{t-1})(E_t A_t F_{t-1})^T + J0_t
         (J0_t = E_t Q E_t^T + R_t's block): P_{t|t} stays positive definite by construction, and a step is a few
         batched ops (the gate, A_t, two products, one Cholesky, one triangular solve) where the predict-then-update
-        form takes about twice as many, each an autograd node. ``jitter`` > 0 adds ``_add_jitter``'s scale-aware
-        diagonal to the S_t block."""
+        form takes about twice as many, each an autograd node. J_t is formed from the float32 products and factorised
+        in float64: its h-block pivots are P_{t|t}, which a precise observation (small R) makes small against
+        P_{t|t-1}, and float32 round-off in J_t would then make it indefinite (measured: a Cholesky failure while
+        fine-tuning the pendulum control model). ``jitter`` > 0 adds ``_add_jitter``'s scale-aware diagonal to the
+        S_t block."""
         batch, steps, m = z.shape
         dtype, S = z.dtype, self.state_dim
         A, Bk = self._bases(dtype)
@@ -242,11 +245,11 @@ class LocallyLinearPrior(GaussianStateSpace):
         E = torch.cat([C, torch.eye(S, dtype=dtype, device=z.device)])  # (m + S, S): h -> (C h, h)
         # one product with alpha gives E A_t and E [G_t, c_t]: the local system's (C h, h)
         bases = torch.cat([(E @ A.view(-1, S, S)).flatten(1), (E @ Bk.view(-1, S, self.action_dim + 1)).flatten(1)], 1)
-        J0 = E @ Q @ E.mT
+        J0 = (E @ Q @ E.mT).double()  # J_t is formed and factorised in float64 (see below)
         if observed is not None:  # E_t = [o_t C; I]: the rows of C vanish at missing steps
             rows = F.pad(observed[..., None].expand(batch, steps, m), (0, S), value=1.0)[..., None]  # (B, T, m + S, 1)
             J0 = J0 * rows * rows.mT
-        J0 = J0 + F.pad(R, (0, S, 0, S))  # R (m, m) or (B, T, m, m) into the top-left block
+        J0 = J0 + F.pad(R.double(), (0, S, 0, S))  # R (m, m) or (B, T, m, m) into the top-left block
         rhs = z[..., None] if target is None else torch.stack([z, target], -1)  # (B, T, m, 1 or 2)
         mean = self.m0.to(dtype).expand(batch, S)
         factor = torch.linalg.cholesky(self.P0.to(dtype)).expand(batch, S, S)
@@ -260,11 +263,13 @@ class LocallyLinearPrior(GaussianStateSpace):
             GF = EA @ factor
             if observed is not None:
                 GF = GF * rows[:, t]
+            GF = GF.double()
             J = torch.baddbmm(J0 if J0.dim() == 2 else J0[:, t], GF, GF.mT)
             if jitter:
                 d = J.diagonal(dim1=-2, dim2=-1)[:, :m]
                 J = J + torch.diag_embed(F.pad(jitter * (d + d.mean(-1, keepdim=True)), (0, S)))
             chol, info = torch.linalg.cholesky_ex(J)
+            chol = chol.to(dtype)
             L, WT, factor = chol[:, :m, :m], chol[:, m:, :m], chol[:, m:, m:]
             v = torch.linalg.solve_triangular(L, rhs[:, t] - Em[:, :m], upper=False)
             predicted = Em[:, m:]
@@ -277,7 +282,7 @@ class LocallyLinearPrior(GaussianStateSpace):
         if observed is not None:
             step_ll = step_ll * observed
         factors = torch.stack(Fs, 1)
-        P_pred = symmetrize(torch.stack(Js, 1)[..., m:, m:])
+        P_pred = symmetrize(torch.stack(Js, 1)[..., m:, m:].to(dtype))
         return FilterResult(Gaussian(torch.stack(fm, 1), factors @ factors.mT), Gaussian(torch.stack(pm, 1), P_pred),
                             step_ll.sum(1), step_ll), ok
 
