@@ -146,13 +146,14 @@ def data_policy(name: str, env: gymnasium.Env):
     return ou_policy(env)
 
 
-_CONTROL = {"task": "reward", "env_kwargs": {}, "episode_length": 200}
+_CONTROL = {"task": "reward", "env_kwargs": {}, "episode_length": 200, "iterations": 3}
 
 
 def control_defaults(name: str) -> dict:
     """What ``train.py control`` does on env ``name`` unless told otherwise: ``task`` (reward: maximise the env's
     reward; goal: reach goal states the env draws, ``sample_goal`` / ``render_state`` / ``goal_error``), the
-    ``make_env`` kwargs (the env's own dynamics, not the training data's), the episode length and optionally
+    ``make_env`` kwargs (the env's own dynamics, not the training data's), the episode length, the number of
+    collect-then-train ``iterations`` and optionally
     ``method`` (the preset trained when --method is not given), ``planner`` (PlannerConfig defaults) and ``success_error`` (goal tasks: the final goal error that counts as
     reached). Our envs declare them as ``defaults["control"]``; others get a reward task on 200-step episodes of
     the default env."""

@@ -115,3 +115,18 @@ def test_goal_task_on_the_arm_reports_final_errors_and_success(tmp_path, monkeyp
     assert record["success_rate"]["oracle"] == np.mean(np.asarray(record["final_error"]["oracle"]) < 0.2)
     config = json.loads((tmp_path / "runs" / "nlink-control" / "config.json").read_text())
     assert config["env_kwargs"] == {"gravity": 0.0} and config["model"]["reward_head"] is False
+
+
+def test_control_defaults_come_from_the_env_unless_given():
+    """The pendulum declares its loop (kalman_ll, 6 iterations, planning 25 steps ahead); other envs get 3
+    iterations; flags override the env's defaults."""
+    from worldmodel.training.config import ControlConfig
+    from worldmodel.training.control import for_control
+
+    pendulum = for_control(TrainConfig(env="pendulum"))
+    assert pendulum.control.iterations == 6 and pendulum.model.planner["horizon"] == 25
+    assert for_control(TrainConfig(env="nlink")).control.iterations == 3
+    given = for_control(TrainConfig(env="pendulum", control=ControlConfig(iterations=2)))
+    assert given.control.iterations == 2
+    with pytest.raises(ValueError, match="iterations"):
+        ControlConfig(iterations=-1)

@@ -92,7 +92,8 @@ class ControlConfig:
     episode_length: int | None = field(default=None, metadata={
         "help": "steps per episode, collected and evaluated (none = the env's control default)"})
     seed_episodes: int = field(default=40, metadata={"help": "episodes of uniform random actions before phase 0"})
-    iterations: int = field(default=3, metadata={"help": "collect-then-train iterations after phase 0"})
+    iterations: int | None = field(default=None, metadata={
+        "help": "collect-then-train iterations after phase 0 (none = the env's control default, else 3)"})
     episodes_per_iteration: int = field(default=10, metadata={"help": "MPC episodes collected per iteration"})
     steps_per_iteration: int = field(default=400, metadata={
         "help": "fine-tuning steps of the phases after the first (phase 0 trains --steps)"})
@@ -109,7 +110,7 @@ class ControlConfig:
                      "val_episodes", "eval_episodes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"control.{name} must be >= 1, got {getattr(self, name)}")
-        if self.iterations < 0 or self.exploration < 0:
+        if (self.iterations is not None and self.iterations < 0) or self.exploration < 0:
             raise ValueError("control.iterations and control.exploration must be >= 0")
         if self.val_episodes >= self.seed_episodes:
             raise ValueError(f"control.val_episodes ({self.val_episodes}) must be < seed_episodes "

@@ -44,7 +44,8 @@ def for_control(cfg: TrainConfig) -> TrainConfig:
 
     defaults, control = control_defaults(cfg.env), cfg.control
     control = dataclasses.replace(control, task=control.task or defaults["task"],
-                                  episode_length=control.episode_length or defaults["episode_length"])
+                                  episode_length=control.episode_length or defaults["episode_length"],
+                                  iterations=defaults["iterations"] if control.iterations is None else control.iterations)
     cfg = dataclasses.replace(cfg, control=control, name=cfg.name or f"{cfg.env}-control",
                               env_kwargs=defaults["env_kwargs"] if cfg.env_kwargs is None else cfg.env_kwargs,
                               episode_length=control.episode_length,
