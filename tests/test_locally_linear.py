@@ -109,6 +109,28 @@ def test_equal_bases_are_the_kalman_model(K, dtype):
         torch.testing.assert_close(y.cov, x.cov, **TOL[dtype])
 
 
+@pytest.mark.parametrize("case", ["plain", "mask", "mask_R", "target"])
+def test_equal_bases_give_the_kalman_model_gradients(case):
+    """Gradients (float64) of a loss of every filter output w.r.t. z, Q, R, m0 and P0 equal those of
+    KalmanLatentModel (its fused filter's hand-written reverse pass), with masks, per-frame R and a target."""
+    kalman, prior = models(3, F64)
+    z, u, mask, target = inputs(dtype=F64)
+    z = torch.nan_to_num(z).requires_grad_()
+    kwargs = {"plain": {}, "mask": dict(mask=mask), "mask_R": dict(mask=mask, R=torch.rand(*z.shape, dtype=F64) + 0.1),
+              "target": dict(target=target)}[case]
+    grads = []
+    for model in (kalman, prior):
+        out = model.filter(z, u, **kwargs)
+        loss = (out.log_likelihood.sum() + out.filtered.mean.square().sum() + out.filtered.cov.sum()
+                + out.predicted.cov.sum())
+        params = [*model.Q_cov.parameters(), *model.R_cov.parameters(), *model.P0_cov.parameters(), model.m0]
+        grads.append(torch.autograd.grad(loss, [z, *params], allow_unused=True))  # per-frame R: R_cov unused
+    for got, want in zip(grads[1], grads[0]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def reference_filter(prior, z, u, mask, target):
     """The assumed-density filter in float64, step by step, from the prior's parameters only: alpha from the gate's
     weights written out, the Kalman predict and update in their textbook (non-Joseph) form, and the log-densities
