@@ -252,7 +252,7 @@ class LocallyLinearPrior(GaussianStateSpace):
         J0 = J0 + F.pad(R.double(), (0, S, 0, S))  # R (m, m) or (B, T, m, m) into the top-left block
         rhs = z[..., None] if target is None else torch.stack([z, target], -1)  # (B, T, m, 1 or 2)
         mean = self.m0.to(dtype).expand(batch, S)
-        factor = torch.linalg.cholesky(self.P0.to(dtype)).expand(batch, S, S)
+        factor = self.P0_cov.factor().to(dtype).expand(batch, S, S)  # the learned Cholesky factor of P0
         EA_size = (m + S) * S
         pm, fm, Js, Ls, Fs, vs, infos = [], [], [], [], [], [], []
         for t in range(steps):
