@@ -63,11 +63,16 @@ def _mv(M: Tensor, x: Tensor) -> Tensor:
     return (M @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
-    """``S + jitter * diag(diag(S) + mean(diag(S)))``: a scale-aware diagonal jitter (also lifts zero
+def _jitter_diagonal(S: Tensor, jitter: float | Tensor) -> Tensor:
+    """``jitter * (diag(S) + mean(diag(S)))`` ``(..., n)``: a scale-aware diagonal jitter (also lifts zero
     diagonal entries)."""
     d = S.diagonal(dim1=-2, dim2=-1)
-    return S + torch.diag_embed(jitter * (d + d.mean(-1, keepdim=True)))
+    return jitter * (d + d.mean(-1, keepdim=True))
+
+
+def _add_jitter(S: Tensor, jitter: float | Tensor) -> Tensor:
+    """``S + diag(_jitter_diagonal(S, jitter))``."""
+    return S + torch.diag_embed(_jitter_diagonal(S, jitter))
 
 
 def _cholesky_ex(S: Tensor) -> tuple[Tensor, Tensor]:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from worldmodel.kalman import FilterResult, Gaussian, predict, symmetrize, update
 from worldmodel.kalman.checks import _dtype
-from worldmodel.kalman.types import _JITTERS, log_prob_from_cholesky
+from worldmodel.kalman.types import _JITTERS, _jitter_diagonal, log_prob_from_cholesky
 from worldmodel.priors.linear_gaussian import (GaussianStateSpace, KalmanLatentModel, _full_precision,
                                                batched_belief, bounded_transition, initial_transition,
                                                observation_noise)
@@ -138,16 +138,17 @@ class LocallyLinearPrior(GaussianStateSpace):
         """Mixture weights ``(..., K)`` (softmax, summing to 1) at belief means ``(..., S)``."""
         return torch.softmax(self.gate(mean.detach() if self.detach_alpha else mean), -1)
 
-    def _bases(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The flattened bases in ``dtype``: A_k as ``(K, S S)`` and [G_k, c_k] as ``(K, S (a + 1))``."""
-        Bk = torch.cat([self.G, self.c[..., None]], -1)
-        return self.A.to(dtype).flatten(1), Bk.to(dtype).flatten(1)
+    def _bases(self, dtype: torch.dtype, E: Tensor | None = None) -> Tensor:
+        """The bases [A_k, G_k, c_k] in ``dtype`` as ``(K, S, S + a + 1)``, left-multiplied by ``E`` ``(r, S)``
+        when given (then ``(K, r, S + a + 1)``)."""
+        bases = torch.cat([self.A, self.G, self.c[..., None]], -1).to(dtype)
+        return bases if E is None else E @ bases
 
-    def _local(self, mean: Tensor, A: Tensor, Bk: Tensor) -> tuple[Tensor, Tensor]:
-        """The local system at belief means ``(B, S)``: A(m) ``(B, S, S)``, [G(m), c(m)] ``(B, S, a + 1)``."""
-        alpha = self.alpha(mean)
-        S = self.state_dim
-        return (alpha @ A).view(-1, S, S), (alpha @ Bk).view(-1, S, self.action_dim + 1)
+    def _local(self, mean: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
+        """The local system at belief means ``(B, S)`` from ``_bases`` ``(K, r, S + a + 1)``, with one product:
+        (E) A(m) ``(B, r, S)`` and (E) [G(m), c(m)] ``(B, r, a + 1)``."""
+        local = (self.alpha(mean) @ bases.flatten(1)).view(mean.shape[0], *bases.shape[1:])
+        return local[..., :self.state_dim], local[..., self.state_dim:]
 
     def _control(self, u: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         """Augmented controls [u, 1] ``shape + (a + 1,)`` (None = zero actions)."""
@@ -236,15 +237,12 @@ class LocallyLinearPrior(GaussianStateSpace):
         form takes about twice as many, each an autograd node. J_t is formed from the float32 products and factorised
         in float64: its h-block pivots are P_{t|t}, which a precise observation (small R) makes small against
         P_{t|t-1}, and float32 round-off in J_t would then make it indefinite (measured: a Cholesky failure while
-        fine-tuning the pendulum control model). ``jitter`` > 0 adds ``_add_jitter``'s scale-aware diagonal to the
-        S_t block."""
+        fine-tuning the pendulum control model). ``jitter`` > 0 adds ``_jitter_diagonal`` of the S_t block to it."""
         batch, steps, m = z.shape
         dtype, S = z.dtype, self.state_dim
-        A, Bk = self._bases(dtype)
         Q, C = self.Q.to(dtype), self.C.to(dtype)
         E = torch.cat([C, torch.eye(S, dtype=dtype, device=z.device)])  # (m + S, S): h -> (C h, h)
-        # one product with alpha gives E A_t and E [G_t, c_t]: the local system's (C h, h)
-        bases = torch.cat([(E @ A.view(-1, S, S)).flatten(1), (E @ Bk.view(-1, S, self.action_dim + 1)).flatten(1)], 1)
+        bases = self._bases(dtype, E)  # one product with alpha gives E A_t and E [G_t, c_t]: the local (C h, h)
         J0 = (E @ Q @ E.mT).double()  # J_t is formed and factorised in float64 (see below)
         if observed is not None:  # E_t = [o_t C; I]: the rows of C vanish at missing steps
             rows = F.pad(observed[..., None].expand(batch, steps, m), (0, S), value=1.0)[..., None]  # (B, T, m + S, 1)
@@ -253,12 +251,10 @@ class LocallyLinearPrior(GaussianStateSpace):
         rhs = z[..., None] if target is None else torch.stack([z, target], -1)  # (B, T, m, 1 or 2)
         mean = self.m0.to(dtype).expand(batch, S)
         factor = self.P0_cov.factor().to(dtype).expand(batch, S, S)  # the learned Cholesky factor of P0
-        EA_size = (m + S) * S
         pm, fm, Js, Ls, Fs, vs, infos = [], [], [], [], [], [], []
         for t in range(steps):
-            local = self.alpha(mean) @ bases
-            EA = local[:, :EA_size].view(batch, m + S, S)
-            drive = local[:, EA_size:].view(batch, m + S, -1) @ u_aug[:, t, :, None]
+            EA, EB = self._local(mean, bases)
+            drive = EB @ u_aug[:, t, :, None]
             Em = torch.baddbmm(drive, EA, mean[..., None])  # (C m_{t|t-1}, m_{t|t-1})
             GF = EA @ factor
             if observed is not None:
@@ -266,8 +262,7 @@ class LocallyLinearPrior(GaussianStateSpace):
             GF = GF.double()
             J = torch.baddbmm(J0 if J0.dim() == 2 else J0[:, t], GF, GF.mT)
             if jitter:
-                d = J.diagonal(dim1=-2, dim2=-1)[:, :m]
-                J = J + torch.diag_embed(F.pad(jitter * (d + d.mean(-1, keepdim=True)), (0, S)))
+                J = J + torch.diag_embed(F.pad(_jitter_diagonal(J[:, :m, :m], jitter), (0, S)))
             chol, info = torch.linalg.cholesky_ex(J)
             chol = chol.to(dtype)
             L, WT, factor = chol[:, :m, :m], chol[:, m:, :m], chol[:, m:, m:]
@@ -302,7 +297,7 @@ class LocallyLinearPrior(GaussianStateSpace):
         belief = batched_belief(belief, self.state_dim)
         batch = belief.mean.shape[0]
         dtype = _dtype(belief.mean, belief.cov, self.A_raw)
-        A_t, B_t = self._local(belief.mean.to(dtype), *self._bases(dtype))
+        A_t, B_t = self._local(belief.mean.to(dtype), self._bases(dtype))
         prior = predict(belief, A_t, self.Q, B_t, self._control(u_t, (batch,), dtype, belief.mean.device))
         if z_t is None:
             return prior
@@ -322,15 +317,13 @@ class LocallyLinearPrior(GaussianStateSpace):
         dtype = _dtype(belief.mean, belief.cov, self.A_raw, actions)
         u_aug = self._control(actions, tuple(actions.shape[:2]), dtype, belief.mean.device)
         S = self.state_dim
-        bases = torch.cat(self._bases(dtype), 1)  # one product with alpha gives A_t and [G_t, c_t]
+        bases = self._bases(dtype)
         Q = self.Q.to(dtype)
         mean, cov = belief.mean.to(dtype), belief.cov.to(dtype)
         means, covs = [], []
         for h in range(actions.shape[1]):
-            local = self.alpha(mean) @ bases
-            A_t = local[:, :S * S].view(batch, S, S)
-            drive = local[:, S * S:].view(batch, S, -1) @ u_aug[:, h, :, None]
-            mean = torch.baddbmm(drive, A_t, mean[..., None]).squeeze(-1)
+            A_t, B_t = self._local(mean, bases)
+            mean = torch.baddbmm(B_t @ u_aug[:, h, :, None], A_t, mean[..., None]).squeeze(-1)
             cov = torch.baddbmm(Q, A_t @ cov, A_t.mT)
             means.append(mean), covs.append(cov)
         if not means:
@@ -359,11 +352,11 @@ class LocallyLinearPrior(GaussianStateSpace):
         dtype = _dtype(belief.mean, belief.cov, self.A_raw)
         width = S + a + 1  # x = [m, u, 1]
         with torch.no_grad():
-            A, Bk = self._bases(dtype)
+            bases = self._bases(dtype)  # (K, S, width)
+            A = bases[..., :S].flatten(1)  # (K, S S): A_t = alpha @ A for the "each" covariances
             gate = self.gate.weights(dtype)  # (W1, b1, W2, b2) or (W, b)
             W1, b1 = gate[0], gate[1]
             # x @ W = [A_k m + G_k u + c_k]_k (K S) | W1 m + b1
-            bases = torch.cat([A.view(K, S, S), Bk.view(K, S, a + 1)], -1)  # (K, S, width)
             first = torch.cat([W1, W1.new_zeros(W1.shape[0], a + 1)], 1)
             first[:, -1] = b1
             W = torch.cat([bases.reshape(K * S, width), first]).mT.contiguous()
