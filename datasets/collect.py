@@ -8,6 +8,7 @@ collection equals an uninterrupted one.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import gymnasium
 import numpy as np
@@ -157,8 +158,22 @@ def _open_or_create(store, env: gymnasium.Env, seed: int, storage_options: dict 
     return store
 
 
+class _OneEnv:
+    """An unbatched policy ``policy(obs, info)`` (with optional ``reset(rng)``) as a batched one of one env."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def reset(self, rngs: list[np.random.Generator]) -> None:
+        if hasattr(self.policy, "reset"):
+            self.policy.reset(rngs[0])
+
+    def __call__(self, obs: np.ndarray, infos: list[dict]) -> list:
+        return [self.policy(obs[0], infos[0])]
+
+
 def collect(
-    env: gymnasium.Env,
+    env: gymnasium.Env | Sequence[gymnasium.Env],
     policy,
     n_episodes: int,
     T: int,
@@ -174,6 +189,14 @@ def collect(
     generator from ``episode_seeds(seed, i)[1]``. Step t stores obs[t], info["state"] at t, the
     action taken after seeing obs[t], the reward it earned, and mask[t] = not info.get("dropped").
     An episode that terminates or truncates early is stored with its shorter length.
+
+    ``env`` may be a list of E envs of one kind: episodes then run E at a time in lockstep with a *batched*
+    policy, ``policy.reset(rngs)`` (if it has ``reset``; one generator per episode, as above) and
+    ``policy(obs (E, *obs_shape), infos: list of E dicts) -> E actions`` (an env whose episode has ended is
+    not stepped again; its action is ignored). A batch is committed, in episode order, when all of its
+    episodes have ended, so an interrupted batch is collected again on resumption; with the same E, a
+    resumed collection equals an uninterrupted one.
+
     ``store`` may be a path or an fsspec URL (with ``storage_options``, see ``RolloutStore.create``): an existing store is opened, a missing one created from the env (attrs:
     env_id = the gymnasium id, env_kwargs = its kwargs, and ``make_env`` = {"name", "kwargs"} when the
     env came from ``worldmodel.envs.make_env``, including observation-noise options).
@@ -182,7 +205,12 @@ def collect(
         raise ValueError(f"n_episodes must be a non-negative int, got {n_episodes!r}")
     if int(T) != T or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
-    store = _open_or_create(store, env, seed, storage_options)
+    envs = list(env) if isinstance(env, (list, tuple)) else [env]
+    if not envs:
+        raise ValueError("collect needs an env or a non-empty list of envs")
+    if not isinstance(env, (list, tuple)):
+        policy = _OneEnv(policy)
+    store = _open_or_create(store, envs[0], seed, storage_options)
     if store.meta.get("seed") not in (None, seed):
         raise ValueError(f"seed={seed} differs from the seed {store.meta['seed']} this store was collected with")
     if store.episode_length not in (None, T):
@@ -191,35 +219,51 @@ def collect(
         store.set_episode_length(T)
     if store.meta.get("seed") is None:
         store.update_attrs(seed=seed)
-    if tuple(env.observation_space.shape) != store.obs_shape:
-        raise ValueError(f"env observation shape {env.observation_space.shape} differs from the store's {store.obs_shape}")
-    space = env.action_space
+    space = envs[0].action_space
     a_dim = action_dim(space)
-    if a_dim != store.action_dim:
-        raise ValueError(f"env action width {a_dim} differs from the store's action_dim {store.action_dim}")
+    for e in envs:
+        if tuple(e.observation_space.shape) != store.obs_shape:
+            raise ValueError(f"env observation shape {e.observation_space.shape} differs from the store's {store.obs_shape}")
+        if action_dim(e.action_space) != store.action_dim:
+            raise ValueError(f"env action width {action_dim(e.action_space)} differs from the store's action_dim "
+                             f"{store.action_dim}")
     start = len(store)
-    for episode in tqdm(range(start, n_episodes), initial=start, total=n_episodes, disable=not progress, desc="collect", unit="ep"):
-        env_seed, policy_seed = episode_seeds(seed, episode)
-        if hasattr(policy, "reset"):
-            policy.reset(np.random.default_rng(policy_seed))
-        obs, info = env.reset(seed=env_seed)
-        frames = np.empty((T, *store.obs_shape), np.uint8)
-        actions = np.empty((T, a_dim), np.float32)
-        states = np.empty((T, store.state_dim), np.float32)
-        rewards = np.empty(T, np.float32)
-        mask = np.empty(T, bool)
-        steps = T
-        for t in range(T):
-            action = policy(obs, info)
-            frames[t] = obs
-            if store.state_dim:
-                states[t] = info["state"]
-            mask[t] = not info.get("dropped", False)
-            actions[t] = action_vector(space, action)
-            obs, reward, terminated, truncated, info = env.step(action)
-            rewards[t] = reward
-            if terminated or truncated:
-                steps = t + 1
-                break
-        store.append(frames[:steps], actions[:steps], states[:steps], rewards[:steps], mask[:steps])
+    bar = tqdm(total=n_episodes, initial=start, disable=not progress, desc="collect", unit="ep")
+    for first in range(start, n_episodes, len(envs)):
+        seeds = [episode_seeds(seed, i) for i in range(first, min(first + len(envs), n_episodes))]
+        episodes = _episode_batch(envs, policy, seeds, T, store, space)
+        for episode in episodes:
+            store.append(**episode)
+        bar.update(len(episodes))
+    bar.close()
     return store
+
+
+def _episode_batch(envs, policy, seeds: list[tuple[int, int]], T: int, store: RolloutStore, space) -> list[dict]:
+    """Run one episode per (env seed, policy seed) in ``envs`` in lockstep; the episodes as ``store.append`` kwargs."""
+    n = len(seeds)
+    if hasattr(policy, "reset"):
+        policy.reset([np.random.default_rng(policy_seed) for _, policy_seed in seeds])
+    first = [e.reset(seed=env_seed) for e, (env_seed, _) in zip(envs, seeds)]
+    obs, infos = [o for o, _ in first], [i for _, i in first]
+    frames = np.empty((n, T, *store.obs_shape), np.uint8)
+    actions = np.empty((n, T, store.action_dim), np.float32)
+    states = np.empty((n, T, store.state_dim), np.float32)
+    rewards = np.empty((n, T), np.float32)
+    mask = np.empty((n, T), bool)
+    steps = np.full(n, T)
+    for t in range(T):
+        chosen = policy(np.stack(obs), infos)
+        for i in np.flatnonzero(steps > t):
+            frames[i, t] = obs[i]
+            if store.state_dim:
+                states[i, t] = infos[i]["state"]
+            mask[i, t] = not infos[i].get("dropped", False)
+            actions[i, t] = action_vector(space, chosen[i])
+            obs[i], rewards[i, t], terminated, truncated, infos[i] = envs[i].step(chosen[i])
+            if terminated or truncated:
+                steps[i] = t + 1
+        if not (steps > t + 1).any():
+            break
+    return [dict(obs=frames[i, :k], action=actions[i, :k], state=states[i, :k], reward=rewards[i, :k], mask=mask[i, :k])
+            for i, k in enumerate(steps)]

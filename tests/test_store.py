@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -428,19 +429,20 @@ def test_policies_are_seeded_smooth_and_in_bounds():
     assert len(unclipped) > 0.9 * len(traces["ou"])
 
 
+class Terminating(gymnasium.Wrapper):
+    """The episode of env seed s ends after 3 + 2 (s % 3) steps."""
+
+    def reset(self, **kw):
+        self.t, self.limit = 0, 3 + 2 * (kw["seed"] % 3)
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.t += 1
+        return obs, r, self.t >= self.limit, trunc, info
+
+
 def test_collect_keeps_early_terminated_episodes_with_their_length(tmp_path):
-    import gymnasium
-
-    class Terminating(gymnasium.Wrapper):  # episode i ends after 3 + 2 i steps
-        def reset(self, **kw):
-            self.t, self.limit = 0, 3 + 2 * (kw["seed"] % 3)
-            return self.env.reset(**kw)
-
-        def step(self, action):
-            obs, r, term, trunc, info = self.env.step(action)
-            self.t += 1
-            return obs, r, self.t >= self.limit, trunc, info
-
     env = Terminating(make_env("pendulum", image_size=8))
     store = collect(env, ou_policy(env), 6, 8, tmp_path / "t.zarr", seed=0, progress=False)
     lengths = store.lengths()
@@ -614,3 +616,45 @@ def test_create_with_a_given_episode_length(tmp_path):
     assert store.episode_length == 6 and RolloutStore.open(tmp_path / "fixed.zarr").episode_length == 6
     store.append(np.zeros((6, 4, 4, 3), np.uint8), np.zeros((6, 1), np.float32), np.zeros((6, 2)), np.zeros(6))
     assert len(store) == 1 and store.episode(0)["obs"].shape == (6, 4, 4, 3)
+
+
+class BatchedOU:
+    """One OU policy per env of a batch, each reset with its episode's generator; interrupts at call ``stop``."""
+
+    def __init__(self, env, stop=None):
+        self.env, self.stop, self.calls = env, stop, 0
+
+    def reset(self, rngs):
+        self.policies = [ou_policy(self.env) for _ in rngs]
+        for policy, rng in zip(self.policies, rngs):
+            policy.reset(rng)
+
+    def __call__(self, obs, infos):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        assert obs.shape == (len(self.policies), *self.env.observation_space.shape) and len(infos) == len(obs)
+        return [policy(o, info) for policy, o, info in zip(self.policies, obs, infos)]
+
+
+def test_batched_collect_equals_one_env_at_a_time_and_resumes(tmp_path):
+    """Episodes in lockstep over 3 envs (batches of 3, 3, 1; episodes ending at different steps) store what one env
+    collects episode by episode; an interrupted batch is collected again and the result is the same."""
+    make = lambda: Terminating(make_env("pendulum", image_size=8))
+    env = make()
+    single = collect(env, ou_policy(env), 7, 8, tmp_path / "one.zarr", seed=2, progress=False)
+    envs = [make() for _ in range(3)]
+    batched = collect(envs, BatchedOU(env), 7, 8, tmp_path / "three.zarr", seed=2, progress=False)
+    assert batched.lengths().tolist() == single.lengths().tolist() and len(set(single.lengths().tolist())) > 1
+    for i in range(7):
+        assert_episode_equal(batched.episode(i), single.episode(i))
+    second_batch_step_2 = max(single.lengths()[:3]) + 2
+    with pytest.raises(KeyboardInterrupt):
+        collect(envs, BatchedOU(env, stop=second_batch_step_2), 7, 8, tmp_path / "cut.zarr", seed=2, progress=False)
+    assert len(RolloutStore.open(tmp_path / "cut.zarr", read_only=True)) == 3
+    resumed = collect(envs, BatchedOU(env), 7, 8, tmp_path / "cut.zarr", seed=2, progress=False)
+    for i in range(7):
+        assert_episode_equal(resumed.episode(i), single.episode(i))
+    with pytest.raises(ValueError, match="action width 2 differs"):
+        collect([env, make_env("nlink", image_size=8)], BatchedOU(env), 9, 8, tmp_path / "one.zarr", seed=2,
+                progress=False)

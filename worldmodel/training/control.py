@@ -77,29 +77,29 @@ def goal_set(env, rngs: list[np.random.Generator]) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------- policies
 class RandomPolicy:
-    """Uniform random actions in the bounds, for a batch of E envs."""
+    """Uniform random actions in the bounds, for a batch of E envs (env i's from generator i)."""
 
     def __init__(self, low: np.ndarray, high: np.ndarray):
         self.low, self.high = low, high
 
-    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
-        self.rng = rng
+    def reset(self, rngs: list[np.random.Generator], goals: dict | None = None) -> None:
+        self.rngs = rngs
 
     def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
-        return self.rng.uniform(self.low, self.high, (len(obs), len(self.low))).astype(np.float32)
+        return np.stack([rng.uniform(self.low, self.high) for rng in self.rngs]).astype(np.float32)
 
 
 class ModelPolicy:
     """The learned MPC from frames: filter each frame with `WorldModel.step`, plan from the belief with `MPC` (the
     reward head, or the goal frames given to `reset`), add Gaussian exploration noise of std ``exploration`` x the
-    half action range (0 for evaluation)."""
+    half action range (0 for evaluation; env i's noise from generator i)."""
 
     def __init__(self, model: WorldModel, exploration: float = 0.0):
         self.model, self.exploration = model, exploration
         self.plan_ms: list[float] = []
 
-    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
-        self.rng, self.belief, self.previous = rng, self.model.init_belief(batch), None
+    def reset(self, rngs: list[np.random.Generator], goals: dict | None = None) -> None:
+        self.rngs, self.belief, self.previous = rngs, self.model.init_belief(len(rngs)), None
         self.means: list[torch.Tensor] = []  # filtered state means (E, S) of every step, for the readout figure
         self.mpc = MPC(self.model) if goals is None else MPC(self.model, goal=torch.as_tensor(goals["frames"]))
 
@@ -112,7 +112,8 @@ class ModelPolicy:
         self.plan_ms.append(self.mpc.last_ms)
         low, high = self.mpc.low, self.mpc.high
         if self.exploration > 0:
-            noise = torch.as_tensor(self.rng.standard_normal(tuple(action.shape)), dtype=action.dtype, device=device)
+            noise = np.stack([rng.standard_normal(action.shape[1:]) for rng in self.rngs])
+            noise = torch.as_tensor(noise, dtype=action.dtype, device=device)
             action = torch.minimum(torch.maximum(action + self.exploration * (high - low) / 2 * noise, low), high)
         self.previous = action.float()
         return action.cpu().numpy().astype(np.float32)
@@ -128,7 +129,7 @@ class OraclePolicy:
         self.simulator, self.solver = simulator, RecedingHorizon(planner, low, high)
         self.plan_ms: list[float] = []
 
-    def reset(self, batch: int, rng: np.random.Generator, goals: dict | None = None) -> None:
+    def reset(self, rngs: list[np.random.Generator], goals: dict | None = None) -> None:
         self.solver.reset()
         self.goal = None if goals is None else torch.as_tensor(goals["states"], dtype=torch.float64)[:, None]
 
@@ -149,25 +150,26 @@ class OraclePolicy:
         return action.numpy().astype(np.float32)
 
 
-class _SingleEnv:
-    """A batched policy as ``collect``'s ``policy(obs, info)`` for one env (a fresh goal of ``goal_env`` per episode
-    when given)."""
+class _Collecting:
+    """A policy of this module as ``datasets.collect``'s batched policy ``policy(obs (E, ...), infos)`` (a fresh goal
+    of ``goal_env`` per episode, drawn with the episode's generator, when given)."""
 
     def __init__(self, policy, goal_env=None):
         self.policy, self.goal_env = policy, goal_env
 
-    def reset(self, rng: np.random.Generator) -> None:
-        self.policy.reset(1, rng, None if self.goal_env is None else goal_set(self.goal_env, [rng]))
+    def reset(self, rngs: list[np.random.Generator]) -> None:
+        self.policy.reset(rngs, None if self.goal_env is None else goal_set(self.goal_env, rngs))
 
-    def __call__(self, obs, info):
-        return self.policy(obs[None], np.asarray(info["state"])[None])[0]
+    def __call__(self, obs: np.ndarray, infos: list[dict]) -> np.ndarray:
+        return self.policy(obs, np.stack([np.asarray(info["state"], np.float64) for info in infos]))
 
 
 # ---------------------------------------------------------------------------------------- episodes
 def run_episodes(cfg: TrainConfig, policy, seeds: list[int], length: int, keep_frames: int = 1,
                  desc: str = "episodes", goals: bool = False) -> dict[str, np.ndarray]:
-    """Run ``policy`` (batched: ``reset(E, rng, goals)``, ``policy(obs (E, H, W, C), state (E, s)) -> actions (E, a)``)
-    in one env per seed for ``length`` steps in lockstep (an env that terminates stops earning reward).
+    """Run ``policy`` (batched: ``reset(rngs, goals)`` with a generator per env seeded by its seed,
+    ``policy(obs (E, H, W, C), state (E, s)) -> actions (E, a)``) in one env per seed for ``length`` steps in lockstep
+    (an env that terminates stops earning reward).
     Returns returns (E,), rewards (E, T), states (E, T, s) and the frames (k, T, H, W, C) of the first k episodes;
     with ``goals`` also the goals (seeded by the episode seeds, the same for every policy) and goal_error (E, T)."""
     envs = [make_run_env(cfg) for _ in seeds]
@@ -176,7 +178,7 @@ def run_episodes(cfg: TrainConfig, policy, seeds: list[int], length: int, keep_f
         obs = np.stack([o for o, _ in first])
         state = np.stack([np.asarray(i["state"], np.float64) for _, i in first])
         goal = goal_set(envs[0], [np.random.default_rng([int(s), 1]) for s in seeds]) if goals else None
-        policy.reset(len(seeds), np.random.default_rng(int(seeds[0])), goal)
+        policy.reset([np.random.default_rng(int(s)) for s in seeds], goal)
         rewards = np.zeros((len(seeds), length))
         states = np.zeros((len(seeds), length, state.shape[-1]))
         frames = np.zeros((min(keep_frames, len(seeds)), length, *obs.shape[1:]), np.uint8)
@@ -210,17 +212,19 @@ def _phase_config(cfg: TrainConfig, k: int, episodes: int) -> TrainConfig:
 
 
 def _collect(cfg: TrainConfig, policy, episodes: int) -> list[float]:
-    """Grow the run's store to ``episodes`` episodes with ``policy`` (resumable); returns of the new episodes."""
+    """Grow the run's store to ``episodes`` episodes with ``policy`` (resumable), episodes_per_iteration envs in
+    lockstep (one batched planning call per step); returns of the store's episodes."""
     from worldmodel.datasets import collect
 
-    env = make_run_env(cfg)
+    envs = [make_run_env(cfg) for _ in range(cfg.control.episodes_per_iteration)]
     path = cfg.run_dir / "rollouts.zarr"
     try:
-        goal_env = env if cfg.control.task == "goal" else None
-        store = collect(env, _SingleEnv(policy, goal_env), episodes, cfg.control.episode_length, path, seed=cfg.seed,
-                        progress=cfg.progress)
+        goal_env = envs[0] if cfg.control.task == "goal" else None
+        store = collect(envs, _Collecting(policy, goal_env), episodes, cfg.control.episode_length, path,
+                        seed=cfg.seed, progress=cfg.progress)
     finally:
-        env.close()
+        for env in envs:
+            env.close()
     return [float(store.window(i, 0, int(n), keys=("reward",))["reward"].sum()) for i, n in enumerate(store.lengths())]
 
 
