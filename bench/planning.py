@@ -1,12 +1,14 @@
 """Planning time per control step: MPC.plan at the default model (latent 8, state 16, 1 action) for each solver,
-with 1 and with all intra-op threads, plus the oracle's true-dynamics MPPI on the pendulum.
+plus the oracle's true-dynamics MPPI on the pendulum.
 
     python bench/planning.py                      # default planner (mppi, H=30, 256 samples, 6 iterations)
     python bench/planning.py --device cuda        # on a GPU
     python bench/planning.py --batch 10           # B beliefs planned at once (batched evaluation episodes)
 
-Prints the median milliseconds per `plan` call over --repeats calls (after --warmup). Planning runs with one
-intra-op thread on the CPU (`planning.mpc.one_thread_on_cpu`).
+Prints the median milliseconds per `plan` call over --repeats calls (after --warmup). On the CPU a plan of fewer
+than SMALL_PLAN numbers per rollout step (beliefs x samples x state width) runs on one intra-op thread, a larger one
+on all
+(`planning.mpc.planning_threads`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from common import median_times  # noqa: E402
 
 from worldmodel.model import ModelConfig, WorldModel
 from worldmodel.planning import MPC, PlannerConfig
-from worldmodel.planning.mpc import RecedingHorizon, one_thread_on_cpu
+from worldmodel.planning.mpc import RecedingHorizon, planning_threads
 
 
 def _time(fn, warmup: int, repeats: int) -> float:
@@ -67,7 +69,7 @@ def main() -> None:
             return total
 
         def oracle_plan():
-            with one_thread_on_cpu(state.device):
+            with planning_threads(state.device, args.batch * planner.samples, state.shape[1]):
                 solver(oracle_cost, args.batch)
 
         ms = _time(oracle_plan, args.warmup, max(3, args.repeats // 4))

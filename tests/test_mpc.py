@@ -169,3 +169,17 @@ def test_pendulum_simulate_equals_step():
         state, r = env.unwrapped.simulate(state, torch.tensor([a], dtype=torch.float64))
         np.testing.assert_allclose(state.numpy(), info["state"], atol=1e-12)
         assert abs(float(r) - reward) < 1e-12
+
+
+def test_planning_threads_one_for_small_plans_all_for_large():
+    from worldmodel.planning.mpc import SMALL_PLAN, planning_threads
+
+    threads, cpu = torch.get_num_threads(), torch.device("cpu")
+    with planning_threads(cpu, 256, 16):  # one belief of the default model
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    with planning_threads(cpu, SMALL_PLAN // 16, 16):  # e.g. 4 beliefs x 256 samples x 16
+        assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError), planning_threads(cpu, 1, 1):
+        raise RuntimeError
+    assert torch.get_num_threads() == threads

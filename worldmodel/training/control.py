@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.kalman import Gaussian
 from worldmodel.model import WorldModel
-from worldmodel.planning.mpc import MPC, PlannerConfig, RecedingHorizon, one_thread_on_cpu
+from worldmodel.planning.mpc import MPC, PlannerConfig, RecedingHorizon, planning_threads
 from worldmodel.training import ddp
 from worldmodel.training.config import TrainConfig
 from worldmodel.training.data import make_run_env
@@ -144,7 +144,7 @@ class OraclePolicy:
     def __call__(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         s = torch.as_tensor(state, dtype=torch.float64)
-        with one_thread_on_cpu(s.device):
+        with planning_threads(s.device, len(s) * self.solver.config.samples, s.shape[1]):
             action = self.solver(lambda actions: self._cost(s, actions), len(s))[:, 0]
         self.plan_ms.append(1000 * (time.perf_counter() - start))
         return action.numpy().astype(np.float32)
