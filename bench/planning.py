@@ -7,8 +7,7 @@ plus the oracle's true-dynamics MPPI on the pendulum.
 
 Prints the median milliseconds per `plan` call over --repeats calls (after --warmup). On the CPU a plan of fewer
 than SMALL_PLAN numbers per rollout step (beliefs x samples x state width) runs on one intra-op thread, a larger one
-on all
-(`planning.mpc.planning_threads`).
+on all (`planning.mpc.planning_threads`).
 """
 
 from __future__ import annotations

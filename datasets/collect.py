@@ -219,19 +219,16 @@ def collect(
         store.set_episode_length(T)
     if store.meta.get("seed") is None:
         store.update_attrs(seed=seed)
-    space = envs[0].action_space
-    a_dim = action_dim(space)
     for e in envs:
         if tuple(e.observation_space.shape) != store.obs_shape:
             raise ValueError(f"env observation shape {e.observation_space.shape} differs from the store's {store.obs_shape}")
-        if action_dim(e.action_space) != store.action_dim:
-            raise ValueError(f"env action width {action_dim(e.action_space)} differs from the store's action_dim "
-                             f"{store.action_dim}")
+        if (width := action_dim(e.action_space)) != store.action_dim:
+            raise ValueError(f"env action width {width} differs from the store's action_dim {store.action_dim}")
     start = len(store)
     bar = tqdm(total=n_episodes, initial=start, disable=not progress, desc="collect", unit="ep")
     for first in range(start, n_episodes, len(envs)):
         seeds = [episode_seeds(seed, i) for i in range(first, min(first + len(envs), n_episodes))]
-        episodes = _episode_batch(envs, policy, seeds, T, store, space)
+        episodes = _episode_batch(envs, policy, seeds, T, store)
         for episode in episodes:
             store.append(**episode)
         bar.update(len(episodes))
@@ -239,7 +236,7 @@ def collect(
     return store
 
 
-def _episode_batch(envs, policy, seeds: list[tuple[int, int]], T: int, store: RolloutStore, space) -> list[dict]:
+def _episode_batch(envs, policy, seeds: list[tuple[int, int]], T: int, store: RolloutStore) -> list[dict]:
     """Run one episode per (env seed, policy seed) in ``envs`` in lockstep; the episodes as ``store.append`` kwargs."""
     n = len(seeds)
     if hasattr(policy, "reset"):
@@ -259,7 +256,7 @@ def _episode_batch(envs, policy, seeds: list[tuple[int, int]], T: int, store: Ro
             if store.state_dim:
                 states[i, t] = infos[i]["state"]
             mask[i, t] = not infos[i].get("dropped", False)
-            actions[i, t] = action_vector(space, chosen[i])
+            actions[i, t] = action_vector(envs[i].action_space, chosen[i])
             obs[i], rewards[i, t], terminated, truncated, infos[i] = envs[i].step(chosen[i])
             if terminated or truncated:
                 steps[i] = t + 1
