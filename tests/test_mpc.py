@@ -6,7 +6,8 @@ import torch
 
 from worldmodel.kalman import Gaussian
 from worldmodel.model import ModelConfig, WorldModel
-from worldmodel.planning import MPC, PlannerConfig, QuadraticCost, RewardHead, lqr
+from worldmodel.planning import MPC, PlannerConfig, QuadraticCost, RewardHead, ValueHead, fit_reward_head, lqr
+from worldmodel.planning.reward import VALUE_TAIL, discounted_returns
 from worldmodel.priors.base import StateSpacePrior
 
 DTYPES = [torch.float32, torch.float64]
@@ -54,13 +55,14 @@ def test_candidate_rollout_equals_rollout_of_each_candidate(dtype):
             torch.testing.assert_close(generic.cov[b, n], one.cov[0], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("a", [2, 0])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reward_head_fit_recovers_a_quadratic_reward(dtype):
+def test_reward_head_fit_recovers_a_quadratic_reward(dtype, a):
     """Noise-free rewards E r under known coefficients: the least-squares fit returns them (R^2 = 1), and
-    `expected` equals the closed form r(m, u) + tr(Whh P) computed densely."""
+    `expected` equals the closed form r(m, u) + tr(Whh P) computed densely; a = 0: the value head's V(h)."""
     g = torch.Generator().manual_seed(2)
-    S, a, N = 3, 2, 400
-    truth = RewardHead(S, a).to(dtype)
+    S, N = 3, 400
+    truth = (RewardHead(S, a) if a else ValueHead(S)).to(dtype)
     W = torch.randn(S + a, S + a, generator=g, dtype=dtype)
     W = W + W.mT
     truth.Whh.copy_(W[:S, :S]), truth.Whu.copy_(W[:S, S:]), truth.Wuu.copy_(W[S:, S:])
@@ -74,11 +76,85 @@ def test_reward_head_fit_recovers_a_quadratic_reward(dtype):
         torch.einsum("nij,ji->n", belief.cov, W[:S, :S])
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(truth.expected(belief, u), dense, atol=tol, rtol=tol)
-    head = RewardHead(S, a).to(dtype)
+    if not a:
+        torch.testing.assert_close(truth.value(belief), dense, atol=tol, rtol=tol)
+    head = (RewardHead(S, a) if a else ValueHead(S)).to(dtype)
     r2 = head.fit(belief, u, dense, ridge=0.0)
     assert r2 > 1 - 1e-8
     for name in ("Whh", "Whu", "Wuu", "wh", "wu", "c0"):
         torch.testing.assert_close(getattr(head, name), getattr(truth, name), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_discounted_returns_match_the_dense_sum(dtype):
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(3, 17, generator=g, dtype=dtype)
+    T = rewards.shape[1]
+    weights = torch.tensor([[0.9 ** (j - t) if j >= t else 0.0 for j in range(T)] for t in range(T)], dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(discounted_returns(rewards, 0.9), rewards @ weights.mT, atol=tol, rtol=tol)
+
+
+def test_value_head_fit_is_least_squares_on_the_returns_of_untruncated_steps():
+    """fit_reward_head's value head against a dense float64 least-squares fit computed here: the targets are the
+    discounted returns from each k-step predictive belief, only of steps the episode goes on long enough after
+    (the tail weight below VALUE_TAIL); too short episodes leave the head unfitted."""
+    model = _model(reward_head=True, value_discount=0.8)
+    g = torch.Generator().manual_seed(1)
+    N, T, horizon = 3, 40, 3
+    data = {"obs": torch.randn(N, T, 3, generator=g, dtype=torch.float64),
+            "action": torch.rand(N, T, 1, generator=g, dtype=torch.float64) * 2 - 1,
+            "reward": torch.randn(N, T, generator=g, dtype=torch.float64), "mask": torch.ones(N, T, dtype=torch.bool)}
+    data["mask"][2, 30:] = False  # a shorter episode: 30 steps
+    r2 = fit_reward_head(model, data, horizon=horizon)
+    assert set(r2) == {"reward", "value"} and bool(model.value_head.fitted)
+    tail = int(np.ceil(np.log(VALUE_TAIL) / np.log(0.8)))  # 14 steps
+    filtered = model.filter(data["obs"], data["action"], data["mask"]).filtered
+    X, y = [], []
+    for n in range(N):
+        length = int(data["mask"][n].sum())
+        returns = [sum(0.8 ** (j - t) * float(data["reward"][n, j]) for j in range(t, length)) for t in range(T)]
+        for t in range(T - 1):
+            for k in range(1, horizon + 1):
+                if t + k + tail <= length:
+                    start = Gaussian(filtered.mean[n, t:t + 1], filtered.cov[n, t:t + 1])
+                    state = model.prior.rollout(start, data["action"][n, t:t + k][None].double())
+                    m, P = state.mean[0, -1].detach(), state.cov[0, -1].detach()
+                    second = (torch.outer(m, m) + P)[torch.triu_indices(2, 2).unbind()]
+                    X.append(torch.cat([second, m, m.new_ones(1)]))
+                    y.append(returns[t + k])
+    X, y = torch.stack(X), torch.tensor(y, dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    head = model.value_head
+    torch.testing.assert_close(torch.stack([head.Whh[0, 0], 2 * head.Whh[0, 1], head.Whh[1, 1], *head.wh, head.c0]),
+                               coef, atol=1e-4, rtol=1e-4)
+    short = _model(reward_head=True, value_discount=0.8)
+    cut = {k: v[:, :tail] for k, v in data.items()}
+    assert np.isnan(fit_reward_head(short, cut, horizon=horizon)["value"]) and not bool(short.value_head.fitted)
+
+
+def test_mpc_adds_the_value_head_at_the_horizon():
+    """With a zero reward and a value V(h) = h_2, the plan's expected cost is -value_weight E V(h_H) and MPPI drives
+    h_2 up (the input G = (0, 0.3) acts on it); value_weight=0 drops it; lqr refuses a terminal value; a checkpoint
+    written before value heads loads with an unfitted one."""
+    model = _model(reward_head=True)
+    with torch.no_grad():
+        model.reward_head.fitted.fill_(True)  # all-zero reward
+        model.value_head.wh.copy_(torch.tensor([0.0, 1.0], dtype=torch.float64)), model.value_head.fitted.fill_(True)
+    mpc = MPC(model, horizon=5, samples=64, value_weight=2.0)
+    belief = model.init_belief(1)
+    actions = torch.rand(1, 8, 5, 1, dtype=torch.float64)
+    states = model.prior.candidate_rollout(belief, 5)(actions)
+    torch.testing.assert_close(mpc._expected_cost(states, actions), -2.0 * states.mean[..., -1, 1])
+    assert float(mpc.act(belief)) > 0.9  # pushes h_2 up as hard as the bound allows
+    assert MPC(model, horizon=5, value_weight=0.0).terminal is None
+    with pytest.raises(ValueError, match="terminal value"):
+        MPC(model, solver="lqr")
+    MPC(model, solver="lqr", value_weight=0.0)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
+    fresh = WorldModel.from_config(model.config)
+    fresh.load_weights(old)
+    assert not bool(fresh.value_head.fitted) and MPC(fresh).terminal is None
 
 
 def test_world_model_reward_is_the_head_under_the_predicted_belief():

@@ -31,7 +31,7 @@ from worldmodel.kalman import FilterResult, Gaussian
 from worldmodel.methods import PRESETS, make
 from worldmodel.objective import NORMS, LossOutput
 from worldmodel.planning.mpc import PlannerConfig
-from worldmodel.planning.reward import RewardHead
+from worldmodel.planning.reward import RewardHead, ValueHead
 from worldmodel.priors import StateSpacePrior, prior_options
 
 __all__ = ["ModelConfig", "WorldModel", "shift_actions", "upgrade_state_dict"]
@@ -82,6 +82,9 @@ class ModelConfig:
     reward_head: bool = field(default=False, metadata={
         "help": "add a reward head (quadratic in state and action, exact expectation under the belief), fitted "
                 "to the stored rewards after training (state-space priors with actions)"})
+    value_discount: float = field(default=0.95, metadata={
+        "help": "with a reward head, also fit a terminal value head (quadratic in the state) to the returns "
+                "discounted by this (0 = none; the planner adds it at the horizon, PlannerConfig.value_weight)"})
     planner: dict = field(default_factory=dict, metadata={
         "help": "JSON planner defaults stored with the model (worldmodel.planning.PlannerConfig: solver, horizon, "
                 "samples, action_low, action_high, ...)"})
@@ -98,6 +101,8 @@ class ModelConfig:
             raise ValueError("latent_dim and state_dim must be >= 1 and action_dim >= 0")
         if self.multistep_horizon is not None and (self.multistep_horizon < 0 or self.multistep_horizon == 1):
             raise ValueError(f"multistep_horizon must be 0 (off) or >= 2, got {self.multistep_horizon}")
+        if not 0 <= self.value_discount < 1:
+            raise ValueError(f"value_discount must be in [0, 1) (0 = no value head), got {self.value_discount}")
         if self.resolved_encoder == "mlp" and self.input_dim < 1:
             raise ValueError("encoder='mlp' needs input_dim >= 1")
         PlannerConfig.from_overrides(self.planner)  # ValueError for unknown or invalid settings
@@ -200,6 +205,9 @@ class WorldModel(nn.Module):
                 raise ValueError(f"reward_head=True needs a state-space prior and actions (method {config.method!r}, "
                                  f"action_dim {config.action_dim})")
             self.reward_head = RewardHead(self.prior.state_dim, config.action_dim)
+        self.value_head: ValueHead | None = None
+        if config.reward_head and config.value_discount > 0:
+            self.value_head = ValueHead(self.prior.state_dim, config.value_discount)
         self.target_encoder: SequenceEncoder | None = None
         if self.objective.target_ema is not None:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -475,8 +483,12 @@ class WorldModel(nn.Module):
     def load_weights(self, state_dict: dict[str, Tensor], source: str = "the checkpoint") -> None:
         """load_state_dict of a checkpoint's weights (names of earlier versions upgraded); ValueError naming
         `source` when they do not fit this model's config."""
+        state_dict = upgrade_state_dict(state_dict)
+        if self.value_head is not None and not any(k.startswith("value_head.") for k in state_dict):
+            # written before value heads: the model has an unfitted one (the planner adds no terminal value)
+            state_dict.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         try:
-            self.load_state_dict(upgrade_state_dict(state_dict))
+            self.load_state_dict(state_dict)
         except RuntimeError as err:
             raise ValueError(f"{source!r} does not match its config (written by another version?): {err}") from err
 

@@ -7,7 +7,8 @@ closed-form expectation (m - g)^T W (m - g) + tr(W P) (`QuadraticCost`): uncerta
 dynamics. The first action is applied; the rest of the plan, shifted by one step, warm-starts the next call.
 
 Costs, in order of precedence: `cost=` (any callable), `goal=` frames (E||C h - z_goal||^2 with z_goal the goal
-frames' latents), else the model's fitted reward head (`WorldModel.reward`). Solvers: `mppi`, `cem` (any cost) and
+frames' latents), else the model's fitted reward head (`WorldModel.reward`), plus value_weight x minus its fitted
+value head at the horizon (`planning.ValueHead`: the discounted return beyond the plan, also exact in expectation). Solvers: `mppi`, `cem` (any cost) and
 `lqr` (a linear prior and a convex quadratic cost; exact, with input bounds). Defaults come from `PlannerConfig`,
 overridden by the model's stored `ModelConfig.planner`, then by the keyword overrides.
 """
@@ -46,6 +47,8 @@ class PlannerConfig:
     temperature: float = field(default=0.1, metadata={"help": "mppi temperature (unit-free)"})
     std: float = field(default=0.5, metadata={"help": "initial sampling std, fraction of the half action range"})
     action_weight: float = field(default=0.0, metadata={"help": "goal cost: weight of ||u||^2 per step"})
+    value_weight: float = field(default=1.0, metadata={
+        "help": "reward cost: weight of the model's fitted value head at the horizon (0 = none; mppi, cem)"})
     action_low: tuple[float, ...] | None = field(default=None, metadata={
         "help": "lower action bounds (a,) (train.py control stores the env's; none = ask for them)"})
     action_high: tuple[float, ...] | None = field(default=None, metadata={"help": "upper action bounds (a,)"})
@@ -57,8 +60,8 @@ class PlannerConfig:
         if min(self.horizon, self.samples, self.iterations, self.elites) < 1 or self.elites > self.samples:
             raise ValueError(f"planner needs horizon, samples, iterations >= 1 and 1 <= elites <= samples, got "
                              f"{self.horizon}, {self.samples}, {self.iterations}, {self.elites}")
-        if not (self.temperature > 0 and self.std > 0 and self.action_weight >= 0):
-            raise ValueError("planner needs temperature > 0, std > 0 and action_weight >= 0")
+        if not (self.temperature > 0 and self.std > 0 and self.action_weight >= 0 and self.value_weight >= 0):
+            raise ValueError("planner needs temperature > 0, std > 0, action_weight >= 0 and value_weight >= 0")
         if (self.action_low is None) != (self.action_high is None) or (
                 self.action_low is not None and (len(self.action_low) != len(self.action_high) or
                                                  any(lo >= hi for lo, hi in zip(self.action_low, self.action_high)))):
@@ -158,13 +161,20 @@ class MPC:
         self.low, self.high = (torch.stack([ref.new_full((), float(v)) for v in bound])
                                for bound in (cfg.action_low, cfg.action_high))
         self.quadratic: QuadraticCost | None = None
+        self.terminal: QuadraticCost | None = None  # minus the value head, at the horizon
         self.custom = cost
         if cost is None:
             self.quadratic = self._goal_cost(goal) if goal is not None else self._reward_cost()
+            head = model.value_head
+            if goal is None and cfg.value_weight > 0 and head is not None and bool(head.fitted):
+                self.terminal = head.cost()
         if self.config.solver == "lqr":
             if self.quadratic is None or not hasattr(self.prior, "transition"):
                 raise ValueError("solver 'lqr' needs a prior with linear mean dynamics (transition()) and a quadratic "
                                  "cost (a goal or the reward head), not a custom callable")
+            if self.terminal is not None:
+                raise ValueError("solver 'lqr' plans without a terminal value (the value head need not be convex): "
+                                 "pass value_weight=0, or use mppi or cem")
         self.solver = RecedingHorizon(self.config, self.low, self.high)
         self.last_plan: Tensor | None = None
         self.last_ms = 0.0
@@ -225,7 +235,11 @@ class MPC:
         """Expected total cost (B, N) of candidate sequences (B, N, H, a) reaching the state beliefs `states`."""
         if self.custom is not None:
             return self.custom(states.mean, states.cov, actions)
-        return self.quadratic.total(states.mean, actions, states.cov)
+        total = self.quadratic.total(states.mean, actions, states.cov)
+        if self.terminal is None:
+            return total
+        last = self.terminal.stage(states.mean[..., -1:, :], actions[..., -1:, :], states.cov[..., -1:, :, :])
+        return total + self.config.value_weight * last[..., 0]
 
     def act(self, belief: Gaussian) -> Tensor:
         """The first action of the plan: (a,) for a belief of batch size 1, else (B, a)."""

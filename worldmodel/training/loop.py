@@ -236,7 +236,10 @@ def train(cfg: TrainConfig, final_eval: bool = True) -> Path:
         if model.reward_head is not None and step == cfg.steps:
             r2 = fit_reward_head(model.eval(), train_data, batch_size=cfg.eval.batch_size)
             if rank == 0:
-                append_jsonl(cfg.run_dir / "metrics.jsonl", {"kind": "reward_head", "step": step, "r2": r2})
+                record = {"kind": "reward_head", "step": step, "r2": r2["reward"]}
+                if "value" in r2:
+                    record["value_r2"] = None if math.isnan(r2["value"]) else r2["value"]
+                append_jsonl(cfg.run_dir / "metrics.jsonl", record)
         if model.calibration is not None and cfg.eval.calibration_folds and step == cfg.steps:
             calibrate(model.eval(), cfg, val_data)
         save_checkpoint(model, optimizer, cfg, step)
