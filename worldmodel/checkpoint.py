@@ -23,7 +23,8 @@ import torch
 
 from worldmodel import __version__
 
-__all__ = ["FORMAT", "MODEL_KEYS", "TRAINING_KEYS", "model_payload", "read_checkpoint", "write_checkpoint"]
+__all__ = ["FORMAT", "MODEL_KEYS", "TRAINING_KEYS", "model_payload", "read_checkpoint", "upgrade_state_dict",
+           "write_checkpoint"]
 
 FORMAT = "ldm-worldmodel/world-model"
 MODEL_KEYS = ("format", "version", "config", "state_dict")
@@ -74,3 +75,21 @@ def read_checkpoint(path: str | Path, require: tuple[str, ...] = MODEL_KEYS,
     if missing:
         raise ValueError(f"{str(path)!r} is an incomplete checkpoint (has no {', '.join(missing)})")
     return ckpt
+
+
+# parameter names of checkpoints written before the prior interface (latent norm and prior inside the objective)
+_OLD_PREFIXES = {"latent_norm.": "objective.latent_norm.", "objective.latent_model.": "objective.prior.",
+                 "target_norm.": None}
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A WorldModel state dict with the parameter names of this version (older names are renamed)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _OLD_PREFIXES.items():
+            if key.startswith(old):
+                key = None if new is None else new + key[len(old):]
+                break
+        if key is not None:
+            out[key] = value
+    return out

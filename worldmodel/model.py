@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodel.calibration import PredictiveCalibration
-from worldmodel.checkpoint import MODEL_KEYS, model_payload, read_checkpoint, write_checkpoint
+from worldmodel.checkpoint import MODEL_KEYS, model_payload, read_checkpoint, upgrade_state_dict, write_checkpoint
 from worldmodel.encoders import ConvEncoder, LinearEncoder, MLPEncoder, ResNetEncoder, SequenceEncoder
 from worldmodel.kalman import FilterResult, Gaussian
 from worldmodel.methods import PRESETS, make
@@ -205,9 +205,8 @@ class WorldModel(nn.Module):
                 raise ValueError(f"reward_head=True needs a state-space prior and actions (method {config.method!r}, "
                                  f"action_dim {config.action_dim})")
             self.reward_head = RewardHead(self.prior.state_dim, config.action_dim)
-        self.value_head: ValueHead | None = None
-        if config.reward_head and config.value_discount > 0:
-            self.value_head = ValueHead(self.prior.state_dim, config.value_discount)
+        self.value_head = ValueHead(self.prior.state_dim, config.value_discount) if (
+            config.reward_head and config.value_discount > 0) else None
         self.target_encoder: SequenceEncoder | None = None
         if self.objective.target_ema is not None:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -483,29 +482,8 @@ class WorldModel(nn.Module):
     def load_weights(self, state_dict: dict[str, Tensor], source: str = "the checkpoint") -> None:
         """load_state_dict of a checkpoint's weights (names of earlier versions upgraded); ValueError naming
         `source` when they do not fit this model's config."""
-        state_dict = upgrade_state_dict(state_dict)
-        if self.value_head is not None and not any(k.startswith("value_head.") for k in state_dict):
-            # written before value heads: the model has an unfitted one (the planner adds no terminal value)
-            state_dict.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         try:
-            self.load_state_dict(state_dict)
+            self.load_state_dict(upgrade_state_dict(state_dict))
         except RuntimeError as err:
             raise ValueError(f"{source!r} does not match its config (written by another version?): {err}") from err
 
-
-# parameter names of checkpoints written before the prior interface (latent norm and prior inside the objective)
-_OLD_PREFIXES = {"latent_norm.": "objective.latent_norm.", "objective.latent_model.": "objective.prior.",
-                 "target_norm.": None}
-
-
-def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A WorldModel state dict with the parameter names of this version (older names are renamed)."""
-    out = {}
-    for key, value in state.items():
-        for old, new in _OLD_PREFIXES.items():
-            if key.startswith(old):
-                key = None if new is None else new + key[len(old):]
-                break
-        if key is not None:
-            out[key] = value
-    return out

@@ -8,8 +8,8 @@ dynamics. The first action is applied; the rest of the plan, shifted by one step
 
 Costs, in order of precedence: `cost=` (any callable), `goal=` frames (E||C h - z_goal||^2 with z_goal the goal
 frames' latents), else the model's fitted reward head (`WorldModel.reward`), plus value_weight x minus its fitted
-value head at the horizon (`planning.ValueHead`: the discounted return beyond the plan, also exact in expectation). Solvers: `mppi`, `cem` (any cost) and
-`lqr` (a linear prior and a convex quadratic cost; exact, with input bounds). Defaults come from `PlannerConfig`,
+value head at the horizon (`planning.ValueHead`: the discounted return beyond the plan, also exact in expectation).
+Solvers: `mppi`, `cem` (any cost) and `lqr` (a linear prior and a convex quadratic cost; exact, with input bounds). Defaults come from `PlannerConfig`,
 overridden by the model's stored `ModelConfig.planner`, then by the keyword overrides.
 """
 

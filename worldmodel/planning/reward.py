@@ -123,6 +123,13 @@ class ValueHead(RewardHead):
             raise ValueError(f"the value head's discount must be in (0, 1), got {discount}")
         self.register_buffer("discount", torch.tensor(float(discount)))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """A checkpoint written before value heads has none of this head's entries: keep it unfitted (the planner
+        then adds no terminal value)."""
+        if not any(key.startswith(prefix) for key in state_dict):
+            state_dict.update({prefix + name: value for name, value in self.state_dict().items()})
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def value(self, belief: Gaussian) -> Tensor:
         """E V(h) under h ~ belief: mean (B, S), cov (B, S, S) -> (B,)."""
         return self.expected(belief, belief.mean.new_zeros(belief.mean.shape[0], 0))
@@ -160,7 +167,7 @@ def fit_reward_head(model, data: dict[str, Tensor], horizon: int = 10, batch_siz
     episode is long enough)."""
     device = next(model.parameters()).device
     prior, (episodes, steps) = model.prior, data["reward"].shape
-    value_head = getattr(model, "value_head", None)
+    value_head = model.value_head
     horizon = max(1, min(horizon, steps - 1))
     stride = max(1, -(-episodes * steps * horizon // max_samples))
     starts = torch.arange(0, steps - 1, stride, device=device)
@@ -169,6 +176,7 @@ def fit_reward_head(model, data: dict[str, Tensor], horizon: int = 10, batch_siz
     if value_head is not None:
         discount = float(value_head.discount)
         tail = math.ceil(math.log(VALUE_TAIL) / math.log(discount))  # steps the episode must go on after t + k
+        step = torch.arange(steps, device=device)
     samples: dict[str, list[Tensor]] = {k: [] for k in ("mean", "cov", "action", "reward", "value_keep", "return")}
     for i in range(0, episodes, batch_size):
         part = {k: data[k][i:i + batch_size].to(device) for k in ("obs", "action", "reward", "mask")}
@@ -182,7 +190,6 @@ def fit_reward_head(model, data: dict[str, Tensor], horizon: int = 10, batch_siz
         samples["action"].append(taken[keep])
         samples["reward"].append(part["reward"][:, times - 1][keep])
         if value_head is not None:
-            step = torch.arange(steps, device=device)
             length = torch.where(part["mask"], step + 1, 0).amax(1)  # (B,) the episodes' lengths
             inside = step < length[:, None]
             returns = discounted_returns(torch.where(inside, part["reward"].double(), 0.0), discount)[:, times]
