@@ -213,29 +213,30 @@ def test_step_T_times_reproduces_filter():
 
 @pytest.mark.parametrize("planning_cov", ["each", "mean"])
 @pytest.mark.parametrize("hidden,a", [(6, 2), (0, 1), (6, 0)])
-def test_candidate_rollout_equals_rollout_per_candidate(planning_cov, hidden, a):
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_candidate_rollout_equals_rollout_per_candidate(planning_cov, hidden, a, dtype):
     torch.manual_seed(0)
     prior = perturbed(LocallyLinearPrior(2, 4, a, num_bases=3, hidden=hidden, planning_cov=planning_cov),
-                      skip=()).double()
+                      skip=()).to(dtype)
     B, N, H = 2, 5, 6
-    belief = Gaussian(torch.randn(B, 4, dtype=F64), torch.eye(4, dtype=F64).expand(B, 4, 4) * 0.5)
+    belief = Gaussian(torch.randn(B, 4, dtype=dtype), torch.eye(4, dtype=dtype).expand(B, 4, 4) * 0.5)
     fn = prior.candidate_rollout(belief, H)
-    actions = torch.randn(B, N, H, a, dtype=F64)
+    actions = torch.randn(B, N, H, a, dtype=dtype)
     out = fn(actions)
     flat = Gaussian(belief.mean.repeat_interleave(N, 0), belief.cov.repeat_interleave(N, 0))
     with torch.no_grad():
         ref = prior.rollout(flat, actions.flatten(0, 1))
-        ref_mean_candidate = prior.rollout(belief, actions.mean(1))
-    torch.testing.assert_close(out.mean, ref.mean.unflatten(0, (B, N)), **TOL[F64])
+        ref_mean_candidate = prior.rollout(belief, actions[:, 0])
+    torch.testing.assert_close(out.mean, ref.mean.unflatten(0, (B, N)), **TOL[dtype])
     if planning_cov == "each":
-        torch.testing.assert_close(out.cov, ref.cov.unflatten(0, (B, N)), **TOL[F64])
-    else:  # the first call's mean candidate, for every later call too
+        torch.testing.assert_close(out.cov, ref.cov.unflatten(0, (B, N)), **TOL[dtype])
+    else:  # the first call's candidate 0 (the warm start), for every later call too
         assert out.cov.shape == (B, 1, H, 4, 4)
-        torch.testing.assert_close(out.cov[:, 0], ref_mean_candidate.cov, **TOL[F64])
-        torch.testing.assert_close(fn(torch.randn(B, 3, H, a, dtype=F64)).cov, out.cov, rtol=0, atol=0)
+        torch.testing.assert_close(out.cov[:, 0], ref_mean_candidate.cov, **TOL[dtype])
+        torch.testing.assert_close(fn(torch.randn(B, 3, H, a, dtype=dtype)).cov, out.cov, rtol=0, atol=0)
     assert not out.mean.requires_grad
     with pytest.raises(ValueError, match="actions must have shape"):
-        fn(torch.randn(B, N, H + 1, a, dtype=F64))
+        fn(torch.randn(B, N, H + 1, a, dtype=dtype))
 
 
 def test_gradients_reach_every_basis_the_gate_and_the_latents():

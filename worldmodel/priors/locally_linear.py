@@ -334,35 +334,36 @@ class LocallyLinearPrior(GaussianStateSpace):
     def candidate_rollout(self, belief: Gaussian, horizon: int) -> Callable[[Tensor], Gaussian]:
         """`rollout` of N candidate action sequences (B, N, H, a) from beliefs (B, S), for planning (no gradient).
 
-        All B N candidates in one loop over H with few ops per step on contiguous matrices (at these sizes a step
-        costs about its op count). Each row of one buffer holds x = [m, u, 1], the actions filled in up front.
-        A step: one 2-d matmul gives [A_k m + G_k u + c_k]_k for every k and the gate's first layer W1 m + b1;
-        then relu, the second layer and softmax give alpha, and the alpha-weighted sum over k (a product and a
-        sum) is written into the next step's rows.
+        All B N candidates in one loop over H with few ops per step (at these sizes a step costs about its op
+        count), candidates as *columns*: column j of one buffer holds x = [m; u; 1] (the actions filled in up
+        front), so that every elementwise op and the sum over k run along contiguous rows (1.2-1.3x faster than
+        candidates as rows, B=1, N=256, S=16, K=8). A step: one 2-d matmul gives [A_k m + G_k u + c_k]_k for every k
+        and the gate's first layer W1 m + b1; then relu, the second layer and the softmax over k give alpha, and
+        the alpha-weighted sum over k (a product and a sum) is written into the next step's column.
 
         The covariances depend on the actions here (``planning_cov``): ``"each"``: per candidate,
-        P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them (without its per-step symmetrisation);
-        3 more batched ops per step, about 4x the time of the means. ``"mean"``: the covariances of the rollout of
-        the *first call's* mean candidate (the planner's warm start), (B, 1, H, S, S), computed at the first call
-        and returned by the later ones: then the expected cost's trace term is one constant for all candidates of
-        a control step, as for the linear-Gaussian prior, and changes no mppi / cem decision.
+        P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them; 3 more batched ops per step, about 4x
+        the time of the means. ``"mean"``: those of the *first call's* candidate 0 (the planner's warm start, its
+        current mean), (B, 1, H, S, S), computed in the first call's loop and returned by the later ones: then the
+        expected cost's trace term is one constant for all candidates of a control step, as for the linear-Gaussian
+        prior, and changes no mppi / cem decision.
         """
         belief = batched_belief(belief, self.state_dim)
         batch, S, K, a = belief.mean.shape[0], self.state_dim, self.num_bases, self.action_dim
         dtype = _dtype(belief.mean, belief.cov, self.A_raw)
-        width = S + a + 1  # x = [m, u, 1]
+        width = S + a + 1  # x = [m; u; 1]
         with torch.no_grad():
             bases = self._bases(dtype)  # (K, S, width)
-            A = bases[..., :S].flatten(1)  # (K, S S): A_t = alpha @ A for the "each" covariances
+            A = bases[..., :S].flatten(1)  # (K, S S): A_t = alpha^T A for the covariances
             gate = self.gate.weights(dtype)  # (W1, b1, W2, b2) or (W, b)
             W1, b1 = gate[0], gate[1]
-            # x @ W = [A_k m + G_k u + c_k]_k (K S) | W1 m + b1
+            # W @ x = [A_k m + G_k u + c_k]_k (K S) ; W1 m + b1
             first = torch.cat([W1, W1.new_zeros(W1.shape[0], a + 1)], 1)
             first[:, -1] = b1
-            W = torch.cat([bases.reshape(K * S, width), first]).mT.contiguous()
-            second = (gate[3], gate[2].mT.contiguous()) if len(gate) == 4 else None
+            W = torch.cat([bases.reshape(K * S, width), first]).contiguous()
+            second = (gate[3][:, None], gate[2].contiguous()) if len(gate) == 4 else None
             Q = self.Q.to(dtype)
-            start, start_cov = belief.mean.to(dtype).contiguous(), belief.cov.to(dtype).contiguous()
+            start, start_cov = belief.mean.to(dtype), belief.cov.to(dtype).contiguous()
         each = self.planning_cov == "each"
         mean_covs: list[Tensor] = []  # "mean": the first call's covariances
 
@@ -372,33 +373,34 @@ class LocallyLinearPrior(GaussianStateSpace):
                 raise ValueError(f"actions must have shape (B={batch}, N, H={horizon}, {a}), got "
                                  f"{tuple(actions.shape)}")
             n = actions.shape[1]
-            rows = batch * n
-            x = torch.empty(horizon + 1, rows, width, dtype=dtype, device=start.device)
-            x[0, :, :S] = repeat(start, "b s -> (b n) s", n=n)
-            x[:horizon, :, S:-1] = rearrange(actions.to(dtype), "b n h a -> h (b n) a")
-            x[horizon, :, S:-1] = 0.0
-            x[:, :, -1] = 1.0
-            product = torch.empty(rows, K, S, dtype=dtype, device=start.device)
-            if each:
-                cov = repeat(start_cov, "b s t -> (b n) s t", n=n).contiguous()
-                Q_rows = Q.expand(rows, S, S).contiguous()
-                covs = torch.empty(horizon, rows, S, S, dtype=dtype, device=start.device)
+            columns = batch * n
+            x = torch.empty(horizon + 1, width, columns, dtype=dtype, device=start.device)
+            x[0, :S] = repeat(start, "b s -> s (b n)", n=n)
+            x[:horizon, S:-1] = rearrange(actions.to(dtype), "b n h a -> h a (b n)")
+            x[horizon, S:-1] = 0.0
+            x[:, -1] = 1.0
+            product = torch.empty(K, S, columns, dtype=dtype, device=start.device)
+            # the covariances of every column ("each") or of candidate 0 of each problem ("mean", first call)
+            tracked = slice(None) if each else slice(None, None, n) if not mean_covs else None
+            if tracked is not None:
+                cov = repeat(start_cov, "b s t -> (b n) s t", n=n if each else 1).contiguous()
+                covs = torch.empty(horizon, *cov.shape, dtype=dtype, device=start.device)
             for h in range(horizon):
-                y = torch.mm(x[h], W)
-                logits = y[:, K * S:]
+                y = torch.mm(W, x[h])
+                logits = y[K * S:]
                 if second is not None:
-                    logits = torch.addmm(second[0], torch.relu(logits), second[1])
-                alpha = torch.softmax(logits, -1)
-                if each:
-                    A_t = (alpha @ A).view(rows, S, S)
-                    cov = torch.baddbmm(Q_rows, torch.bmm(A_t, cov), A_t.mT, out=covs[h])
-                torch.mul(y[:, :K * S].view(rows, K, S), alpha[:, :, None], out=product)
-                torch.sum(product, 1, out=x[h + 1, :, :S])
-            means = rearrange(x[1:, :, :S], "h (b n) s -> b n h s", b=batch)
+                    logits = torch.addmm(second[0], second[1], torch.relu_(logits))
+                alpha = torch.softmax(logits, 0)  # (K, columns)
+                if tracked is not None:
+                    A_t = (alpha[:, tracked].mT @ A).view(-1, S, S)
+                    cov = torch.baddbmm(Q, torch.bmm(A_t, cov), A_t.mT, out=covs[h])
+                torch.mul(y[:K * S].view(K, S, columns), alpha[:, None], out=product)
+                torch.sum(product, 0, out=x[h + 1, :S])
+            means = rearrange(x[1:, :S], "h s (b n) -> b n h s", b=batch).contiguous()
             if each:
                 return Gaussian(means, rearrange(covs, "h (b n) s t -> b n h s t", b=batch))
             if not mean_covs:
-                mean_covs.append(self.rollout(Gaussian(start, start_cov), actions.to(dtype).mean(1)).cov[:, None])
+                mean_covs.append(symmetrize(rearrange(covs, "h b s t -> b 1 h s t")))
             return Gaussian(means, mean_covs[0])
 
         return rollout
