@@ -64,8 +64,10 @@ def _sampling_planner(cost: CostFn, mean: Tensor, low, high, std, samples: int, 
     std = (std * half).expand(B, H, a)  # absolute
     mean = mean.clamp(low, high)
     for _ in range(iterations):
-        eps = torch.randn((B, samples - 1, H, a), generator=generator, dtype=mean.dtype, device=mean.device)
-        candidates = torch.cat([mean[:, None], (mean[:, None] + std[:, None] * eps).clamp(low, high)], 1)
+        candidates = torch.empty((B, samples, H, a), dtype=mean.dtype, device=mean.device)
+        candidates[:, 0] = mean
+        noise = torch.randn((B, samples - 1, H, a), generator=generator, dtype=mean.dtype, device=mean.device)
+        torch.clamp(torch.addcmul(mean[:, None], std[:, None], noise), low, high, out=candidates[:, 1:])
         costs = cost(candidates)
         if not isinstance(costs, Tensor) or costs.shape != (B, samples):
             raise ValueError(f"cost must return the (B, N) = {(B, samples)} costs of the candidates (B, N, H, a), "
@@ -102,8 +104,10 @@ def mppi(cost: CostFn, mean: Tensor, low: Tensor, high: Tensor, *, std: float | 
         best = elite_costs[:, :1]
         spread = torch.where(elite_costs.isfinite(), elite_costs, best).amax(1, keepdim=True) - best
         w = torch.softmax(-(elite_costs - best) / (temperature * spread.clamp_min(torch.finfo(spread.dtype).tiny)), 1)
-        new_mean = torch.einsum("bk,bkha->bha", w, elite)
-        return new_mean, torch.einsum("bk,bkha->bha", w, (elite - new_mean[:, None]).square()).sqrt()
+        flat = elite.flatten(2)  # (B, k, H a): the weighted sums as batched (1, k) @ (k, H a) products
+        new_mean = torch.bmm(w[:, None], flat)
+        return (new_mean.view_as(elite[:, 0]),
+                torch.bmm(w[:, None], (flat - new_mean).square_()).sqrt_().view_as(elite[:, 0]))
 
     return _sampling_planner(cost, mean, low, high, std, samples, iterations, samples if elites is None else elites,
                              momentum, generator, update)
