@@ -14,7 +14,7 @@ exploration noise) on --episodes env seeds from --seed, batched, as the run's ow
 iterations, with --value-weights its value_weight: the weight of the model's fitted value head at the horizon)
 changes. Prints the mean and every episode's return per setting, and the median planning ms per step of the
 batch; with --oracle also the oracle's (the run's planner on the simulator's true state and dynamics, at the
-same horizon or at --oracle-horizon, run once per horizon; its other settings are the run's `oracle_planner`) and the normalised score against it and uniform
+same horizon or at --oracle-horizon, run once per horizon) and the normalised score against it and uniform
 random actions.
 """
 
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel.model import WorldModel
+from worldmodel.planning import PlannerConfig
 from worldmodel.training.config import TrainConfig
-from worldmodel.training.control import ModelPolicy, OraclePolicy, RandomPolicy, oracle_planner, run_episodes
+from worldmodel.training.control import ModelPolicy, OraclePolicy, RandomPolicy, run_episodes
 from worldmodel.training.data import make_run_env
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     length = cfg.control.episode_length
     show = lambda returns: f"mean return {returns.mean():8.1f}  episodes {np.round(returns).astype(int).tolist()}"
     if args.oracle:
-        planner = oracle_planner(cfg)
+        planner = PlannerConfig.from_overrides(cfg.model.planner)
         bounds = (np.asarray(planner.action_low, np.float32), np.asarray(planner.action_high, np.float32))
         random = run_episodes(cfg, RandomPolicy(*bounds), seeds, length, desc="random")["returns"]
         print(f"random     : {show(random)}", flush=True)

@@ -154,9 +154,8 @@ def control_defaults(name: str) -> dict:
     reward; goal: reach goal states the env draws, ``sample_goal`` / ``render_state`` / ``goal_error``), the
     ``make_env`` kwargs (the env's own dynamics, not the training data's), the episode length, the number of
     collect-then-train ``iterations`` and optionally
-    ``method`` (the preset trained when --method is not given), ``planner`` (PlannerConfig defaults),
-    ``oracle_planner`` (PlannerConfig overrides of the evaluation's true-state oracle only; default: the learned
-    MPC's settings) and ``success_error`` (goal tasks: the final goal error that counts as reached). Our envs declare them as ``defaults["control"]``; others get a reward task on 200-step episodes of
+    ``method`` (the preset trained when --method is not given), ``planner`` (PlannerConfig defaults) and ``success_error`` (goal tasks: the final goal error that counts as
+    reached). Our envs declare them as ``defaults["control"]``; others get a reward task on 200-step episodes of
     the default env."""
     declared = _OWN[name][1].defaults if name in _OWN else {}
     return {**_CONTROL, **declared.get("control", {})}

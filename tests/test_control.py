@@ -121,19 +121,14 @@ def test_goal_task_on_the_arm_reports_final_errors_and_success(tmp_path, monkeyp
 
 
 def test_control_defaults_come_from_the_env_unless_given():
-    """The pendulum declares its loop (kalman_ll, 6 iterations, planning 20 steps ahead with 3 solver iterations,
-    the oracle 25 with 6); other envs get 3 iterations and an oracle with the learned MPC's settings; flags override
-    the env's defaults."""
+    """The pendulum declares its loop (kalman_ll, 6 iterations, planning 25 steps ahead); other envs get 3
+    iterations; flags override the env's defaults."""
     from worldmodel.training.config import ControlConfig
-    from worldmodel.training.control import for_control, oracle_planner
+    from worldmodel.training.control import for_control
 
     pendulum = for_control(TrainConfig(env="pendulum"))
-    assert pendulum.control.iterations == 6
-    assert (pendulum.model.planner["horizon"], pendulum.model.planner["iterations"]) == (20, 3)
-    oracle = oracle_planner(pendulum)
-    assert (oracle.horizon, oracle.iterations, list(oracle.action_low)) == (25, 6, [-2.0])
-    nlink = for_control(TrainConfig(env="nlink"))
-    assert nlink.control.iterations == 3 and oracle_planner(nlink) == PlannerConfig.from_overrides(nlink.model.planner)
+    assert pendulum.control.iterations == 6 and pendulum.model.planner["horizon"] == 25
+    assert for_control(TrainConfig(env="nlink")).control.iterations == 3
     given = for_control(TrainConfig(env="pendulum", control=ControlConfig(iterations=2)))
     assert given.control.iterations == 2
     with pytest.raises(ValueError, match="iterations"):

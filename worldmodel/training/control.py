@@ -32,7 +32,7 @@ from worldmodel.training.config import TrainConfig
 from worldmodel.training.data import make_run_env
 from worldmodel.training.loop import train
 
-__all__ = ["control", "for_control", "oracle_planner", "run_episodes"]
+__all__ = ["control", "for_control", "run_episodes"]
 
 
 def for_control(cfg: TrainConfig) -> TrainConfig:
@@ -67,13 +67,6 @@ def for_control(cfg: TrainConfig) -> TrainConfig:
     planner = {**bounds, **defaults.get("planner", {}), **cfg.model.planner}
     PlannerConfig.from_overrides(planner)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, planner=planner))
-
-
-def oracle_planner(cfg: TrainConfig) -> PlannerConfig:
-    """The oracle's planner: the learned MPC's settings updated by the env's ``oracle_planner`` control default."""
-    from worldmodel.envs import control_defaults
-
-    return PlannerConfig.from_overrides(cfg.model.planner, control_defaults(cfg.env).get("oracle_planner", {}))
 
 
 def goal_set(env, rngs: list[np.random.Generator]) -> dict[str, np.ndarray]:
@@ -127,7 +120,7 @@ class ModelPolicy:
 
 
 class OraclePolicy:
-    """MPC with the simulator's true state and dynamics, with the solver settings ``planner`` (`oracle_planner`); the cost is
+    """MPC with the simulator's true state and dynamics: the same solver and settings as the learned MPC; the cost is
     minus the sum of true rewards of ``env.unwrapped.simulate(state, action) -> (state, reward)``, or with goals the
     sum of ``env.unwrapped.goal_cost(state, goal)``."""
 
@@ -283,7 +276,7 @@ def evaluate_control(cfg: TrainConfig, model: WorldModel, collected: list[float]
     tolerance = control_defaults(cfg.env).get("success_error", 0.2)
     env = make_run_env(cfg)
     if c.oracle and hasattr(env.unwrapped, "simulate"):
-        policies["oracle"] = OraclePolicy(env.unwrapped, oracle_planner(cfg))
+        policies["oracle"] = OraclePolicy(env.unwrapped, planner)
     env.close()
     runs = {name: run_episodes(cfg, policy, seeds, c.episode_length, desc=f"eval {name}", goals=goals)
             for name, policy in policies.items()}
