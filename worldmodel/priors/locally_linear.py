@@ -342,11 +342,11 @@ class LocallyLinearPrior(GaussianStateSpace):
         the alpha-weighted sum over k (a product and a sum) is written into the next step's column.
 
         The covariances depend on the actions here (``planning_cov``): ``"each"``: per candidate,
-        P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them; 3 more batched ops per step, about 4x
-        the time of the means. ``"mean"``: those of the *first call's* candidate 0 (the planner's warm start, its
-        current mean), (B, 1, H, S, S), computed in the first call's loop and returned by the later ones: then the
-        expected cost's trace term is one constant for all candidates of a control step, as for the linear-Gaussian
-        prior, and changes no mppi / cem decision.
+        P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them, after the loop from its alphas (every
+        A(m) in one product, then 2 batched ops per step); about 4x the time of the means. ``"mean"``: those of the
+        *first call's* candidate 0 (the planner's warm start, its current mean), (B, 1, H, S, S), computed so in
+        the first call and returned by the later ones: then the expected cost's trace term is one constant for all
+        candidates of a control step, as for the linear-Gaussian prior, and changes no mppi / cem decision.
         """
         belief = batched_belief(belief, self.state_dim)
         batch, S, K, a = belief.mean.shape[0], self.state_dim, self.num_bases, self.action_dim
@@ -382,9 +382,7 @@ class LocallyLinearPrior(GaussianStateSpace):
             product = torch.empty(K, S, columns, dtype=dtype, device=start.device)
             # the covariances of every column ("each") or of candidate 0 of each problem ("mean", first call)
             tracked = slice(None) if each else slice(None, None, n) if not mean_covs else None
-            if tracked is not None:
-                cov = repeat(start_cov, "b s t -> (b n) s t", n=n if each else 1).contiguous()
-                covs = torch.empty(horizon, *cov.shape, dtype=dtype, device=start.device)
+            alphas = []  # alpha (K, tracked) of every step, for the covariances after the loop
             for h in range(horizon):
                 y = torch.mm(W, x[h])
                 logits = y[K * S:]
@@ -392,11 +390,16 @@ class LocallyLinearPrior(GaussianStateSpace):
                     logits = torch.addmm(second[0], second[1], torch.relu_(logits))
                 alpha = torch.softmax(logits, 0)  # (K, columns)
                 if tracked is not None:
-                    A_t = (alpha[:, tracked].mT @ A).view(-1, S, S)
-                    cov = torch.baddbmm(Q, torch.bmm(A_t, cov), A_t.mT, out=covs[h])
+                    alphas.append(alpha[:, tracked])
                 torch.mul(y[:K * S].view(K, S, columns), alpha[:, None], out=product)
                 torch.sum(product, 0, out=x[h + 1, :S])
             means = rearrange(x[1:, :S], "h s (b n) -> b n h s", b=batch).contiguous()
+            if tracked is not None:  # P' = A(m) P A(m)^T + Q along the tracked columns, all A(m) in one product
+                A_steps = (torch.stack(alphas).mT @ A).view(horizon, -1, S, S)
+                cov = repeat(start_cov, "b s t -> (b n) s t", n=n if each else 1).contiguous()
+                covs = torch.empty(horizon, *cov.shape, dtype=dtype, device=start.device)
+                for h in range(horizon):
+                    cov = torch.baddbmm(Q, torch.bmm(A_steps[h], cov), A_steps[h].mT, out=covs[h])
             if each:
                 return Gaussian(means, rearrange(covs, "h (b n) s t -> b n h s t", b=batch))
             if not mean_covs:
