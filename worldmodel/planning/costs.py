@@ -48,7 +48,6 @@ class QuadraticCost:
             raise ValueError(f"wh must be (n,) or (B, n) with n = {n}, got {tuple(self.wh.shape)}")
         if self.c0.dim() > 1:
             raise ValueError(f"c0 must be a scalar or (B,), got {tuple(self.c0.shape)}")
-        self._joints: dict[int, tuple[Tensor, Tensor]] = {}  # _joint's, per action dimension
 
     @classmethod
     def goal(cls, C: Tensor, z_goal: Tensor, weight: float | Tensor = 1.0,
@@ -76,15 +75,6 @@ class QuadraticCost:
         return (self.Whh, new(self.state_dim, action_dim) if self.Whu is None else self.Whu, Wuu,
                 new(self.state_dim) if self.wh is None else self.wh, new(action_dim) if self.wu is None else self.wu)
 
-    def _joint(self, action_dim: int) -> tuple[Tensor, Tensor]:
-        """J = [[Whh, Whu], [Whu^T, Wuu]] (n + a, n + a) and w = [wh, wu] ((n + a,) or (B, n + a)), so that
-        c(h, u) = z^T J z + w^T z + c0 with z = [h, u]; built once per action dimension."""
-        if self._joints.get(action_dim) is None:
-            Whh, Whu, Wuu, wh, wu = self.blocks(action_dim)
-            joint = torch.cat([torch.cat([Whh, Whu], 1), torch.cat([Whu.mT, Wuu], 1)])
-            self._joints[action_dim] = joint, torch.cat([wh, wu.expand(*wh.shape[:-1], action_dim)], -1)
-        return self._joints[action_dim]
-
     def stage(self, mean: Tensor, actions: Tensor, cov: Tensor | None = None) -> Tensor:
         """Expected stage costs E c(h_k, u_k), h_k ~ N(mean_k, cov_k).
 
@@ -95,9 +85,16 @@ class QuadraticCost:
             raise ValueError(f"mean must be (B, N, H, n) or (B, H, n) with n = {self.state_dim} and actions the "
                              f"same leading dims + (a,), got {tuple(mean.shape)} and {tuple(actions.shape)}")
         lead = (1,) * (mean.dim() - 2)  # a per-problem wh (B, n) / c0 (B,) broadcasts over (N,) H
-        joint, linear = self._joint(actions.shape[-1])
-        z = torch.cat([mean, actions.to(mean.dtype)], -1)  # one product for all terms: c = z^T (J z + w) + c0
-        cost = ((z @ joint + (linear if linear.dim() == 1 else linear.view(len(linear), *lead, -1))) * z).sum(-1)
+        cost = (mean @ self.Whh * mean).sum(-1)
+        if self.Whu is not None:
+            cost = cost + 2 * (mean @ self.Whu * actions).sum(-1)
+        if self.Wuu is not None:
+            uWu = actions.square().sum(-1) * self.Wuu if self.Wuu.dim() == 0 else (actions @ self.Wuu * actions).sum(-1)
+            cost = cost + uWu
+        if self.wh is not None:
+            cost = cost + (mean * (self.wh if self.wh.dim() == 1 else self.wh.view(len(self.wh), *lead, -1))).sum(-1)
+        if self.wu is not None:
+            cost = cost + actions @ self.wu
         cost = cost + (self.c0 if self.c0.dim() == 0 else self.c0.view(-1, *lead))
         if cov is None:
             return cost
@@ -110,6 +107,6 @@ class QuadraticCost:
 
     def to(self, *args, **kwargs) -> QuadraticCost:
         """A copy with every tensor moved by Tensor.to(*args, **kwargs) (device and/or dtype)."""
-        move = {k: None if v is None else v.to(*args, **kwargs) for k, v in vars(self).items() if k != "_joints"}
+        move = {k: None if v is None else v.to(*args, **kwargs) for k, v in vars(self).items()}
         return QuadraticCost(**move)
 
