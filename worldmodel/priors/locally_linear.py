@@ -85,8 +85,9 @@ class LocallyLinearPrior(GaussianStateSpace):
         hidden: hidden width of the gate MLP m -> logits of alpha (0: a linear map).
         detach_alpha: compute alpha from the detached belief mean (no gradient through the linearisation point).
         planning_cov: covariances of `candidate_rollout`: "mean" (default: every candidate's mean rolled out, one
-            covariance sequence per problem (B, 1, H, S, S), that of the first call's mean candidate; the planner's
-            trace term is then one constant per control step and ranks no candidates, as with the linear prior)
+            covariance sequence per problem (B, 1, H, S, S), that of the first call's candidate 0, the warm start;
+            the planner's trace term is then one constant per control step and ranks no candidates, as with the
+            linear prior)
             or "each" (exact per candidate (B, N, H, S, S)). Measured (bench/locally_linear.py --threads 1, a call
             after the first, B=1, N=256, H=30, S=16, K=8, a quiet 2-core AVX2 CPU, 2026-12-08): linear prior
             0.53 ms, "mean" 3.0 ms, "each" 22 ms.
@@ -343,9 +344,9 @@ class LocallyLinearPrior(GaussianStateSpace):
 
         The covariances depend on the actions here (``planning_cov``): ``"each"``: per candidate,
         P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them, after the loop from its alphas (every
-        A(m) in one product, then 2 batched ops per step); about 4x the time of the means. ``"mean"``: those of the
-        *first call's* candidate 0 (the planner's warm start, its current mean), (B, 1, H, S, S), computed so in
-        the first call and returned by the later ones: then the expected cost's trace term is one constant for all
+        A(m) in one product, then 2 batched ops per step); about 7x the time of the means alone
+        (bench/locally_linear.py). ``"mean"``: those of the *first call's* candidate 0 (the planner's warm start,
+        its current mean), (B, 1, H, S, S), computed so in the first call and returned by the later ones: then the expected cost's trace term is one constant for all
         candidates of a control step, as for the linear-Gaussian prior, and changes no mppi / cem decision.
         """
         belief = batched_belief(belief, self.state_dim)
