@@ -346,8 +346,9 @@ class LocallyLinearPrior(GaussianStateSpace):
         P' = A(m) P A(m)^T + Q (B, N, H, S, S), as `rollout` computes them, after the loop from its alphas (every
         A(m) in one product, then 2 batched ops per step); about 7x the time of the means alone
         (bench/locally_linear.py). ``"mean"``: those of the *first call's* candidate 0 (the planner's warm start,
-        its current mean), (B, 1, H, S, S), computed so in the first call and returned by the later ones: then the expected cost's trace term is one constant for all
-        candidates of a control step, as for the linear-Gaussian prior, and changes no mppi / cem decision.
+        its current mean), (B, 1, H, S, S), computed so in the first call and returned by the later ones: then the
+        expected cost's trace term is one constant for all candidates of a control step, as for the linear-Gaussian
+        prior, and changes no mppi / cem decision.
         """
         belief = batched_belief(belief, self.state_dim)
         batch, S, K, a = belief.mean.shape[0], self.state_dim, self.num_bases, self.action_dim
